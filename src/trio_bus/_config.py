@@ -1,0 +1,85 @@
+"""Defaults and frozen configuration values."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import attrs
+
+from .errors import ConfigError
+
+__all__ = [
+    "DEFAULT_CLIENT_ID",
+    "DEFAULT_DEAD_LETTER",
+    "DEFAULT_HANDLER_TIMEOUT",
+    "DEFAULT_INBOX_SIZE",
+    "DEFAULT_MAX_MESSAGE_BYTES",
+    "DEFAULT_MAX_RESTARTS",
+    "DEFAULT_POOL_SIZE",
+    "DEFAULT_RESTART_WINDOW",
+    "DEFAULT_SHUTDOWN_GRACE",
+    "RetryPolicy",
+]
+
+#: Actors in the global pool (the seed system's figure).
+DEFAULT_POOL_SIZE = 256
+#: Messages queued per actor before dispatch waits (backpressure).
+DEFAULT_INBOX_SIZE = 1000
+#: Restarts of one actor allowed within DEFAULT_RESTART_WINDOW seconds.
+DEFAULT_MAX_RESTARTS = 3
+DEFAULT_RESTART_WINDOW = 60.0
+#: Seconds one handler call may take before it is cancelled (None: no limit).
+DEFAULT_HANDLER_TIMEOUT: float | None = 30.0
+#: Seconds in-flight handlers get to finish when the bus closes normally.
+DEFAULT_SHUTDOWN_GRACE = 10.0
+#: Dead-letter topic name template; ``{topic}`` is the original topic.
+DEFAULT_DEAD_LETTER = "{topic}.dlq"
+#: Largest message body accepted by publish (Kafka's default max is ~1 MiB).
+DEFAULT_MAX_MESSAGE_BYTES = 1024 * 1024
+DEFAULT_CLIENT_ID = "trio-bus"
+#: Seconds the shielded flush of acks may take when the bus is cancelled.
+CANCEL_FLUSH_TIMEOUT = 2.0
+
+
+def at_least(minimum: float, *, integer: bool = False) -> Any:
+    """An attrs validator raising :class:`ConfigError` unless the value is a
+    finite number (an int when *integer*) >= *minimum*."""
+
+    def check(_: object, attribute: attrs.Attribute[Any], value: object) -> None:
+        kinds = (int,) if integer else (int, float)
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, kinds)
+            or not math.isfinite(value)
+            or value < minimum
+        ):
+            kind = "an int" if integer else "a number"
+            raise ConfigError(f"{attribute.name} must be {kind} >= {minimum}, got {value!r}")
+
+    return check
+
+
+@attrs.frozen(kw_only=True)
+class RetryPolicy:
+    """How a failing handler call is retried in place before dead-lettering.
+
+    The message stays in its actor while it is retried, so later messages of
+    the same aggregate wait behind it and order holds. Delay before attempt
+    ``n + 1`` is ``min(max_backoff, backoff * multiplier ** (n - 1))``.
+
+    Attributes:
+        max_attempts: Handler calls in all, the first included (1 = no retry).
+        backoff: Seconds before the first retry.
+        max_backoff: Cap on the delay between attempts.
+        multiplier: Growth factor of the delay.
+    """
+
+    max_attempts: int = attrs.field(default=3, validator=at_least(1, integer=True))
+    backoff: float = attrs.field(default=0.1, validator=at_least(0))
+    max_backoff: float = attrs.field(default=5.0, validator=at_least(0))
+    multiplier: float = attrs.field(default=2.0, validator=at_least(1))
+
+    def delay(self, attempt: int) -> float:
+        """Seconds to wait after failed attempt *attempt* (1-based)."""
+        return float(min(self.max_backoff, self.backoff * self.multiplier ** (attempt - 1)))

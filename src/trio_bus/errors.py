@@ -1,0 +1,116 @@
+"""The exceptions trio_bus raises.
+
+One root, :class:`BusError`, then families: bad input raised at the call
+(:class:`InvalidInputError`, which is also a :class:`ValueError`), resource
+state (:class:`BusClosedError`), the outside world failing
+(:class:`TransportError` and its leaves) and the bus's own supervision
+(:class:`ActorCrashedError`). Errors of the underlying clients (aiokafka,
+nats-py) are mapped at the transport boundary and chained as ``__cause__``.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "ActorCrashedError",
+    "BusClosedError",
+    "BusError",
+    "ConfigError",
+    "EnvelopeError",
+    "HandlerTimeout",
+    "InvalidAggregateIDError",
+    "InvalidInputError",
+    "InvalidTopicError",
+    "MissingExtraError",
+    "PayloadTooLargeError",
+    "PublishError",
+    "PublishOutcomeUnknownError",
+    "TopicConfigError",
+    "TransportError",
+    "TransportUnavailableError",
+    "UnsupportedURLError",
+]
+
+
+class BusError(Exception):
+    """Root of every error trio_bus raises on purpose."""
+
+
+class InvalidInputError(BusError, ValueError):
+    """An argument was rejected before anything was sent."""
+
+
+class ConfigError(InvalidInputError):
+    """A configuration value is invalid or inconsistent."""
+
+
+class UnsupportedURLError(ConfigError):
+    """The bus URL is malformed or names a scheme no transport handles."""
+
+
+class InvalidTopicError(InvalidInputError):
+    """A topic name is outside the subset portable to Kafka and NATS.
+
+    Valid: 1-249 characters of ``[A-Za-z0-9._-]`` with no empty dot-separated
+    token.
+    """
+
+
+class InvalidAggregateIDError(InvalidInputError):
+    """An aggregate ID is empty, too long or has characters outside
+    ``[A-Za-z0-9:_\\-./]``."""
+
+
+class EnvelopeError(InvalidInputError):
+    """An envelope failed to decode or validate."""
+
+
+class PayloadTooLargeError(InvalidInputError):
+    """A message is larger than the bus's ``max_message_bytes``."""
+
+
+class BusClosedError(BusError):
+    """The bus (or subscription) was closed by its owner and cannot be used."""
+
+
+class HandlerTimeout(BusError, TimeoutError):  # noqa: N818 - reads as an event, like trio.TooSlowError
+    """A handler call did not finish within its timeout.
+
+    Counted as a failure like any other: retried, then dead-lettered.
+    """
+
+
+class ActorCrashedError(BusError):
+    """An actor's own loop failed more often than ``max_restarts`` allows.
+
+    The original exception is the ``__cause__``. Handler exceptions never
+    cause this; only a bug in the bus or in a hook does.
+    """
+
+
+class TransportError(BusError):
+    """The broker or the network failed; details in ``__cause__``."""
+
+
+class TransportUnavailableError(TransportError):
+    """The transport could not connect, or lost its connection for longer
+    than it may wait."""
+
+
+class PublishError(TransportError):
+    """The broker refused the message: it was not stored."""
+
+
+class PublishOutcomeUnknownError(PublishError):
+    """No answer came from the broker in time: the message may or may not
+    have been stored. Publishing it again may duplicate it (NATS deduplicates
+    by message id within its duplicate window)."""
+
+
+class TopicConfigError(TransportError):
+    """A topic or stream on the broker does not match its configuration and
+    the mismatch action is ``"fail"``, or creating it failed."""
+
+
+class MissingExtraError(BusError, ImportError):
+    """An optional client library is not installed; the message names the
+    ``pip install`` command that adds it."""

@@ -1,0 +1,139 @@
+"""The small interface every transport implements.
+
+Three operations carry everything: publish a batch, fetch a batch, settle
+(ack / release) deliveries. A partitioned log (Kafka: settle moves a
+per-partition watermark over contiguous finished offsets) and a per-message
+ack stream (NATS JetStream, the memory transport) both fit it.
+
+Rules for implementers:
+
+* ``publish_batch`` returns only when the broker has answered for every
+  record of the batch, with one outcome per record, in order: None when the
+  broker durably accepted it, else a :class:`~trio_bus.errors.PublishError`
+  (:class:`~trio_bus.errors.PublishOutcomeUnknownError` when no answer came
+  in time). It raises only when the whole transport is unusable. Cross the
+  trio-asyncio bridge once per batch. Transports with a per-call cost set
+  ``coalesce_publishes = True`` and the bus merges concurrent
+  ``publish()`` calls into shared batches for them.
+* ``Consumer.fetch`` waits for at least one delivery and returns up to
+  ``max_records``; one bridge crossing per call.
+* ``ack`` and ``release`` are synchronous and cheap: they record the outcome;
+  the transport sends acks/commits in batches (``flush``, and on its own
+  schedule). ``release`` means "not handled: deliver again as soon as
+  possible" (NATS: nak without delay; Kafka: do not commit past it).
+* ``Consumer.aclose`` releases every delivery not acked and leaves the
+  group; it must be safe to call from a shielded scope while cancelled.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Sequence
+from contextlib import AbstractAsyncContextManager
+from typing import Literal, Protocol
+
+import attrs
+
+from .._message import OutgoingMessage, Record
+
+__all__ = [
+    "Consumer",
+    "ConsumerSpec",
+    "Transport",
+    "TransportFactory",
+    "TransportSettings",
+]
+
+StartPosition = Literal["latest", "earliest"]
+
+
+@attrs.frozen(kw_only=True)
+class TransportSettings:
+    """What the bus tells a transport when opening it.
+
+    Attributes:
+        url: The full bus URL, e.g. ``"kafka://127.0.0.1:9092,127.0.0.1:9093"``.
+        hosts: The ``host:port`` list parsed from the URL (empty for memory).
+        client_id: The bus's client id (default consumer group, client name).
+        options: The transport-specific options object passed to
+            ``open_bus(transport_options=...)``, or None for defaults.
+        max_message_bytes: Largest body the bus accepts.
+    """
+
+    url: str
+    hosts: tuple[str, ...]
+    client_id: str
+    options: object | None
+    max_message_bytes: int
+
+
+@attrs.frozen(kw_only=True)
+class ConsumerSpec:
+    """One subscription as a transport sees it.
+
+    Attributes:
+        topic: Validated topic name.
+        group: Consumer group: members share the work; groups each get all.
+        start: Where a *new* group starts; an existing group resumes from
+            where it acked/committed.
+        max_batch: Upper bound on one ``fetch``.
+    """
+
+    topic: str
+    group: str
+    start: StartPosition = "latest"
+    max_batch: int = 500
+
+
+class Consumer(abc.ABC):
+    """The consuming side of one subscription."""
+
+    @abc.abstractmethod
+    async def fetch(self, max_records: int) -> Sequence[Record]:
+        """Wait for deliveries and return 1..max_records of them."""
+
+    @abc.abstractmethod
+    def ack(self, record: Record) -> None:
+        """The handler finished (or the record was dead-lettered)."""
+
+    @abc.abstractmethod
+    def release(self, record: Record) -> None:
+        """The record was not handled; have it delivered again."""
+
+    @abc.abstractmethod
+    async def flush(self) -> None:
+        """Send pending acks/commits/naks now."""
+
+    @abc.abstractmethod
+    async def aclose(self) -> None:
+        """Release what is unsettled, flush, leave the group."""
+
+
+class Transport(abc.ABC):
+    """A connection to one broker (or the embedded memory broker)."""
+
+    #: Scheme name, used in metrics and errors.
+    name: str
+    #: Whether the bus should merge concurrent publishes into one batch.
+    coalesce_publishes: bool = False
+
+    @abc.abstractmethod
+    async def publish_batch(
+        self, records: Sequence[OutgoingMessage]
+    ) -> Sequence[Exception | None]:
+        """Publish *records* in order; return one outcome per record once the
+        broker has answered for all of them (None = durably stored)."""
+
+    @abc.abstractmethod
+    async def open_consumer(self, spec: ConsumerSpec) -> Consumer:
+        """Join *spec.group* on *spec.topic*; return once deliveries can flow
+        (the group is joined and positions are assigned)."""
+
+
+class TransportFactory(Protocol):
+    """``open_transport(settings)``: an async context manager owning every
+    task, thread and socket of the transport; leaving it closes them all."""
+
+    def __call__(
+        self, settings: TransportSettings
+    ) -> AbstractAsyncContextManager[Transport]: ...
