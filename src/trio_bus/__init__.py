@@ -1,0 +1,52 @@
+"""trio_bus: a Trio structured-concurrency event bus.
+
+Per-aggregate ordered, concurrent, at-least-once event handling on Kafka,
+NATS JetStream or an embedded in-memory transport::
+
+    import trio, trio_bus
+
+    async def handle(message: trio_bus.Message) -> None:
+        print(message.aggregate_id, message.value)
+
+    async def main() -> None:
+        async with trio_bus.open_bus("memory://") as bus:
+            await bus.subscribe("orders", handle)
+            await bus.publish("orders", b'{"total": 5}', key="order-1")
+
+Layers, each importing only from those above it: ``errors`` -> ``_names``,
+``_envelope``, ``_message``, ``_config`` -> ``transports._base`` ->
+``_pool``, ``_publish`` -> ``_bus``. Concrete transports are imported
+lazily by URL scheme.
+"""
+
+from __future__ import annotations
+
+from . import errors as errors
+from ._bus import Bus as Bus
+from ._bus import BusStatistics as BusStatistics
+from ._bus import Subscription as Subscription
+from ._bus import open_bus as open_bus
+from ._config import RetryPolicy as RetryPolicy
+from ._envelope import Envelope as Envelope
+from ._envelope import decode_envelope as decode_envelope
+from ._envelope import encode_envelope as encode_envelope
+from ._message import Message as Message
+from ._message import OutgoingMessage as OutgoingMessage
+from ._pool import current_message as current_message
+
+__all__ = [
+    "Bus",
+    "BusStatistics",
+    "Envelope",
+    "Message",
+    "OutgoingMessage",
+    "RetryPolicy",
+    "Subscription",
+    "current_message",
+    "decode_envelope",
+    "encode_envelope",
+    "errors",
+    "open_bus",
+]
+
+__version__ = "0.1.0.dev0"
