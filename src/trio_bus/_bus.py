@@ -483,6 +483,9 @@ class Bus:
         """The graceful part of closing: stop fetching and give in-flight
         handlers ``shutdown_grace`` seconds, all subscriptions at once."""
         grace = self._config.shutdown_grace
+        for sub in self._subscriptions:
+            # Before any checkpoint: no queued message may start from here on.
+            sub._stop_fetching()
         async with trio.open_nursery() as nursery:
             for sub in list(self._subscriptions):
                 nursery.start_soon(sub._drain, grace)
