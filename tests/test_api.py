@@ -1,0 +1,172 @@
+"""The public API: exports, typed errors at the call, open_bus unwrapping."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import trio
+
+import trio_bus
+from trio_bus import errors
+from trio_bus._names import stable_hash, validate_topic
+from trio_bus.transports import parse_url
+
+
+def test_every_public_name_is_exported() -> None:
+    for name in trio_bus.__all__:
+        assert hasattr(trio_bus, name), name
+    for name in errors.__all__:
+        error = getattr(errors, name)
+        assert issubclass(error, errors.BusError)
+
+
+def test_stable_hash_is_process_independent() -> None:
+    # crc32 of the UTF-8 bytes: the same in every process and version.
+    assert stable_hash("order-42") == 0x57F706DE
+    assert stable_hash("") == 0
+
+
+@pytest.mark.parametrize(
+    "topic", ["", ".a", "a.", "a..b", "a b", "a/b", "a*", "x" * 250, "ä"]
+)
+def test_invalid_topics(topic: str) -> None:
+    with pytest.raises(errors.InvalidTopicError):
+        validate_topic(topic)
+
+
+@pytest.mark.parametrize("topic", ["a", "orders.v1", "A-b_c.9", "x" * 249])
+def test_valid_topics(topic: str) -> None:
+    assert validate_topic(topic) == topic
+
+
+def test_parse_url() -> None:
+    assert parse_url("kafka://h1:9092,h2:9093") == ("kafka", ("h1:9092", "h2:9093"))
+    assert parse_url("memory://") == ("memory", ())
+    assert parse_url("NATS://h:4222") == ("nats", ("h:4222",))
+    with pytest.raises(errors.UnsupportedURLError, match="memory://, kafka://, nats://"):
+        parse_url("redis://h:1")
+    with pytest.raises(errors.UnsupportedURLError):
+        parse_url("kafka://")
+    with pytest.raises(errors.UnsupportedURLError):
+        parse_url("nonsense")
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error"),
+    [
+        ({"url": "amqp://h:1"}, errors.UnsupportedURLError),
+        ({"pool_size": 0}, errors.ConfigError),
+        ({"inbox_size": 1.5}, errors.ConfigError),
+        ({"handler_timeout": -1}, errors.ConfigError),
+        ({"shutdown_grace": float("nan")}, errors.ConfigError),
+        ({"client_id": "bad id"}, errors.InvalidTopicError),
+        ({"dead_letter": "no-placeholder"}, errors.ConfigError),
+        ({"retry": 3}, errors.ConfigError),
+    ],
+)
+async def test_setup_errors_leave_open_bus_unwrapped(
+    kwargs: dict[str, Any], error: type[Exception], memory_bus_url: str
+) -> None:
+    kwargs.setdefault("url", memory_bus_url)
+    url = kwargs.pop("url")
+    with pytest.raises(error):
+        async with trio_bus.open_bus(url, **kwargs):
+            pass  # pragma: no cover
+
+
+def test_retry_policy_validation() -> None:
+    with pytest.raises(errors.ConfigError):
+        trio_bus.RetryPolicy(max_attempts=0)
+    with pytest.raises(errors.ConfigError):
+        trio_bus.RetryPolicy(multiplier=0.5)
+    policy = trio_bus.RetryPolicy(backoff=0.1, multiplier=3, max_backoff=0.5)
+    assert [policy.delay(n) for n in (1, 2, 3)] == [0.1, pytest.approx(0.3), 0.5]
+
+
+async def test_user_exception_passes_through_unchanged(memory_bus_url: str) -> None:
+    class Mine(Exception):
+        pass
+
+    original = Mine("from the user's block")
+    with pytest.raises(Mine) as info:
+        async with trio_bus.open_bus(memory_bus_url) as bus:
+            await bus.subscribe("t", _noop)
+            raise original
+    assert info.value is original
+    assert not isinstance(info.value, BaseExceptionGroup)
+
+
+async def _noop(message: trio_bus.Message) -> None:
+    pass
+
+
+@pytest.mark.parametrize(
+    ("call", "error"),
+    [
+        (lambda bus: bus.publish("bad topic", b"x"), errors.InvalidTopicError),
+        (lambda bus: bus.publish("t", "text"), errors.InvalidInputError),
+        (lambda bus: bus.publish("t", b"x", key=""), errors.InvalidAggregateIDError),
+        (lambda bus: bus.publish("t", b"x", key="a b"), errors.InvalidAggregateIDError),
+        (lambda bus: bus.publish("t", b"x" * 2000), errors.PayloadTooLargeError),
+        (lambda bus: bus.publish("t", b"x", headers={"a:b": "v"}), errors.InvalidInputError),
+        (lambda bus: bus.publish("t", b"x", headers={"a": "v\n"}), errors.InvalidInputError),
+        (lambda bus: bus.publish_envelope("t", b"{}"), errors.InvalidInputError),
+        (lambda bus: bus.subscribe("t..x", _noop), errors.InvalidTopicError),
+        (lambda bus: bus.subscribe("t", _noop, group="a b"), errors.InvalidTopicError),
+        (lambda bus: bus.subscribe("t", _noop, start="middle"), errors.InvalidInputError),
+        (lambda bus: bus.subscribe("t", _noop, handler_timeout=0), errors.ConfigError),
+        (lambda bus: bus.subscribe("x" * 249, _noop), errors.InvalidTopicError),  # DLQ name
+        (lambda bus: bus.subscribe("t", "not callable"), errors.InvalidInputError),
+    ],
+)
+async def test_bad_arguments_raise_at_the_call_and_send_nothing(
+    call: Any, error: type[Exception], memory_bus_url: str
+) -> None:
+    async with trio_bus.open_bus(memory_bus_url, max_message_bytes=1000) as bus:
+        with pytest.raises(error):
+            await call(bus)
+        assert bus.statistics().published == 0
+        assert bus.statistics().subscriptions == 0
+
+
+async def test_closed_bus_and_subscription(memory_bus_url: str) -> None:
+    async with trio_bus.open_bus(memory_bus_url) as bus:
+        sub = await bus.subscribe("t", _noop)
+        await sub.close()
+        await sub.close()  # idempotent
+        assert bus.statistics().subscriptions == 0
+    with pytest.raises(errors.BusClosedError):
+        await bus.publish("t", b"x")
+    with pytest.raises(errors.BusClosedError):
+        await bus.subscribe("t", _noop)
+
+
+async def test_missing_extra_names_the_pip_command(monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
+    from trio_bus import transports
+
+    monkeypatch.setitem(sys.modules, "trio_bus.transports.kafka", None)
+    with pytest.raises(errors.MissingExtraError, match=r'pip install "trio-bus\[kafka\]"'):
+        transports.resolve("kafka")
+    with pytest.raises(ImportError):
+        transports.resolve("kafka")
+
+
+async def test_publish_many_validates_everything_first(memory_bus_url: str) -> None:
+    async with trio_bus.open_bus(memory_bus_url) as bus:
+        good = trio_bus.OutgoingMessage(topic="t", value=b"1")
+        bad = trio_bus.OutgoingMessage(topic="t", value=b"2", key="bad key")
+        with pytest.raises(errors.InvalidAggregateIDError):
+            await bus.publish_many([good, bad])
+        assert bus.statistics().published == 0
+        env = trio_bus.Envelope.new(aggregate_id="a", event_type="T", payload=1)
+        await bus.publish_many([good, ("t", env)])
+        assert bus.statistics().published == 2
+
+
+async def test_current_message_outside_handler() -> None:
+    with pytest.raises(LookupError):
+        trio_bus.current_message()
+    await trio.lowlevel.checkpoint()

@@ -1,0 +1,88 @@
+"""Property test of the ordering contract on the memory transport.
+
+Hypothesis draws the aggregates, publish order, handler delays and failures;
+each example runs in its own trio run on a virtual clock (autojump), so
+hundreds of examples with real timeouts and backoffs take seconds.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections import defaultdict
+
+import trio
+import trio.testing
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import trio_bus
+
+from .helpers import Recorder
+
+message = st.tuples(
+    st.integers(0, 11),  # aggregate
+    st.sampled_from([0.0, 0.001, 0.01, 0.2]),  # handler delay (0.2 > timeout)
+    st.integers(0, 3),  # failures before success (3 = always fails)
+)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    plan=st.lists(message, min_size=1, max_size=80),
+    pool_size=st.integers(1, 6),
+    inbox_size=st.integers(1, 4),
+)
+def test_order_holds_under_random_delays_and_failures(
+    plan: list[tuple[int, float, int]], pool_size: int, inbox_size: int
+) -> None:
+    active: set[str] = set()
+    overlaps: list[str] = []
+    done: Recorder[tuple[str | None, int]] = Recorder()  # (aggregate, seq); None: parked
+    attempts: dict[int, int] = defaultdict(int)
+    retry = trio_bus.RetryPolicy(max_attempts=3, backoff=0.01)
+
+    async def handler(msg: trio_bus.Message) -> None:
+        agg, seq = msg.aggregate_id, int(msg.value)
+        assert agg is not None
+        if agg in active:
+            overlaps.append(agg)
+        active.add(agg)
+        try:
+            attempts[seq] += 1
+            _, delay, failures = plan[seq]
+            await trio.sleep(delay)
+            if attempts[seq] <= failures:
+                raise RuntimeError("planned")
+        finally:
+            active.discard(agg)
+        done.add((agg, seq))
+
+    async def on_dead(msg: trio_bus.Message) -> None:
+        done.add((None, int(msg.value)))
+
+    async def scenario() -> None:
+        url = f"memory://prop-{uuid.uuid4().hex}"
+        async with trio_bus.open_bus(
+            url, pool_size=pool_size, inbox_size=inbox_size, retry=retry, handler_timeout=0.1
+        ) as bus:
+            await bus.subscribe("p", handler)
+            await bus.subscribe("p.dlq", on_dead)
+            await bus.publish_many(
+                trio_bus.OutgoingMessage(topic="p", value=b"%d" % i, key=f"a{agg}")
+                for i, (agg, _, _) in enumerate(plan)
+            )
+            await done.wait_for_count(len(plan))
+
+    trio.run(scenario, clock=trio.testing.MockClock(autojump_threshold=0))
+
+    assert overlaps == []
+    # A message fails for good when it always fails or always times out.
+    doomed = {i for i, (_, delay, failures) in enumerate(plan) if failures >= 3 or delay > 0.1}
+    assert {seq for agg, seq in done.items if agg is None} == doomed
+    order: dict[str, list[int]] = defaultdict(list)
+    for agg, seq in done.items:
+        if agg is not None:
+            order[agg].append(seq)
+    for agg, seqs in order.items():
+        expected = [i for i, (a, _, _) in enumerate(plan) if f"a{a}" == agg and i not in doomed]
+        assert seqs == expected
