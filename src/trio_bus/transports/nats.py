@@ -1245,6 +1245,12 @@ class _Puller:
         return out
 
 
+async def _send_outboxes(pullers: Sequence[_Puller]) -> None:
+    for puller in pullers:
+        if not puller.closed:
+            await puller.send_outbox()
+
+
 # ------------------------------------------------------------- trio side
 
 
@@ -1255,7 +1261,6 @@ class NatsConsumer(Consumer):
         self._transport = transport
         self._puller = puller
         self._bridge = transport._bridge
-        self._wakeup = trio.Event()
         self._closed = False
 
     @property
@@ -1284,8 +1289,7 @@ class NatsConsumer(Consumer):
             if puller.unsettled.get(delivery.seq) is delivery:
                 del puller.unsettled[delivery.seq]
         puller.outbox.append((delivery.reply, payload))
-        if len(puller.outbox) >= ACK_BATCH or not self._wakeup.is_set():
-            self._wakeup.set()
+        self._transport._wake_flusher(len(puller.outbox))
 
     def ack(self, record: Record) -> None:
         self._settle(record, _ACK)
@@ -1296,17 +1300,6 @@ class NatsConsumer(Consumer):
     async def flush(self) -> None:
         await self._bridge.call(self._puller.send_outbox, confirm=True)
 
-    async def _flusher(self) -> None:
-        # Acks usually ride along with the next fetch; this sends them when
-        # no fetch comes soon (the consumer is idle or blocked by backpressure).
-        while True:
-            await self._wakeup.wait()
-            self._wakeup = trio.Event()
-            if len(self._puller.outbox) < ACK_BATCH:
-                await trio.sleep(ACK_DELAY)
-            if self._puller.outbox:
-                await self._bridge.call(self._puller.send_outbox)
-
     async def aclose(self) -> None:
         if self._closed:
             await trio.lowlevel.checkpoint()
@@ -1316,9 +1309,6 @@ class NatsConsumer(Consumer):
         with trio.CancelScope(shield=True) as scope:
             scope.deadline = trio.current_time() + CLOSE_TIMEOUT
             await self._bridge.call(self._puller.close)
-        self._flusher_scope.cancel()
-
-    _flusher_scope: trio.CancelScope
 
 
 class NatsTransport(Transport):
@@ -1332,6 +1322,25 @@ class NatsTransport(Transport):
         self._conn = conn
         self._nursery = nursery
         self._consumers: set[NatsConsumer] = set()
+        self._flush_wanted = trio.Event()
+
+    def _wake_flusher(self, queued: int) -> None:
+        if queued >= ACK_BATCH or not self._flush_wanted.is_set():
+            self._flush_wanted.set()
+
+    async def _flusher(self) -> None:
+        # One task for all consumers. Acks usually ride along with the next
+        # fetch; this sends them when no fetch comes soon (idle consumer, or
+        # fetching paused by backpressure): one crossing for every outbox.
+        while True:
+            await self._flush_wanted.wait()
+            self._flush_wanted = trio.Event()
+            pullers = [c._puller for c in self._consumers]
+            if sum(len(p.outbox) for p in pullers) < ACK_BATCH:
+                await trio.sleep(ACK_DELAY)
+            pullers = [p for p in pullers if p.outbox]
+            if pullers:
+                await self._bridge.call(_send_outboxes, pullers)
 
     @property
     def options(self) -> NatsOptions:
@@ -1356,13 +1365,6 @@ class NatsTransport(Transport):
             raise
         consumer = NatsConsumer(self, puller)
         self._consumers.add(consumer)
-
-        async def run_flusher(task_status: trio.TaskStatus[trio.CancelScope]) -> None:
-            with trio.CancelScope() as scope:
-                task_status.started(scope)
-                await consumer._flusher()
-
-        consumer._flusher_scope = await self._nursery.start(run_flusher)
         return consumer
 
     async def run_on_loop(self, fn: Callable[..., Awaitable[Any]], *args: Any) -> Any:
@@ -1406,6 +1408,7 @@ async def open_transport(settings: TransportSettings) -> AsyncIterator[NatsTrans
             await bridge.call(conn.connect, servers, settings.client_id)
             async with trio.open_nursery() as nursery:
                 transport = NatsTransport(bridge, conn, nursery)
+                nursery.start_soon(transport._flusher, name="trio_bus.nats-acks")
                 try:
                     yield transport
                 finally:
