@@ -9,7 +9,7 @@ import uuid
 
 import pytest
 
-pytest_plugins: list[str] = []
+pytest_plugins: list[str] = ["tests._kafka_broker"]
 
 #: Transports the semantic suite runs on.
 TRANSPORTS = ["memory"]
