@@ -100,8 +100,10 @@ def main() -> None:
         results["bare trio channel fan-out, 256 tasks"].append(trio.run(run_baseline, n))
     medians = {name: statistics.median(values) for name, values in results.items()}
     baseline = medians["bare trio channel fan-out, 256 tasks"]
-    print(f"{n} messages of 1 KiB over {AGGREGATES} aggregates, no-op handler, "
-          f"median of {args.repeat}")
+    print(
+        f"{n} messages of 1 KiB over {AGGREGATES} aggregates, no-op handler, "
+        f"median of {args.repeat}"
+    )
     print(f"{'variant':40} {'msg/s':>10} {'ratio':>7}")
     for name, value in medians.items():
         print(f"{name:40} {value:10,.0f} {value / baseline:7.2f}")

@@ -69,4 +69,6 @@ def task_count() -> int:
             count(child) for nursery in task.child_nurseries for child in nursery.child_tasks
         )
 
-    return count(trio.lowlevel.current_root_task())
+    root = trio.lowlevel.current_root_task()
+    assert root is not None
+    return count(root)

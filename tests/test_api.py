@@ -27,9 +27,7 @@ def test_stable_hash_is_process_independent() -> None:
     assert stable_hash("") == 0
 
 
-@pytest.mark.parametrize(
-    "topic", ["", ".a", "a.", "a..b", "a b", "a/b", "a*", "x" * 250, "ä"]
-)
+@pytest.mark.parametrize("topic", ["", ".a", "a.", "a..b", "a b", "a/b", "a*", "x" * 250, "ä"])
 def test_invalid_topics(topic: str) -> None:
     with pytest.raises(errors.InvalidTopicError):
         validate_topic(topic)

@@ -41,14 +41,19 @@ def test_round_trip_keeps_payload_raw_and_omits_empty_fields() -> None:
     assert fields["payload"] == {"x": [1, 2]}
     assert "tenant_id" not in fields
     assert set(fields) == {
-        "event_id", "aggregate_id", "event_type", "event_version", "timestamp", "payload"
+        "event_id",
+        "aggregate_id",
+        "event_type",
+        "event_version",
+        "timestamp",
+        "payload",
     }
     assert b'{"x": [1, 2]}' in data  # embedded verbatim, not re-encoded
     assert decode_envelope(data) == env
 
 
 def test_new_fills_id_version_and_time() -> None:
-    before = dt.datetime.now(dt.timezone.utc)
+    before = dt.datetime.now(dt.UTC)
     env = Envelope.new(aggregate_id="a", event_type="T", payload={"k": 1}, tenant_id="t1")
     assert env.event_version == 1
     assert env.timestamp >= before
@@ -66,7 +71,8 @@ def test_uuid7_is_version_7_and_time_ordered() -> None:
     first = uuid7()
     time.sleep(0.002)
     second = uuid7()
-    assert first[14] == "7" and first[19] in "89ab"
+    assert first[14] == "7"
+    assert first[19] in "89ab"
     assert first < second
 
 

@@ -35,7 +35,7 @@ async def test_existing_group_resumes_after_last_ack_and_redelivers_unacked() ->
     t = _transport()
     first = await t.open_consumer(ConsumerSpec(topic="a", group="g"))
     await t.publish_batch(_msgs("a", b"0", b"1", b"2"))
-    r0, r1, r2 = await first.fetch(10)
+    r0, _, r2 = await first.fetch(10)
     first.ack(r0)
     first.ack(r2)
     await first.aclose()
@@ -110,8 +110,9 @@ async def test_named_urls_are_separate_brokers() -> None:
             url=url, hosts=hosts, client_id="c", options=None, max_message_bytes=10
         )
 
-    async with open_transport(settings("memory://", ())) as default, open_transport(
-        settings("memory://x", ("x",))
-    ) as named:
+    async with (
+        open_transport(settings("memory://", ())) as default,
+        open_transport(settings("memory://x", ("x",))) as named,
+    ):
         assert default.broker is get_broker("")
         assert named.broker is get_broker("x")

@@ -26,7 +26,7 @@ FAST_RETRY = RetryPolicy(max_attempts=3, backoff=0.01, max_backoff=0.05)
 
 
 def open_test_bus(url: str, **kwargs: Any) -> AbstractAsyncContextManager[trio_bus.Bus]:
-    options: dict[str, object] = {
+    options: dict[str, Any] = {
         "pool_size": 16,
         "retry": FAST_RETRY,
         "shutdown_grace": 5.0,
@@ -72,9 +72,7 @@ async def test_per_aggregate_order_and_no_overlap(bus_url: str, topic: str) -> N
         await bus.subscribe(f"{topic}.dlq", collect(dead_lettered))
         for agg, seq in plan:
             await bus.publish(topic, str(seq).encode(), key=agg)
-        await succeeded.wait_until(
-            lambda: len(succeeded) + len(dead_lettered) >= len(plan)
-        )
+        await succeeded.wait_until(lambda: len(succeeded) + len(dead_lettered) >= len(plan))
     assert overlaps == []
     assert {int(m.value) for m in dead_lettered.items} == dead
     by_agg: dict[str, list[int]] = defaultdict(list)
@@ -291,7 +289,7 @@ async def test_grace_expiry_cancels_and_redelivers(bus_url: str, topic: str) -> 
 
 
 async def test_actor_crash_restarts_then_escalates(bus_url: str, topic: str) -> None:
-    handled: Recorder[bytes] = Recorder()
+    handled: Recorder[trio_bus.Message] = Recorder()
     crashes = 0
 
     def crash_twice(index: int) -> None:

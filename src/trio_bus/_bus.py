@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from contextlib import asynccontextmanager
-from typing import Literal, TypeVar
+from typing import Self, TypeVar
 
 import attrs
 import trio
@@ -58,7 +58,7 @@ def _check_timeout(value: object) -> float | None:
     return float(value)
 
 
-def _optional_timeout(_: object, __: object, value: object) -> None:
+def _optional_timeout(_: object, __: object, value: float | None) -> None:
     _check_timeout(value)
 
 
@@ -89,9 +89,7 @@ class _Config:
     @dead_letter.validator
     def _check_dead_letter(self, _: object, value: object) -> None:
         if not (callable(value) or (isinstance(value, str) and "{topic}" in value)):
-            raise ConfigError(
-                "dead_letter must be a template containing {topic} or a callable"
-            )
+            raise ConfigError("dead_letter must be a template containing {topic} or a callable")
 
 
 @attrs.frozen(kw_only=True)
@@ -204,7 +202,7 @@ class Subscription:
                         await self._route.wait_idle()
                 await self._close_consumer()
 
-    async def __aenter__(self) -> Subscription:
+    async def __aenter__(self) -> Self:
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:
@@ -351,7 +349,9 @@ class Bus:
             topic, encode_envelope(envelope), envelope.aggregate_id, merged, envelope.event_id
         )
 
-    async def publish_many(self, messages: Iterable[OutgoingMessage | tuple[str, Envelope]]) -> None:
+    async def publish_many(
+        self, messages: Iterable[OutgoingMessage | tuple[str, Envelope]]
+    ) -> None:
         """Publish many messages with one transport call per
         :data:`PUBLISH_BATCH` messages: the fast path for bulk loads.
 
@@ -386,7 +386,7 @@ class Bus:
         handler: Callable[[T], Awaitable[None]],
         *,
         group: str | None,
-        handler_timeout: float | None | object,
+        handler_timeout: float | object | None,
         start: StartPosition,
         wants_envelope: bool,
     ) -> Subscription:
@@ -426,7 +426,7 @@ class Bus:
         handler: Callable[[Message], Awaitable[None]],
         *,
         group: str | None = None,
-        handler_timeout: float | None | object = _UNSET,
+        handler_timeout: float | object | None = _UNSET,
         start: StartPosition = "latest",
     ) -> Subscription:
         """Subscribe *handler* to *topic*; return once the subscription is live.
@@ -454,8 +454,12 @@ class Bus:
                 group resumes where it acked.
         """
         return await self._subscribe(
-            topic, handler, group=group, handler_timeout=handler_timeout,
-            start=start, wants_envelope=False,
+            topic,
+            handler,
+            group=group,
+            handler_timeout=handler_timeout,
+            start=start,
+            wants_envelope=False,
         )
 
     async def subscribe_envelope(
@@ -464,7 +468,7 @@ class Bus:
         handler: Callable[[Envelope], Awaitable[None]],
         *,
         group: str | None = None,
-        handler_timeout: float | None | object = _UNSET,
+        handler_timeout: float | object | None = _UNSET,
         start: StartPosition = "latest",
     ) -> Subscription:
         """Like :meth:`subscribe`, but the handler receives the decoded and
@@ -473,8 +477,12 @@ class Bus:
         is dead-lettered at once, without retries, with the decode error in
         the ``X-DLQ-Error-Message`` header."""
         return await self._subscribe(
-            topic, handler, group=group, handler_timeout=handler_timeout,
-            start=start, wants_envelope=True,
+            topic,
+            handler,
+            group=group,
+            handler_timeout=handler_timeout,
+            start=start,
+            wants_envelope=True,
         )
 
     # ---------------------------------------------------------------- closing
@@ -531,7 +539,9 @@ def _is_cancellation(exc: BaseException | None) -> bool:
     return False
 
 
-def _collapse(group: BaseExceptionGroup[BaseException], user_exc: BaseException | None) -> BaseException:
+def _collapse(
+    group: BaseExceptionGroup[BaseException], user_exc: BaseException | None
+) -> BaseException:
     """Pick the one exception ``open_bus`` should raise out of *group*."""
     if user_exc is not None and not _is_cancellation(user_exc):
         if isinstance(user_exc, BaseExceptionGroup):
@@ -655,13 +665,13 @@ async def open_bus(
                     await bus._shutdown(pool_scope, pool_done)
                     publisher_scope.cancel()
     except BaseExceptionGroup as group:
-        exc = _collapse(group, user_exc)
-        if exc is group:
+        chosen = _collapse(group, user_exc)
+        if chosen is group:
             raise
         # Raise it as it was: keep its own context, not the group's.
-        context, suppress = exc.__context__, exc.__suppress_context__
+        context, suppress = chosen.__context__, chosen.__suppress_context__
         try:
-            raise exc  # noqa: B904
+            raise chosen
         finally:
-            exc.__context__, exc.__suppress_context__ = context, suppress
-            del exc, group
+            chosen.__context__, chosen.__suppress_context__ = context, suppress
+            del chosen

@@ -54,7 +54,7 @@ _any_decoder = msgspec.json.Decoder()
 
 
 def _utcnow() -> _dt.datetime:
-    return _dt.datetime.now(_dt.timezone.utc)
+    return _dt.datetime.now(_dt.UTC)
 
 
 def uuid7() -> str:

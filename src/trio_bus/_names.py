@@ -28,7 +28,7 @@ def validate_topic(topic: object) -> str:
     """Return *topic* if it is a portable topic name, else raise
     :class:`~trio_bus.errors.InvalidTopicError`."""
     if topic in _valid_topics:
-        return topic  # type: ignore[return-value]  # only str gets in
+        return topic
     if not isinstance(topic, str):
         raise InvalidTopicError(f"topic must be a str, not {type(topic).__name__}")
     if not 1 <= len(topic) <= MAX_TOPIC_LENGTH:
@@ -37,8 +37,7 @@ def validate_topic(topic: object) -> str:
         )
     if _TOPIC_RE.fullmatch(topic) is None:
         raise InvalidTopicError(
-            f"invalid topic {topic!r}: use [A-Za-z0-9._-] with no empty "
-            "dot-separated token"
+            f"invalid topic {topic!r}: use [A-Za-z0-9._-] with no empty dot-separated token"
         )
     if len(_valid_topics) < _VALID_TOPICS_CACHE:
         _valid_topics.add(topic)
@@ -61,9 +60,7 @@ def validate_aggregate_id(value: object) -> str:
     """Return the trimmed aggregate ID or raise
     :class:`~trio_bus.errors.InvalidAggregateIDError`."""
     if not isinstance(value, str):
-        raise InvalidAggregateIDError(
-            f"aggregate ID must be a str, not {type(value).__name__}"
-        )
+        raise InvalidAggregateIDError(f"aggregate ID must be a str, not {type(value).__name__}")
     normalized = normalize_aggregate_id(value)
     if normalized is None:
         raise InvalidAggregateIDError(

@@ -439,7 +439,10 @@ class ActorPool:
             return
         logger.debug(
             "handler failed on %s offset %s (attempt %d): %r",
-            work.record.topic, work.record.offset, actor.attempt, exc,
+            work.record.topic,
+            work.record.offset,
+            actor.attempt,
+            exc,
         )
         self.stats.retried += 1
         await trio.sleep(self.retry.delay(actor.attempt))
@@ -487,7 +490,9 @@ class ActorPool:
             except Exception:
                 logger.warning(
                     "dead-lettering to %s failed; retrying in %.2fs",
-                    out.topic, delay, exc_info=True,
+                    out.topic,
+                    delay,
+                    exc_info=True,
                 )
                 await trio.sleep(delay)
                 delay = min(delay * 2, self.retry.max_backoff or 5.0)
@@ -496,7 +501,12 @@ class ActorPool:
         self.stats.dead_lettered += 1
         logger.warning(
             "dead-lettered %s offset %s to %s after %d attempts: %s: %s",
-            record.topic, record.offset, out.topic, attempts, type(exc).__name__, exc,
+            record.topic,
+            record.offset,
+            out.topic,
+            attempts,
+            type(exc).__name__,
+            exc,
         )
 
     # -------------------------------------------------------------- closing

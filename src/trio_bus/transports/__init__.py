@@ -31,8 +31,7 @@ def parse_url(url: str) -> tuple[str, tuple[str, ...]]:
     """
     if not isinstance(url, str) or "://" not in url:
         raise UnsupportedURLError(
-            f"bus URL {url!r} has no scheme; use one of "
-            + ", ".join(f"{s}://" for s in SCHEMES)
+            f"bus URL {url!r} has no scheme; use one of " + ", ".join(f"{s}://" for s in SCHEMES)
         )
     parts = urlsplit(url)
     scheme = parts.scheme.lower()
@@ -57,8 +56,7 @@ def resolve(scheme: str) -> TransportFactory:
         if extra is None or isinstance(exc, MissingExtraError):
             raise
         raise MissingExtraError(
-            f"the {scheme} transport needs extra packages: "
-            f'pip install "trio-bus[{extra}]"  ({exc})'
+            f'the {scheme} transport needs extra packages: pip install "trio-bus[{extra}]"  ({exc})'
         ) from exc
     factory: TransportFactory = module.open_transport
     return factory

@@ -118,9 +118,7 @@ class Transport(abc.ABC):
     coalesce_publishes: bool = False
 
     @abc.abstractmethod
-    async def publish_batch(
-        self, records: Sequence[OutgoingMessage]
-    ) -> Sequence[Exception | None]:
+    async def publish_batch(self, records: Sequence[OutgoingMessage]) -> Sequence[Exception | None]:
         """Publish *records* in order; return one outcome per record once the
         broker has answered for all of them (None = durably stored)."""
 
@@ -134,6 +132,4 @@ class TransportFactory(Protocol):
     """``open_transport(settings)``: an async context manager owning every
     task, thread and socket of the transport; leaving it closes them all."""
 
-    def __call__(
-        self, settings: TransportSettings
-    ) -> AbstractAsyncContextManager[Transport]: ...
+    def __call__(self, settings: TransportSettings) -> AbstractAsyncContextManager[Transport]: ...

@@ -85,9 +85,7 @@ class MemoryBroker:
         """Append *records* to their topic logs and wake waiting consumers."""
         touched: set[str] = set()
         for rec in records:
-            self._topic(rec.topic).entries.append(
-                _Entry(rec.key, rec.value, dict(rec.headers))
-            )
+            self._topic(rec.topic).entries.append(_Entry(rec.key, rec.value, dict(rec.headers)))
             touched.add(rec.topic)
         for name in touched:
             self._topics[name].changed.unpark_all()
@@ -210,9 +208,7 @@ class MemoryTransport(Transport):
     def __init__(self, broker: MemoryBroker) -> None:
         self.broker = broker
 
-    async def publish_batch(
-        self, records: Sequence[OutgoingMessage]
-    ) -> Sequence[Exception | None]:
+    async def publish_batch(self, records: Sequence[OutgoingMessage]) -> Sequence[Exception | None]:
         self.broker.append(records)
         await trio.lowlevel.checkpoint()
         return [None] * len(records)
