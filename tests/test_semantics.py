@@ -359,14 +359,16 @@ async def test_invalid_aggregate_header_is_dead_lettered(bus_url: str, topic: st
 
 
 async def test_topic_count_does_not_grow_the_pool(bus_url: str) -> None:
+    # 100 topics in memory; fewer on real brokers, where each costs a join.
+    topics = 100 if bus_url.startswith("memory:") else 20
     baseline = task_count()
     async with open_test_bus(bus_url, pool_size=16) as bus:
         with_pool = task_count()
-        for i in range(20):
+        for i in range(topics):
             await bus.subscribe(f"many-{i}", collect(Recorder()))
         with_subs = task_count()
     # One fetch task per subscription, no per-topic pool.
-    assert with_subs - with_pool == 20
+    assert with_subs - with_pool == topics
     assert with_pool - baseline < 16 + 10
     assert task_count() == baseline
 
