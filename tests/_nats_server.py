@@ -99,9 +99,7 @@ class NatsServer:
         # A raw protocol exchange: CONNECT, then a $JS.API.INFO request; the
         # server answers only once JetStream is up.
         try:
-            with socket.create_connection(
-                ("127.0.0.1", self.port), timeout=1.0
-            ) as sock:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=1.0) as sock:
                 sock.settimeout(1.0)
                 data = sock.recv(4096)
                 if not data.startswith(b"INFO"):

@@ -126,9 +126,7 @@ def _positive(_: object, attribute: attrs.Attribute[Any], value: object) -> None
         raise ConfigError(f"{attribute.name} must be a positive number, got {value!r}")
 
 
-def _optional_positive(
-    _: object, attribute: attrs.Attribute[Any], value: object
-) -> None:
+def _optional_positive(_: object, attribute: attrs.Attribute[Any], value: object) -> None:
     if value is not None:
         _positive(_, attribute, value)
 
@@ -136,9 +134,7 @@ def _optional_positive(
 def _one_of(*choices: object) -> Callable[[object, attrs.Attribute[Any], object], None]:
     def check(_: object, attribute: attrs.Attribute[Any], value: object) -> None:
         if value not in choices:
-            raise ConfigError(
-                f"{attribute.name} must be one of {choices!r}, got {value!r}"
-            )
+            raise ConfigError(f"{attribute.name} must be one of {choices!r}, got {value!r}")
 
     return check
 
@@ -148,9 +144,7 @@ def _int_at_least(
 ) -> Callable[[object, attrs.Attribute[Any], object], None]:
     def check(_: object, attribute: attrs.Attribute[Any], value: object) -> None:
         if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-            raise ConfigError(
-                f"{attribute.name} must be an int >= {minimum}, got {value!r}"
-            )
+            raise ConfigError(f"{attribute.name} must be an int >= {minimum}, got {value!r}")
 
     return check
 
@@ -189,12 +183,8 @@ class StreamOptions:
         default="limits", validator=_one_of("limits", "interest", "workqueue")
     )
     max_age: float | None = attrs.field(default=None, validator=_optional_positive)
-    max_bytes: int | None = attrs.field(
-        default=None, validator=_optional_int_at_least(1)
-    )
-    max_msgs: int | None = attrs.field(
-        default=None, validator=_optional_int_at_least(1)
-    )
+    max_bytes: int | None = attrs.field(default=None, validator=_optional_int_at_least(1))
+    max_msgs: int | None = attrs.field(default=None, validator=_optional_int_at_least(1))
     replicas: int = attrs.field(default=1, validator=_int_at_least(1))
     duplicate_window: float = attrs.field(default=120.0, validator=_positive)
     discard: Discard = attrs.field(default="old", validator=_one_of("old", "new"))
@@ -231,23 +221,15 @@ class ConsumerOptions:
     ack_wait: float = attrs.field(default=30.0, validator=_positive)
     max_deliver: int = attrs.field(default=-1)
     max_ack_pending: int = attrs.field(default=10_000, validator=_int_at_least(1))
-    in_progress_interval: float | None = attrs.field(
-        default=None, validator=_optional_positive
-    )
-    prefetch: int | None = attrs.field(
-        default=None, validator=_optional_int_at_least(1)
-    )
+    in_progress_interval: float | None = attrs.field(default=None, validator=_optional_positive)
+    prefetch: int | None = attrs.field(default=None, validator=_optional_int_at_least(1))
     idle_heartbeat: float = attrs.field(default=2.0, validator=_positive)
     pull_expires: float = attrs.field(default=30.0, validator=_positive)
     ordered_resume: bool = True
 
     @max_deliver.validator
     def _check_max_deliver(self, _: object, value: object) -> None:
-        if (
-            isinstance(value, bool)
-            or not isinstance(value, int)
-            or (value < 1 and value != -1)
-        ):
+        if isinstance(value, bool) or not isinstance(value, int) or (value < 1 and value != -1):
             raise ConfigError(f"max_deliver must be -1 or an int >= 1, got {value!r}")
 
     def __attrs_post_init__(self) -> None:
@@ -342,9 +324,7 @@ class NatsOptions:
         default="create_only",
         validator=_one_of("create_only", "create_or_update", "validate_only", "skip"),
     )
-    on_mismatch: MismatchAction = attrs.field(
-        default="warn", validator=_one_of("warn", "fail")
-    )
+    on_mismatch: MismatchAction = attrs.field(default="warn", validator=_one_of("warn", "fail"))
     stream_prefix: str = ""
     publish_timeout: float = attrs.field(default=5.0, validator=_positive)
     request_timeout: float = attrs.field(default=5.0, validator=_positive)
@@ -356,9 +336,7 @@ class NatsOptions:
             ("connect", self.connect, ConnectOptions),
         ):
             if not isinstance(value, kind):
-                raise ConfigError(
-                    f"{name} must be a {kind.__name__}, not {type(value).__name__}"
-                )
+                raise ConfigError(f"{name} must be a {kind.__name__}, not {type(value).__name__}")
         for topic, value in self.topics.items():
             if not isinstance(value, StreamOptions):
                 raise ConfigError(f"topics[{topic!r}] must be a StreamOptions")
@@ -376,6 +354,11 @@ def stream_name(topic: str, prefix: str = "") -> str:
     """The JetStream stream name of *topic*: ``.`` becomes ``_`` because a
     stream name cannot contain dots (``orders.eu`` -> ``orders_eu``)."""
     return prefix + topic.replace(".", "_")
+
+
+def _duplicate_window(s: StreamOptions) -> float:
+    # The server refuses a duplicate window longer than max_age.
+    return min(s.duplicate_window, s.max_age) if s.max_age else s.duplicate_window
 
 
 def _durable_name(group: str, topic: str, nested: bool) -> str:
@@ -400,12 +383,8 @@ def _publish_failure(exc: BaseException, subject: str) -> PublishError:
         err: PublishError = PublishOutcomeUnknownError(
             f"no JetStream ack for a publish to {subject!r} in time"
         )
-    elif isinstance(
-        exc, nats.js.errors.NoStreamResponseError | nats.errors.NoRespondersError
-    ):
-        err = PublishError(
-            f"no JetStream stream stores subject {subject!r} (or it is unavailable)"
-        )
+    elif isinstance(exc, nats.js.errors.NoStreamResponseError | nats.errors.NoRespondersError):
+        err = PublishError(f"no JetStream stream stores subject {subject!r} (or it is unavailable)")
     elif isinstance(exc, nats.js.errors.APIError):
         err = PublishError(f"JetStream refused a publish to {subject!r}: {exc}")
     else:
@@ -437,9 +416,7 @@ class _TopicInfo:
 def _parse_reply(reply: str) -> tuple[int, int]:
     """(delivery count, stream sequence) from a JetStream ack subject."""
     tokens = reply.split(".")
-    if (
-        len(tokens) == 9
-    ):  # $JS.ACK.<stream>.<consumer>.<dc>.<sseq>.<cseq>.<ts>.<pending>
+    if len(tokens) == 9:  # $JS.ACK.<stream>.<consumer>.<dc>.<sseq>.<cseq>.<ts>.<pending>
         return int(tokens[4]), int(tokens[5])
     # $JS.ACK.<domain>.<hash>.<stream>.<consumer>.<dc>.<sseq>.<cseq>.<ts>.<pending>[.<token>]
     return int(tokens[6]), int(tokens[7])
@@ -516,7 +493,8 @@ class _Conn:
         kwargs.update(c.extra)
         # The first connection must work: one pass over the servers, then a
         # clear error (reconnects later retry forever).
-        kwargs["max_reconnect_attempts"] = 0
+        # (nats-py retries the first connection forever with -1.)
+        kwargs["max_reconnect_attempts"] = 1
         try:
             await self.nc.connect(**kwargs)
         except Exception as exc:
@@ -535,12 +513,12 @@ class _Conn:
             except Exception:
                 logger.exception("closing the nats connection failed")
 
-    async def wait_connected(self, timeout: float) -> bool:
+    async def wait_connected(self, seconds: float) -> bool:
         if self.nc.is_connected:
             return True
         try:
-            await asyncio.wait_for(self.connected.wait(), timeout)
-        except asyncio.TimeoutError:
+            await asyncio.wait_for(self.connected.wait(), seconds)
+        except TimeoutError:
             return False
         return self.nc.is_connected
 
@@ -571,9 +549,7 @@ class _Conn:
         except nats.js.errors.NotFoundError:
             info = None
         except Exception as exc:
-            raise _map_api_error(
-                exc, f"reading stream {name!r} of topic {topic!r}"
-            ) from exc
+            raise _map_api_error(exc, f"reading stream {name!r} of topic {topic!r}") from exc
         if info is not None:
             return await self._check_existing(topic, name, info)
         outer = await self._outer_stream(topic)
@@ -626,7 +602,7 @@ class _Conn:
             max_bytes=s.max_bytes if s.max_bytes is not None else -1,
             max_msgs=s.max_msgs if s.max_msgs is not None else -1,
             num_replicas=s.replicas,
-            duplicate_window=s.duplicate_window,
+            duplicate_window=_duplicate_window(s),
             discard=_api.DiscardPolicy(s.discard),
         )
 
@@ -650,15 +626,11 @@ class _Conn:
                 try:
                     await self.jsm.update_stream(wanted)
                 except Exception as exc:
-                    self._mismatch(
-                        f"stream {name!r}: {what}; update refused: {exc}", exc
-                    )
+                    self._mismatch(f"stream {name!r}: {what}; update refused: {exc}", exc)
                 else:
                     logger.info("updated stream %s: %s", name, what)
             else:
-                self._mismatch(
-                    f"stream {name!r} differs from its options: {what}", None
-                )
+                self._mismatch(f"stream {name!r} differs from its options: {what}", None)
         return _TopicInfo(topic, name, nested=False)
 
     def _mismatch(self, message: str, cause: BaseException | None) -> None:
@@ -686,7 +658,7 @@ class _Conn:
         out = [f"{n}: wanted {w!r}, server has {h!r}" for n, w, h in pairs if w != h]
         for label, wanted, have in (
             ("max_age", s.max_age or 0.0, cfg.max_age or 0.0),
-            ("duplicate_window", s.duplicate_window, cfg.duplicate_window or 0.0),
+            ("duplicate_window", _duplicate_window(s), cfg.duplicate_window or 0.0),
         ):
             if abs(float(wanted) - float(have)) > 1e-3:
                 out.append(f"{label}: wanted {wanted!r}s, server has {have!r}s")
@@ -694,9 +666,7 @@ class _Conn:
 
     # ------------------------------------------------------------ publish
 
-    async def publish_many(
-        self, records: Sequence[OutgoingMessage]
-    ) -> list[Exception | None]:
+    async def publish_many(self, records: Sequence[OutgoingMessage]) -> list[Exception | None]:
         """Publish *records*, all in flight at once; one outcome each."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.options.publish_timeout
@@ -708,15 +678,12 @@ class _Conn:
                     topics[record.topic] = await self.ensure_topic(record.topic)
                 except TransportError as exc:
                     topics[record.topic] = exc
-        await self._publish_indices(
-            records, range(len(records)), topics, outcomes, deadline
-        )
+        await self._publish_indices(records, range(len(records)), topics, outcomes, deadline)
         # A stream deleted behind our back: forget it, recreate, try once more.
         missing = [
             i
             for i, o in enumerate(outcomes)
-            if o is not None
-            and isinstance(o.__cause__, nats.js.errors.NoStreamResponseError)
+            if o is not None and isinstance(o.__cause__, nats.js.errors.NoStreamResponseError)
         ]
         if missing and self.options.topic_strategy != "skip":
             for i in missing:
@@ -753,11 +720,11 @@ class _Conn:
             if isinstance(where, Exception):
                 outcomes[i] = where
                 continue
-            if outcomes[i] is not None and not isinstance(
-                outcomes[i].__cause__,
-                nats.js.errors.NoStreamResponseError,  # type: ignore[union-attr]
+            previous = outcomes[i]
+            if previous is not None and not isinstance(
+                previous.__cause__, nats.js.errors.NoStreamResponseError
             ):
-                continue
+                continue  # not connected: not sent
             outcomes[i] = None
             headers = dict(record.headers)
             headers[MSG_ID_HEADER] = record.message_id or uuid.uuid4().hex
@@ -782,17 +749,15 @@ class _Conn:
                 futures.append((i, fut))
         if not futures:
             return
-        await asyncio.wait(
-            [f for _, f in futures], timeout=max(0.0, deadline - loop.time())
-        )
+        await asyncio.wait([f for _, f in futures], timeout=max(0.0, deadline - loop.time()))
         for i, fut in futures:
             if not fut.done():
                 fut.cancel()
-                outcomes[i] = _publish_failure(asyncio.TimeoutError(), records[i].topic)
+                outcomes[i] = _publish_failure(TimeoutError(), records[i].topic)
             elif fut.cancelled():
-                outcomes[i] = _publish_failure(asyncio.TimeoutError(), records[i].topic)
-            elif (exc := fut.exception()) is not None:
-                outcomes[i] = _publish_failure(exc, records[i].topic)
+                outcomes[i] = _publish_failure(TimeoutError(), records[i].topic)
+            elif (failure := fut.exception()) is not None:
+                outcomes[i] = _publish_failure(failure, records[i].topic)
 
 
 def _map_api_error(exc: BaseException, doing: str) -> TransportError:
@@ -806,9 +771,7 @@ def _map_api_error(exc: BaseException, doing: str) -> TransportError:
         | nats.errors.ConnectionClosedError
         | nats.js.errors.ServiceUnavailableError,
     ):
-        return _chain(
-            TransportUnavailableError(f"{doing}: JetStream unavailable ({exc!r})"), exc
-        )
+        return _chain(TransportUnavailableError(f"{doing}: JetStream unavailable ({exc!r})"), exc)
     return _chain(TopicConfigError(f"{doing} failed: {exc}"), exc)
 
 
@@ -853,16 +816,23 @@ class _Puller:
     async def start(self) -> None:
         conn = self.conn
         self.where = await conn.ensure_topic(self.spec.topic)
-        self.durable = _durable_name(
-            self.spec.group, self.spec.topic, self.where.nested
-        )
+        self.durable = _durable_name(self.spec.group, self.spec.topic, self.where.nested)
         self.inbox = conn.nc.new_inbox()
         self.sub = await conn.nc.subscribe(
             self.inbox, cb=self._on_msg, pending_msgs_limit=-1, pending_bytes_limit=-1
         )
         info = await self._bind()
         loop = asyncio.get_running_loop()
-        if self.copts.ordered_resume and info.num_ack_pending:
+        # Unacked deliveries and no live member pulling (a live member keeps
+        # a pull request waiting): the previous holder died; see
+        # ConsumerOptions.ordered_resume.
+        live_here = any(p.where == self.where and p.durable == self.durable for p in conn.pullers)
+        if (
+            self.copts.ordered_resume
+            and info.num_ack_pending
+            and not info.num_waiting
+            and not live_here
+        ):
             self.barrier_seq = info.delivered.stream_seq or 0
             self.barrier_left = info.num_ack_pending
             self.barrier_deadline = (
@@ -918,9 +888,7 @@ class _Puller:
                     exc2, f"creating consumer {self.durable!r} on {stream!r}"
                 ) from exc2
         except Exception as exc:
-            raise _map_api_error(
-                exc, f"reading consumer {self.durable!r} on {stream!r}"
-            ) from exc
+            raise _map_api_error(exc, f"reading consumer {self.durable!r} on {stream!r}") from exc
         have = info.config
         if (
             abs((have.ack_wait or 0) - copts.ack_wait) > 1e-3
@@ -935,9 +903,7 @@ class _Puller:
             try:
                 info = await jsm.add_consumer(stream, config)
             except Exception as exc:
-                logger.warning(
-                    "could not update consumer %s on %s: %s", self.durable, stream, exc
-                )
+                logger.warning("could not update consumer %s on %s: %s", self.durable, stream, exc)
         return info
 
     def stop_tasks(self) -> None:
@@ -1001,7 +967,8 @@ class _Puller:
         count, seq = _parse_reply(reply)
         delivery = _Delivery(seq, reply, now)
         if self.closing:
-            self.outbox.append((reply, _NAK))
+            # Draining at close: nak'd with the rest, in stream order.
+            self.unsettled.setdefault(seq, delivery)
             return
         if headers and self.where is not None and not self.where.nested:
             owner = headers.get(TOPIC_HEADER)
@@ -1021,9 +988,7 @@ class _Puller:
             self.buffer.append(item)
         self.ready.set()
 
-    def _through_barrier(
-        self, item: tuple[_NatsMsg, _Delivery], count: int, now: float
-    ) -> None:
+    def _through_barrier(self, item: tuple[_NatsMsg, _Delivery], count: int, now: float) -> None:
         if item[1].seq <= self.barrier_seq and count > 1:
             self.old.append(item)
             self.barrier_left -= 1
@@ -1064,9 +1029,7 @@ class _Puller:
             self.requested = 0
             self.need_bind = True
         else:
-            logger.warning(
-                "unexpected pull status %s %s", status, headers.get("Description")
-            )
+            logger.warning("unexpected pull status %s %s", status, headers.get("Description"))
             self.requested = 0
         self.wake.set()
 
@@ -1111,9 +1074,7 @@ class _Puller:
                     try:
                         await self._bind()
                     except TransportError as exc:
-                        logger.warning(
-                            "re-binding %s failed: %s; retrying", self.durable, exc
-                        )
+                        logger.warning("re-binding %s failed: %s; retrying", self.durable, exc)
                         await asyncio.sleep(backoff)
                         backoff = min(backoff * 2, 2.0)
                         continue
@@ -1124,17 +1085,14 @@ class _Puller:
                 await self._maybe_pull()
                 try:
                     await asyncio.wait_for(self.wake.wait(), tick)
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     pass
                 self.wake.clear()
                 now = loop.time()
                 if self.barrier_left and now >= self.barrier_deadline:
                     logger.info("%s: ordered-resume window over", self.durable)
                     self._lift_barrier()
-                if (
-                    self.requested
-                    and now - self.last_activity > 2 * copts.idle_heartbeat + 0.5
-                ):
+                if self.requested and now - self.last_activity > 2 * copts.idle_heartbeat + 0.5:
                     # No message and no heartbeat: the pull is gone (server
                     # restart, lost connection). Issue a new one.
                     logger.info("pull on %s went silent; pulling again", self.durable)
@@ -1146,9 +1104,7 @@ class _Puller:
             except asyncio.CancelledError:
                 raise
             except Exception:
-                logger.exception(
-                    "nats pull loop of %s failed; continuing", self.durable
-                )
+                logger.exception("nats pull loop of %s failed; continuing", self.durable)
                 await asyncio.sleep(backoff)
 
     def _queue_in_progress(self, older_than: float) -> None:
@@ -1183,7 +1139,7 @@ class _Puller:
             self.confirm.set()
         if confirm and not nc.is_closed:
             try:
-                await nc.flush(timeout=CLOSE_TIMEOUT)
+                await nc.flush(timeout=math.ceil(CLOSE_TIMEOUT))
             except Exception as exc:
                 logger.debug("flush after acks failed: %r", exc)
             else:
@@ -1198,9 +1154,7 @@ class _Puller:
             if not count:
                 continue
             try:
-                await nc.flush(
-                    timeout=max(1.0, self.conn.options.connect.ping_interval)
-                )
+                await nc.flush(timeout=max(1, math.ceil(self.conn.options.connect.ping_interval)))
             except asyncio.CancelledError:
                 raise
             except Exception:
@@ -1347,9 +1301,7 @@ class NatsTransport(Transport):
         """The options in effect."""
         return self._conn.options
 
-    async def publish_batch(
-        self, records: Sequence[OutgoingMessage]
-    ) -> Sequence[Exception | None]:
+    async def publish_batch(self, records: Sequence[OutgoingMessage]) -> Sequence[Exception | None]:
         if not records:
             await trio.lowlevel.checkpoint()
             return []
@@ -1380,10 +1332,22 @@ class NatsTransport(Transport):
 
 
 def _servers(settings: TransportSettings) -> list[str]:
-    out = []
-    for host in settings.hosts:
-        out.append(host if "://" in host else f"nats://{host}")
-    return out
+    return [host if "://" in host else f"nats://{host}" for host in settings.hosts]
+
+
+def _single(group: BaseExceptionGroup[BaseException]) -> BaseException | None:
+    """The only leaf of *group*, if it has exactly one."""
+    leaves: list[BaseException] = []
+
+    def walk(exc: BaseException) -> None:
+        if isinstance(exc, BaseExceptionGroup):
+            for sub in exc.exceptions:
+                walk(sub)
+        else:
+            leaves.append(exc)
+
+    walk(group)
+    return leaves[0] if len(leaves) == 1 else None
 
 
 @asynccontextmanager
@@ -1394,11 +1358,28 @@ async def open_transport(settings: TransportSettings) -> AsyncIterator[NatsTrans
         ConfigError: ``settings.options`` is not a :class:`NatsOptions`.
         TransportUnavailableError: no server could be reached.
     """
+    try:
+        async with _open_transport(settings) as transport:
+            yield transport
+    except BaseExceptionGroup as group:
+        # The loop's and our nurseries wrap what passes through them; raise
+        # a lone exception as itself, as a plain context manager would.
+        exc = _single(group)
+        if exc is None:
+            raise
+        context, suppress = exc.__context__, exc.__suppress_context__
+        try:
+            raise exc
+        finally:
+            exc.__context__, exc.__suppress_context__ = context, suppress
+            del exc, group
+
+
+@asynccontextmanager
+async def _open_transport(settings: TransportSettings) -> AsyncIterator[NatsTransport]:
     options = settings.options if settings.options is not None else NatsOptions()
     if not isinstance(options, NatsOptions):
-        raise ConfigError(
-            f"the nats transport takes NatsOptions, not {type(options).__name__}"
-        )
+        raise ConfigError(f"the nats transport takes NatsOptions, not {type(options).__name__}")
     servers = _servers(settings)
     if not servers:
         raise ConfigError("a nats:// URL needs at least one host:port")
