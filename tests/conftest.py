@@ -9,7 +9,7 @@ import uuid
 
 import pytest
 
-pytest_plugins: list[str] = ["tests._kafka_broker"]
+pytest_plugins: list[str] = ["tests._kafka_broker", "tests._nats_server"]
 
 #: Transports the semantic suite runs on.
 TRANSPORTS = ["memory"]
