@@ -8,17 +8,22 @@ by PID at the end of the session.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
+import struct
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Self
 
 import attrs
 import pytest
 
-__all__ = ["KAFKA_TEST_PARAMS", "KafkaBroker"]
+__all__ = ["KAFKA_TEST_PARAMS", "ApiVersionsShim", "KafkaBroker"]
 
 #: URL parameters for tests: Tansu holds a new member's JoinGroup for about
 #: half the session timeout, so a short session keeps group joins ~1 s.
@@ -95,20 +100,22 @@ def _wait_for_port(proc: subprocess.Popen[bytes], port: int, log: Path) -> None:
     raise RuntimeError(f"tansu did not listen on {port} within {_START_TIMEOUT} s")
 
 
-@pytest.fixture(scope="session")
-def kafka_broker(
-    tmp_path_factory: pytest.TempPathFactory, pytestconfig: pytest.Config
-) -> Iterator[KafkaBroker]:
-    """Start Tansu for the session; stop it by PID afterwards."""
-    cache = (
-        Path(str(pytestconfig.cache.mkdir("calfkit-home")))
-        if pytestconfig.cache
-        else (tmp_path_factory.mktemp("calfkit-home"))
-    )
-    binary = _broker_binary(cache)
-    port = _free_port()
-    log = tmp_path_factory.mktemp("tansu") / "tansu.log"
+def _binary_cache(tmp_path_factory: pytest.TempPathFactory, pytestconfig: pytest.Config) -> Path:
+    # Reuse one copy of the binary across runs (pytest's cache directory).
+    cache_plugin = getattr(pytestconfig, "cache", None)
+    if cache_plugin is not None:
+        return Path(str(cache_plugin.mkdir("calfkit-home")))
+    return tmp_path_factory.mktemp("calfkit-home")
+
+
+@contextmanager
+def _run_tansu(
+    binary: str, log: Path, port: int, advertised_port: int | None = None
+) -> Iterator[int]:
+    """Run a Tansu broker listening on *port*, advertising *advertised_port*
+    (default: the same); yield its PID; stop it by PID."""
     listener = f"tcp://127.0.0.1:{port}"
+    advertised = f"tcp://127.0.0.1:{advertised_port or port}"
     env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
     with log.open("wb") as out:
         proc = subprocess.Popen(
@@ -118,7 +125,7 @@ def kafka_broker(
                 "--listener-url",
                 listener,
                 "--advertised-listener-url",
-                listener,
+                advertised,
                 "--storage-engine",
                 "memory://tansu/",
             ],
@@ -129,7 +136,7 @@ def kafka_broker(
         )
     try:
         _wait_for_port(proc, port, log)
-        yield KafkaBroker(host="127.0.0.1", port=port, pid=proc.pid, log=log)
+        yield proc.pid
     finally:
         proc.terminate()
         try:
@@ -137,6 +144,137 @@ def kafka_broker(
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(timeout=10)
+
+
+@pytest.fixture(scope="session")
+def kafka_broker(
+    tmp_path_factory: pytest.TempPathFactory, pytestconfig: pytest.Config
+) -> Iterator[KafkaBroker]:
+    """Start Tansu for the session; stop it by PID afterwards."""
+    binary = _broker_binary(_binary_cache(tmp_path_factory, pytestconfig))
+    port = _free_port()
+    log = tmp_path_factory.mktemp("tansu") / "tansu.log"
+    with _run_tansu(binary, log, port) as pid:
+        yield KafkaBroker(host="127.0.0.1", port=port, pid=pid, log=log)
+
+
+@pytest.fixture(scope="session")
+def kafka_broker_for_librdkafka(
+    tmp_path_factory: pytest.TempPathFactory, pytestconfig: pytest.Config
+) -> Iterator[KafkaBroker]:
+    """A Tansu broker reachable through :class:`ApiVersionsShim`, for
+    librdkafka clients (kcat).
+
+    librdkafka 2.0 opens with ApiVersions v3, and cannot parse Tansu 0.6's
+    v3 answer ("Read underflow"). The shim answers that one request with
+    UNSUPPORTED_VERSION, as a broker without v3 would, so librdkafka retries
+    with v0; every other byte passes through unchanged. The broker
+    advertises the shim's port so that every connection goes through it.
+    """
+    binary = _broker_binary(_binary_cache(tmp_path_factory, pytestconfig))
+    broker_port = _free_port()
+    with ApiVersionsShim(broker_port) as shim:
+        log = tmp_path_factory.mktemp("tansu-librdkafka") / "tansu.log"
+        with _run_tansu(binary, log, broker_port, advertised_port=shim.port) as pid:
+            yield KafkaBroker(host="127.0.0.1", port=shim.port, pid=pid, log=log)
+
+
+class ApiVersionsShim:
+    """A loopback TCP relay that downgrades librdkafka's ApiVersions v3+
+    request (see ``kafka_broker_for_librdkafka``)."""
+
+    _API_VERSIONS = 18
+    _UNSUPPORTED_VERSION = 35
+
+    def __init__(self, upstream_port: int) -> None:
+        self.upstream_port = upstream_port
+        self._listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self._listener.bind(("127.0.0.1", 0))
+        self._listener.listen(16)
+        self.port: int = self._listener.getsockname()[1]
+        self._sockets: list[socket.socket] = []
+        self._closed = False
+
+    def __enter__(self) -> Self:
+        threading.Thread(target=self._accept, daemon=True, name="kafka-shim").start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._closed = True
+        self._listener.close()
+        for sock in self._sockets:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+            sock.close()
+
+    def _accept(self) -> None:
+        while not self._closed:
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return
+            try:
+                upstream = socket.create_connection(("127.0.0.1", self.upstream_port))
+            except OSError:
+                client.close()
+                continue
+            self._sockets += [client, upstream]
+            lock = threading.Lock()
+            threading.Thread(
+                target=self._requests, args=(client, upstream, lock), daemon=True
+            ).start()
+            threading.Thread(target=self._pipe, args=(upstream, client, lock), daemon=True).start()
+
+    @staticmethod
+    def _read_exact(sock: socket.socket, n: int) -> bytes:
+        data = b""
+        while len(data) < n:
+            chunk = sock.recv(n - len(data))
+            if not chunk:
+                raise EOFError
+            data += chunk
+        return data
+
+    def _requests(
+        self, client: socket.socket, upstream: socket.socket, lock: threading.Lock
+    ) -> None:
+        try:
+            while True:
+                size = self._read_exact(client, 4)
+                body = self._read_exact(client, struct.unpack(">i", size)[0])
+                api_key, version, correlation = struct.unpack(">hhi", body[:8])
+                if api_key == self._API_VERSIONS and version >= 3:
+                    # v0-format error answer naming ApiVersions v0..v2.
+                    reply = struct.pack(
+                        ">ihihhh",
+                        correlation,
+                        self._UNSUPPORTED_VERSION,
+                        1,  # one api_versions entry
+                        self._API_VERSIONS,
+                        0,  # min version
+                        2,  # max version
+                    )
+                    with lock:
+                        client.sendall(struct.pack(">i", len(reply)) + reply)
+                    continue
+                upstream.sendall(size + body)
+        except (OSError, EOFError):
+            pass
+        finally:
+            with contextlib.suppress(OSError):
+                upstream.shutdown(socket.SHUT_RDWR)
+
+    @staticmethod
+    def _pipe(src: socket.socket, dst: socket.socket, lock: threading.Lock) -> None:
+        try:
+            while chunk := src.recv(65536):
+                with lock:
+                    dst.sendall(chunk)
+        except OSError:
+            pass
+        finally:
+            with contextlib.suppress(OSError):
+                dst.shutdown(socket.SHUT_RDWR)
 
 
 @pytest.fixture

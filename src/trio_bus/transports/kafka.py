@@ -550,6 +550,11 @@ class _Group:
         self._starts.setdefault(topic, sub.spec.start)
         if not new_topic:
             return
+        try:
+            await self._wait_partitions_known(topic)
+        except BaseException:
+            self._drop_route(sub)
+            raise
         self._sub_seq += 1
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._assign_waiters.append((self._sub_seq, done))
@@ -562,6 +567,28 @@ class _Group:
                 f"consumer group {self.name!r} did not assign {topic!r} within "
                 f"{self.options.join_timeout} s"
             ) from None
+
+    async def _wait_partitions_known(self, topic: str) -> None:
+        """Wait until this consumer's metadata lists *topic*'s partitions.
+
+        The group leader assigns from its own metadata: joining with a topic
+        it does not know yet (just created) assigns none of its partitions,
+        and the later rejoin would resolve "latest" after messages published
+        in between -- skipping them.
+        """
+        client = self._consumer._client
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.options.join_timeout
+        while not client.cluster.partitions_for_topic(topic):
+            if loop.time() > deadline:
+                raise TransportUnavailableError(
+                    f"no partition metadata for kafka topic {topic!r} within "
+                    f"{self.options.join_timeout} s"
+                )
+            await client.add_topic(topic)
+            if not client.cluster.partitions_for_topic(topic):
+                await asyncio.sleep(0.05)  # metadata not there yet: ask again
+                await client.force_metadata_update()
 
     def _drop_route(self, sub: _Subscription) -> bool:
         """Forget *sub*; True when its topic has no subscription left."""
