@@ -24,6 +24,7 @@ from __future__ import annotations
 import logging as _logging
 
 from . import errors as errors
+from . import metrics as metrics
 from ._bus import Bus as Bus
 from ._bus import BusStatistics as BusStatistics
 from ._bus import Subscription as Subscription
@@ -35,19 +36,30 @@ from ._envelope import encode_envelope as encode_envelope
 from ._message import Message as Message
 from ._message import OutgoingMessage as OutgoingMessage
 from ._pool import current_message as current_message
+from ._results import PublishResult as PublishResult
+from .health import BacklogEvent as BacklogEvent
+from .health import HealthReport as HealthReport
+from .health import Monitoring as Monitoring
+from .health import Stall as Stall
 
 __all__ = [
+    "BacklogEvent",
     "Bus",
     "BusStatistics",
     "Envelope",
+    "HealthReport",
     "Message",
+    "Monitoring",
     "OutgoingMessage",
+    "PublishResult",
     "RetryPolicy",
+    "Stall",
     "Subscription",
     "current_message",
     "decode_envelope",
     "encode_envelope",
     "errors",
+    "metrics",
     "open_bus",
 ]
 

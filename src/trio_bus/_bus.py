@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
-from typing import Self, TypeVar
+from typing import Self, TypeVar, cast
 
 import attrs
 import trio
@@ -27,9 +27,14 @@ from ._config import (
 from ._envelope import Envelope, encode_envelope
 from ._message import Message, OutgoingMessage
 from ._names import validate_aggregate_id, validate_headers, validate_topic
-from ._pool import ActorPool, Route
+from ._pool import ActorPool, EnvelopeHandler, Handler, Route
 from ._publish import Coalescer, raise_first_failure
+from ._results import FullPolicy, PublishResult, PublishResultStream, ResultStreams
+from ._stats import TopicStats
+from ._tracing import publish_span, sdk_installed, traced_handler
 from .errors import BusClosedError, ConfigError, InvalidInputError, PayloadTooLargeError
+from .health import HealthReport, Monitor, Monitoring
+from .metrics import registry_for
 from .transports import parse_url, resolve
 from .transports._base import ConsumerSpec, StartPosition, Transport, TransportSettings
 
@@ -43,6 +48,7 @@ _UNSET: object = object()
 PUBLISH_BATCH = 1000
 #: Largest batch fetched in one call.
 FETCH_BATCH = 500
+DEFAULT_MONITORING = Monitoring()
 
 
 def _dead_letter_name(spec: str | Callable[[str], str], topic: str) -> str:
@@ -135,6 +141,7 @@ class Subscription:
         self._route = route
         self._scope = trio.CancelScope()
         self._fetch_done = trio.Event()
+        self._live = False
         self._closed = False
 
     @property
@@ -152,15 +159,22 @@ class Subscription:
         """Messages of this subscription dispatched and not yet settled."""
         return self._route.in_flight
 
+    @property
+    def live(self) -> bool:
+        """Whether the subscription is fetching."""
+        return self._live
+
     async def _run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         consumer, pool, route = self._route.consumer, self._bus._pool, self._route
         try:
             with self._scope:
+                self._live = True
                 task_status.started()
                 while True:
                     records = await consumer.fetch(FETCH_BATCH)
                     await pool.dispatch(route, records)
         finally:
+            self._live = False
             self._fetch_done.set()
 
     def _stop_fetching(self) -> None:
@@ -215,17 +229,30 @@ class Bus:
     Create it with :func:`open_bus`; it is usable inside that block only.
     """
 
-    def __init__(self, config: _Config, transport: Transport, nursery: trio.Nursery) -> None:
+    def __init__(
+        self,
+        config: _Config,
+        transport: Transport,
+        nursery: trio.Nursery,
+        *,
+        monitoring: Monitoring,
+        tracing: bool,
+    ) -> None:
         self._config = config
         self._transport = transport
         self._nursery = nursery
+        self._tracing = tracing
+        self._topic_stats: dict[str, TopicStats] = {}
+        self._results = ResultStreams()
+        #: Messages handed to the transport and not yet answered for.
+        self._publish_backlog = 0
         self._pool = ActorPool(
             size=config.pool_size,
             inbox_size=config.inbox_size,
             retry=config.retry,
             max_restarts=config.max_restarts,
             restart_window=config.restart_window,
-            publish=self._send_one,
+            publish=self._publish_dead_letter,
         )
         self._coalescer = (
             Coalescer(transport, max_batch=PUBLISH_BATCH) if transport.coalesce_publishes else None
@@ -234,6 +261,9 @@ class Bus:
         self._published = 0
         self._closing = False
         self._closed = False
+        self._monitor = Monitor(self, monitoring)
+        self.metrics_registry = registry_for(self)
+        """This bus's own Prometheus registry (see :mod:`trio_bus.metrics`)."""
 
     # ------------------------------------------------------------ properties
 
@@ -246,6 +276,12 @@ class Bus:
     def transport(self) -> Transport:
         """The transport this bus runs on."""
         return self._transport
+
+    def _stats_for(self, topic: str) -> TopicStats:
+        stats = self._topic_stats.get(topic)
+        if stats is None:
+            stats = self._topic_stats[topic] = TopicStats()
+        return stats
 
     def statistics(self) -> BusStatistics:
         """A frozen snapshot of counters and queue depths."""
@@ -298,13 +334,58 @@ class Bus:
         if self._closed:
             raise BusClosedError("the bus is closed")
 
-    async def _send_one(self, record: OutgoingMessage) -> None:
+    async def _send(
+        self, records: list[OutgoingMessage], *, report: bool = True
+    ) -> Sequence[BaseException | None]:
+        """Hand *records* to the transport (merged with concurrent publishes
+        where the transport wants it); count, time and report the outcomes."""
         self._check_open()
-        if self._coalescer is not None:
-            await self._coalescer.publish(record)
-        else:
-            raise_first_failure(await self._transport.publish_batch([record]))
-        self._published += 1
+        if self._tracing:
+            with publish_span(self._transport.name, records) as traced:
+                return await self._send_traced(traced, report)
+        return await self._send_traced(records, report)
+
+    async def _send_traced(
+        self, records: list[OutgoingMessage], report: bool
+    ) -> Sequence[BaseException | None]:
+        started = trio.current_time()
+        self._publish_backlog += len(records)
+        outcomes: Sequence[BaseException | None]
+        try:
+            if self._coalescer is not None and len(records) == 1:
+                try:
+                    await self._coalescer.publish(records[0])
+                    outcomes = [None]
+                except (BusClosedError, trio.Cancelled) as exc:
+                    outcomes = [exc]
+                    raise
+                except Exception as exc:
+                    outcomes = [exc]
+            else:
+                outcomes = await self._transport.publish_batch(records)
+        except BaseException as exc:
+            outcomes = [exc] * len(records)
+            raise
+        finally:
+            self._publish_backlog -= len(records)
+            elapsed = trio.current_time() - started
+            for record, outcome in zip(records, outcomes, strict=True):
+                stats = self._stats_for(record.topic)
+                if outcome is None:
+                    stats.published += 1
+                    stats.publish_latency.observe(elapsed)
+                else:
+                    stats.publish_failed += 1
+            self._published += sum(1 for o in outcomes if o is None)
+            if report and self._results.streams:
+                await self._results.emit(records, outcomes)
+        return outcomes
+
+    async def _publish_dead_letter(self, record: OutgoingMessage) -> None:
+        raise_first_failure(await self._send([record], report=False))
+
+    async def _send_one(self, record: OutgoingMessage) -> None:
+        raise_first_failure(await self._send([record]))
 
     async def publish(
         self,
@@ -370,11 +451,10 @@ class Bus:
             for m in messages
         ]
         self._check_open()
+        outcomes: list[BaseException | None] = []
         for start in range(0, len(records), PUBLISH_BATCH):
-            chunk = records[start : start + PUBLISH_BATCH]
-            outcomes = await self._transport.publish_batch(chunk)
-            self._published += sum(1 for o in outcomes if o is None)
-            raise_first_failure(outcomes)
+            outcomes.extend(await self._send(records[start : start + PUBLISH_BATCH]))
+        raise_first_failure(outcomes)
         if not records:
             await trio.lowlevel.checkpoint()
 
@@ -383,16 +463,22 @@ class Bus:
     async def _subscribe(
         self,
         topic: str,
-        handler: Callable[[T], Awaitable[None]],
+        handler: Handler | Callable[[Envelope], Awaitable[None]],
         *,
         group: str | None,
         handler_timeout: float | object | None,
         start: StartPosition,
         wants_envelope: bool,
+        ephemeral: bool = False,
     ) -> Subscription:
         validate_topic(topic)
         if not callable(handler):
             raise InvalidInputError("handler must be an async callable")
+        # The public methods pair wants_envelope with the handler's type.
+        invoke = cast(
+            Handler,
+            _envelope_adapter(cast(EnvelopeHandler, handler)) if wants_envelope else handler,
+        )
         group = self._config.client_id if group is None else validate_topic(group)
         if start not in ("latest", "earliest"):
             raise InvalidInputError(f"start must be 'latest' or 'earliest', not {start!r}")
@@ -403,17 +489,22 @@ class Bus:
         dead_letter = _dead_letter_name(self._config.dead_letter, topic)
         if self._closing:
             raise BusClosedError("the bus is closing")
+        if self._tracing:
+            invoke = traced_handler(self._transport.name, topic, invoke)
         consumer = await self._transport.open_consumer(
-            ConsumerSpec(topic=topic, group=group, start=start, max_batch=FETCH_BATCH)
+            ConsumerSpec(
+                topic=topic, group=group, start=start, max_batch=FETCH_BATCH, ephemeral=ephemeral
+            )
         )
         route = Route(
             topic=topic,
             group=group,
             consumer=consumer,
-            handler=handler,  # type: ignore[arg-type]
+            invoke=invoke,
             handler_timeout=timeout,
             dead_letter_topic=dead_letter,
             wants_envelope=wants_envelope,
+            stats=self._stats_for(topic),
         )
         subscription = Subscription(self, route)
         self._subscriptions.add(subscription)
@@ -485,6 +576,66 @@ class Bus:
             wants_envelope=True,
         )
 
+    # ------------------------------------------------------- health, results
+
+    async def health(self) -> HealthReport:
+        """Check the bus now: connection, subscriptions, actors, stalls, lag.
+
+        Samples every consumer's lanes (may ask the broker), then reports.
+        ``report.healthy`` is False when the transport is disconnected, a
+        subscription's fetch task is down, an actor is not running, anything
+        stalls longer than ``Monitoring.stall_after``, or the round-trip
+        probe failed ``probe_failures`` times in a row.
+        """
+        await self._monitor.sample()
+        return self._monitor.report()
+
+    async def probe(self) -> float:
+        """Publish a probe on the health topic and wait until it has come
+        back through the broker and the actor pool; return the latency in
+        seconds.
+
+        Raises:
+            trio.TooSlowError: it did not come back within
+                ``Monitoring.probe_timeout`` (wrap the call in
+                ``trio.fail_after`` for a shorter bound).
+        """
+        return await self._monitor.probe()
+
+    async def wait_unhealthy(self) -> None:
+        """Wait until the periodic probe declares the bus unhealthy."""
+        await self._monitor.wait_probe_verdict(False)
+
+    async def wait_healthy(self) -> None:
+        """Wait until the periodic probe declares the bus healthy again."""
+        await self._monitor.wait_probe_verdict(True)
+
+    def open_publish_results(
+        self, *, tenant_id: str | None = None, buffer: int = 1000, when_full: FullPolicy = "wait"
+    ) -> trio.MemoryReceiveChannel[PublishResult]:
+        """A stream of :class:`PublishResult`, one per later publish (for an
+        outbox table): success, failure or unknown, with the event id.
+
+        Args:
+            tenant_id: Only results of this tenant (envelope ``tenant_id`` /
+                ``X-Tenant-ID`` header); None: every result.
+            buffer: Results held for a slow reader.
+            when_full: ``"wait"``: publishers wait for the reader (nothing
+                is lost); ``"drop"``: results are dropped and counted
+                (``publish_results_dropped`` metric) and a warning is logged.
+
+        Close the returned channel to stop the stream.
+        """
+        if when_full not in ("wait", "drop"):
+            raise InvalidInputError(f"when_full must be 'wait' or 'drop', not {when_full!r}")
+        if not isinstance(buffer, int) or buffer < 0:
+            raise InvalidInputError(f"buffer must be an int >= 0, not {buffer!r}")
+        self._check_open()
+        stream: PublishResultStream = self._results.open(
+            tenant_id=tenant_id, buffer=buffer, policy=when_full
+        )
+        return stream.receive
+
     # ---------------------------------------------------------------- closing
 
     async def _drain(self) -> None:
@@ -514,6 +665,15 @@ class Bus:
                     nursery.start_soon(sub._close_consumer)
             self._subscriptions.clear()
             self._closed = True
+            self._results.close()
+
+
+def _envelope_adapter(handler: EnvelopeHandler) -> Handler:
+    async def invoke(message: Message) -> None:
+        assert message.envelope is not None  # the dispatcher rejected the rest
+        await handler(message.envelope)
+
+    return invoke
 
 
 async def _run_scoped(
@@ -580,6 +740,8 @@ async def open_bus(
     shutdown_grace: float = DEFAULT_SHUTDOWN_GRACE,
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
     transport_options: object | None = None,
+    monitoring: Monitoring | None = DEFAULT_MONITORING,
+    tracing: bool | None = None,
 ) -> AsyncIterator[Bus]:
     """Open an event bus for the duration of an ``async with`` block.
 
@@ -614,6 +776,10 @@ async def open_bus(
         max_message_bytes: Largest accepted body.
         transport_options: Transport-specific options object (e.g.
             ``KafkaOptions``, ``NatsOptions``).
+        monitoring: Settings of the monitor task (lag, backlog, stalls,
+            probe); None: no monitor task (``health()`` still works).
+        tracing: OpenTelemetry spans and trace context in headers; None:
+            on when an OpenTelemetry SDK tracer provider is installed.
 
     Raises:
         ConfigError, UnsupportedURLError: bad configuration.
@@ -621,6 +787,8 @@ async def open_bus(
         TransportError: the transport could not connect.
         ActorCrashedError: an actor crashed past ``max_restarts``.
     """
+    if monitoring is not None and not isinstance(monitoring, Monitoring):
+        raise ConfigError(f"monitoring must be a Monitoring, not {type(monitoring).__name__}")
     config = _Config(
         client_id=client_id,
         pool_size=pool_size,
@@ -645,12 +813,21 @@ async def open_bus(
     user_exc: BaseException | None = None
     try:
         async with factory(settings) as transport, trio.open_nursery() as nursery:
-            bus = Bus(config, transport, nursery)
+            bus = Bus(
+                config,
+                transport,
+                nursery,
+                monitoring=monitoring or Monitoring(),
+                tracing=sdk_installed() if tracing is None else bool(tracing),
+            )
             pool_scope, pool_done = trio.CancelScope(), trio.Event()
             await nursery.start(_run_scoped, bus._pool.run, pool_scope, pool_done)
             publisher_scope = trio.CancelScope()
             if bus._coalescer is not None:
                 await nursery.start(_run_scoped, bus._coalescer.run, publisher_scope, trio.Event())
+            monitor_scope = trio.CancelScope()
+            if monitoring is not None:
+                await nursery.start(_run_scoped, bus._monitor.run, monitor_scope, trio.Event())
             try:
                 yield bus
             except BaseException as exc:
@@ -658,6 +835,7 @@ async def open_bus(
                 raise
             finally:
                 bus._closing = True
+                monitor_scope.cancel()
                 try:
                     if not _is_cancellation(user_exc) and not pool_done.is_set():
                         await bus._drain()

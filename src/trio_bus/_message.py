@@ -33,6 +33,8 @@ class Record:
         delivery_count: How often the broker has delivered it (1 = first),
             where the broker says so; else None.
         token: Transport-private ack handle.
+        timestamp: When the message was published (seconds since the epoch)
+            where the broker says so; for end-to-end latency metrics.
     """
 
     topic: str
@@ -44,6 +46,7 @@ class Record:
     offset: int
     delivery_count: int | None = None
     token: object = None
+    timestamp: float | None = None
 
 
 @attrs.frozen(slots=True, eq=False)

@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextvars
 import logging
 import math
+import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 
@@ -34,6 +35,7 @@ from ._config import RetryPolicy
 from ._envelope import Envelope, decode_envelope
 from ._message import Message, OutgoingMessage, Record
 from ._names import AGGREGATE_ID_HEADER, header_lookup, normalize_aggregate_id, stable_hash
+from ._stats import TopicStats
 from .errors import ActorCrashedError, EnvelopeError, HandlerTimeout, InvalidAggregateIDError
 from .transports._base import Consumer
 
@@ -90,10 +92,12 @@ class Route:
     topic: str
     group: str
     consumer: Consumer
-    handler: Handler
+    #: Calls the user's handler (envelope adapter and tracing included).
+    invoke: Handler
     handler_timeout: float | None
     dead_letter_topic: str
     wants_envelope: bool
+    stats: TopicStats = attrs.field(factory=TopicStats)
     #: Set when the subscription stops: queued messages are released unrun.
     closing: bool = False
     in_flight: int = 0
@@ -219,6 +223,7 @@ class ActorPool:
             send, receive = trio.open_memory_channel[_Work](inbox_size)
             self._actors.append(_Actor(index, send, receive))
         self._round_robin = 0
+        self._alive = 0
         #: Test hook: called with the actor index before each message; an
         #: exception from it is a crash of the actor's own loop.
         self.fault_hook: Callable[[int], None] | None = None
@@ -231,9 +236,21 @@ class ActorPool:
     def in_flight(self) -> int:
         return sum(1 for a in self._actors if a.current is not None)
 
-    def oldest_busy_since(self) -> float | None:
-        """Start time of the longest-running current message, if any."""
-        return min((a.busy_since for a in self._actors if a.busy_since is not None), default=None)
+    def busy_actors(self) -> list[tuple[str, float]]:
+        """``(description, start time)`` of every message being handled."""
+        out = []
+        for a in self._actors:
+            work, since = a.current, a.busy_since
+            if work is not None and since is not None:
+                where = f"actor {a.index}: {work.record.topic} offset {work.record.offset}"
+                if work.message.aggregate_id is not None:
+                    where += f" aggregate {work.message.aggregate_id}"
+                out.append((where, since))
+        return out
+
+    def actors_alive(self) -> int:
+        """Actor tasks currently running their loop."""
+        return self._alive
 
     # ------------------------------------------------------------- dispatch
 
@@ -243,6 +260,7 @@ class ActorPool:
         Waits (backpressure) only when an inbox is full.
         """
         actors, size = self._actors, self.size
+        route.stats.consumed += len(records)
         for record in records:
             aggregate, envelope, rejection = classify(route, record)
             message = Message(
@@ -287,6 +305,7 @@ class ActorPool:
 
     async def _supervise(self, actor: _Actor) -> None:
         while True:
+            self._alive += 1
             try:
                 await self._actor_loop(actor)
             except Exception as exc:
@@ -305,6 +324,8 @@ class ActorPool:
                 # Cancelled: whatever it held was not handled.
                 self._abandon_current(actor)
                 raise
+            finally:
+                self._alive -= 1
 
     def _abandon_current(self, actor: _Actor) -> None:
         work = actor.current
@@ -381,6 +402,8 @@ class ActorPool:
         now = trio.current_time()
         if actor.attempt == 1:
             actor.busy_since = now
+            if work.record.timestamp is not None:
+                route.stats.end_to_end.observe(time.time() - work.record.timestamp)
         # Moving a deadline costs ~6 us (a third of a message's cost), so
         # a call keeps the current deadline when it lies within its
         # [timeout, timeout + slack] window and moves it only otherwise: a
@@ -395,11 +418,7 @@ class ActorPool:
             if not earliest <= scope.deadline <= earliest + slack:
                 scope.deadline = earliest + slack
         try:
-            if route.wants_envelope:
-                assert message.envelope is not None
-                await route.handler(message.envelope)  # type: ignore[arg-type]
-            else:
-                await route.handler(message)
+            await route.invoke(message)
         except Exception as exc:
             scope.deadline = math.inf
             _current_message.reset(token)
@@ -412,6 +431,8 @@ class ActorPool:
             return True
         _current_message.reset(token)
         self.stats.handled += 1
+        route.stats.handled += 1
+        route.stats.handler_duration.observe(trio.current_time() - now)
         self._finish(actor)
         # A deadline that passed after the handler returned has cancelled the
         # scope without being delivered: the success stands, the scope does not.
@@ -433,6 +454,7 @@ class ActorPool:
         work = actor.current
         assert work is not None
         self.stats.failed += 1
+        work.route.stats.failed += 1
         if actor.attempt >= self.retry.max_attempts:
             await self._dead_letter(work, exc, attempts=actor.attempt)
             self._finish(actor)
@@ -445,6 +467,7 @@ class ActorPool:
             exc,
         )
         self.stats.retried += 1
+        work.route.stats.retried += 1
         await trio.sleep(self.retry.delay(actor.attempt))
         actor.attempt += 1
 
@@ -499,6 +522,7 @@ class ActorPool:
             else:
                 break
         self.stats.dead_lettered += 1
+        work.route.stats.dead_lettered += 1
         logger.warning(
             "dead-lettered %s offset %s to %s after %d attempts: %s: %s",
             record.topic,

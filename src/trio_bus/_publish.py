@@ -83,7 +83,7 @@ class Coalescer:
             self._queue.clear()
 
 
-def raise_first_failure(outcomes: Sequence[Exception | None]) -> None:
+def raise_first_failure(outcomes: Sequence[BaseException | None]) -> None:
     """Raise the first failure of a batch, noting how many others failed."""
     failures = [o for o in outcomes if o is not None]
     if failures:

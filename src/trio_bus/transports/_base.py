@@ -39,6 +39,7 @@ from .._message import OutgoingMessage, Record
 __all__ = [
     "Consumer",
     "ConsumerSpec",
+    "LaneState",
     "Transport",
     "TransportFactory",
     "TransportSettings",
@@ -83,6 +84,33 @@ class ConsumerSpec:
     group: str
     start: StartPosition = "latest"
     max_batch: int = 500
+    #: The group is private to this consumer and its state should not
+    #: outlive it (health probes): no durable broker state where avoidable.
+    ephemeral: bool = False
+
+
+@attrs.frozen(kw_only=True)
+class LaneState:
+    """Progress of one lane: a Kafka partition, or a whole NATS/memory
+    consumer. Fields a transport cannot tell are None.
+
+    Attributes:
+        topic: The topic.
+        partition: Kafka partition, else None.
+        committed: Kafka committed offset; NATS ack floor (stream sequence);
+            memory ack floor (log index). Stall detection watches it.
+        lag: Messages of the lane not yet committed/acked by the group
+            (Kafka: end offset - committed; NATS: pending; memory: pending).
+        ack_pending: Delivered and not yet acked (NATS, memory).
+        in_flight: Deliveries this consumer holds unsettled.
+    """
+
+    topic: str
+    partition: int | None = None
+    committed: int | None = None
+    lag: int | None = None
+    ack_pending: int | None = None
+    in_flight: int = 0
 
 
 class Consumer(abc.ABC):
@@ -108,6 +136,13 @@ class Consumer(abc.ABC):
     async def aclose(self) -> None:
         """Release what is unsettled, flush, leave the group."""
 
+    async def lanes(self) -> Sequence[LaneState]:
+        """Progress per lane, for metrics, backlog and stall detection.
+
+        May ask the broker (one bridge crossing); called every few seconds.
+        """
+        return ()
+
 
 class Transport(abc.ABC):
     """A connection to one broker (or the embedded memory broker)."""
@@ -116,6 +151,11 @@ class Transport(abc.ABC):
     name: str
     #: Whether the bus should merge concurrent publishes into one batch.
     coalesce_publishes: bool = False
+
+    @property
+    def connected(self) -> bool:
+        """Whether the connection to the broker is up right now."""
+        return True
 
     @abc.abstractmethod
     async def publish_batch(self, records: Sequence[OutgoingMessage]) -> Sequence[Exception | None]:

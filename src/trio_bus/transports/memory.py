@@ -23,6 +23,7 @@ Choices, documented in docs/transports.md:
 from __future__ import annotations
 
 import heapq
+import time
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 
@@ -31,7 +32,7 @@ import trio
 
 from .._message import OutgoingMessage, Record
 from ..errors import BusClosedError
-from ._base import Consumer, ConsumerSpec, Transport, TransportSettings
+from ._base import Consumer, ConsumerSpec, LaneState, Transport, TransportSettings
 
 __all__ = ["MemoryBroker", "get_broker", "open_transport"]
 
@@ -41,6 +42,7 @@ class _Entry:
     key: str | None
     value: bytes
     headers: dict[str, str]
+    timestamp: float
 
 
 @attrs.define(eq=False)
@@ -50,6 +52,10 @@ class _Group:
     next_index: int
     redeliver: list[int] = attrs.Factory(list)  # heap of log indices
     delivery_counts: dict[int, int] = attrs.Factory(dict)  # unacked only
+
+    def pending(self, end: int) -> int:
+        """Messages up to *end* not acked yet."""
+        return end - self.next_index + len(self.redeliver) + len(self.delivery_counts)
 
     def low_water(self) -> int:
         pending = [*self.redeliver, *self.delivery_counts]
@@ -84,8 +90,10 @@ class MemoryBroker:
     def append(self, records: Sequence[OutgoingMessage]) -> None:
         """Append *records* to their topic logs and wake waiting consumers."""
         touched: set[str] = set()
+        now = time.time()
         for rec in records:
-            self._topic(rec.topic).entries.append(_Entry(rec.key, rec.value, dict(rec.headers)))
+            entry = _Entry(rec.key, rec.value, dict(rec.headers), now)
+            self._topic(rec.topic).entries.append(entry)
             touched.add(rec.topic)
         for name in touched:
             self._topics[name].changed.unpark_all()
@@ -103,9 +111,7 @@ class MemoryBroker:
         """Messages of *topic* that *group* has not acked yet."""
         t = self._topic(topic)
         g = t.groups.get(group)
-        if g is None:
-            return 0
-        return t.end - g.next_index + len(g.redeliver) + len(g.delivery_counts)
+        return 0 if g is None else g.pending(t.end)
 
     def trim(self, topic: str) -> int:
         """Drop the log prefix every group has acked; return how many."""
@@ -137,6 +143,8 @@ class _MemoryConsumer(Consumer):
             start = self._topic.end if spec.start == "latest" else self._topic.base
             group = self._topic.groups[spec.group] = _Group(next_index=start)
         self._group = group
+        self._group_name = spec.group
+        self._ephemeral = spec.ephemeral
         # What this member holds unacked, so closing it releases only its own.
         self._held: set[int] = set()
         self._closed = False
@@ -173,6 +181,7 @@ class _MemoryConsumer(Consumer):
             offset=index,
             delivery_count=count,
             token=index,
+            timestamp=entry.timestamp,
         )
 
     def ack(self, record: Record) -> None:
@@ -196,8 +205,23 @@ class _MemoryConsumer(Consumer):
         for index in sorted(self._held):
             heapq.heappush(self._group.redeliver, index)
         self._held.clear()
+        if self._ephemeral:
+            self._topic.groups.pop(self._group_name, None)
         self._topic.changed.unpark_all()
         await trio.lowlevel.cancel_shielded_checkpoint()
+
+    async def lanes(self) -> Sequence[LaneState]:
+        await trio.lowlevel.checkpoint()
+        group = self._group
+        return [
+            LaneState(
+                topic=self._topic_name,
+                committed=group.low_water(),
+                lag=group.pending(self._topic.end),
+                ack_pending=len(group.delivery_counts),
+                in_flight=len(self._held),
+            )
+        ]
 
 
 class MemoryTransport(Transport):
