@@ -434,6 +434,9 @@ class _Conn:
         self.pullers: set[_Puller] = set()
         self._topic_locks: dict[str, asyncio.Lock] = {}
         self._js: Any = None
+        self._echo_inbox: str | None = None
+        self._echo_seq = 0
+        self._echo_waiters: dict[bytes, asyncio.Future[None]] = {}
 
     @property
     def js(self) -> Any:
@@ -491,6 +494,7 @@ class _Conn:
             if value is not None:
                 kwargs[key] = value
         kwargs.update(c.extra)
+        kwargs["no_echo"] = False  # ack confirmation echoes to itself
         # The first connection must work: one pass over the servers, then a
         # clear error (reconnects later retry forever).
         # (nats-py retries the first connection forever with -1.)
@@ -503,6 +507,41 @@ class _Conn:
             ) from exc
         self.nc.options["max_reconnect_attempts"] = -1
         self.connected.set()
+
+    async def round_trip(self, seconds: float) -> bool:
+        """True once everything published before the call has been processed
+        by the server; False after *seconds* or on a broken connection.
+
+        A message to our own inbox comes back only after the server has
+        handled what this connection sent before it. (nats-py's ``flush``
+        PING can overtake buffered publishes, and cancelling it on a
+        timeout breaks its read loop.)
+        """
+        nc = self.nc
+        if nc.is_closed:
+            return False
+        loop = asyncio.get_running_loop()
+        if self._echo_inbox is None:
+            self._echo_inbox = nc.new_inbox()
+
+            async def on_echo(msg: _NatsMsg) -> None:
+                waiter = self._echo_waiters.pop(msg.data, None)
+                if waiter is not None and not waiter.done():
+                    waiter.set_result(None)
+
+            await nc.subscribe(self._echo_inbox, cb=on_echo)
+        self._echo_seq += 1
+        token = b"%d" % self._echo_seq
+        waiter: asyncio.Future[None] = loop.create_future()
+        self._echo_waiters[token] = waiter
+        try:
+            await nc.publish(self._echo_inbox, token)
+            await asyncio.wait({waiter}, timeout=seconds)
+        except Exception as exc:
+            logger.debug("round trip failed: %r", exc)
+        finally:
+            self._echo_waiters.pop(token, None)
+        return waiter.done()
 
     async def close(self) -> None:
         for puller in list(self.pullers):
@@ -795,6 +834,7 @@ class _Puller:
         #: acks sent but not yet confirmed by a PING/PONG round trip;
         #: sent again after a reconnection (acks are idempotent).
         self.unconfirmed: list[str] = []
+        self.generation = 0  # bumped by each reconnection
         self.requested = 0
         self.last_activity = 0.0
         self.closed = False
@@ -944,6 +984,7 @@ class _Puller:
         # Pull requests died with the old connection (or server); acks in
         # flight may be lost: send them again, then pull again.
         self.requested = 0
+        self.generation += 1
         if self.unconfirmed:
             self.outbox[:0] = [(reply, _ACK) for reply in self.unconfirmed]
             self.unconfirmed.clear()
@@ -1138,29 +1179,24 @@ class _Puller:
         if self.unconfirmed:
             self.confirm.set()
         if confirm and not nc.is_closed:
-            try:
-                await nc.flush(timeout=math.ceil(CLOSE_TIMEOUT))
-            except Exception as exc:
-                logger.debug("flush after acks failed: %r", exc)
-            else:
-                self.unconfirmed.clear()
+            count, generation = len(self.unconfirmed), self.generation
+            if await self.conn.round_trip(CLOSE_TIMEOUT):
+                self._confirmed(count, generation)
+
+    def _confirmed(self, count: int, generation: int) -> None:
+        if generation == self.generation:
+            del self.unconfirmed[:count]
 
     async def _confirm_loop(self) -> None:
-        nc = self.conn.nc
         while True:
             await self.confirm.wait()
             self.confirm.clear()
-            count = len(self.unconfirmed)
+            count, generation = len(self.unconfirmed), self.generation
             if not count:
                 continue
-            try:
-                await nc.flush(timeout=max(1, math.ceil(self.conn.options.connect.ping_interval)))
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                # Kept; on_reconnected sends them again.
-                continue
-            del self.unconfirmed[:count]
+            if await self.conn.round_trip(max(1.0, self.conn.options.connect.ping_interval)):
+                self._confirmed(count, generation)
+            # else: kept; on_reconnected sends them again.
 
     # -------------------------------------------------------------- handing over
 
