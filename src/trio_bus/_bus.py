@@ -9,6 +9,7 @@ from typing import Self, TypeVar, cast
 
 import attrs
 import trio
+from opentelemetry.trace import Tracer, TracerProvider
 
 from ._config import (
     CANCEL_FLUSH_TIMEOUT,
@@ -31,7 +32,7 @@ from ._pool import ActorPool, EnvelopeHandler, Handler, Route
 from ._publish import Coalescer, raise_first_failure
 from ._results import FullPolicy, PublishResult, PublishResultStream, ResultStreams
 from ._stats import TopicStats
-from ._tracing import publish_span, sdk_installed, traced_handler
+from ._tracing import publish_span, traced_handler, tracer_for
 from .errors import BusClosedError, ConfigError, InvalidInputError, PayloadTooLargeError
 from .health import HealthReport, Monitor, Monitoring
 from .metrics import registry_for
@@ -236,12 +237,12 @@ class Bus:
         nursery: trio.Nursery,
         *,
         monitoring: Monitoring,
-        tracing: bool,
+        tracer: Tracer | None,
     ) -> None:
         self._config = config
         self._transport = transport
         self._nursery = nursery
-        self._tracing = tracing
+        self._tracer = tracer
         self._topic_stats: dict[str, TopicStats] = {}
         self._results = ResultStreams()
         #: Messages handed to the transport and not yet answered for.
@@ -340,8 +341,8 @@ class Bus:
         """Hand *records* to the transport (merged with concurrent publishes
         where the transport wants it); count, time and report the outcomes."""
         self._check_open()
-        if self._tracing:
-            with publish_span(self._transport.name, records) as traced:
+        if self._tracer is not None:
+            with publish_span(self._tracer, self._transport.name, records) as traced:
                 return await self._send_traced(traced, report)
         return await self._send_traced(records, report)
 
@@ -489,8 +490,8 @@ class Bus:
         dead_letter = _dead_letter_name(self._config.dead_letter, topic)
         if self._closing:
             raise BusClosedError("the bus is closing")
-        if self._tracing:
-            invoke = traced_handler(self._transport.name, topic, invoke)
+        if self._tracer is not None:
+            invoke = traced_handler(self._tracer, self._transport.name, topic, invoke)
         consumer = await self._transport.open_consumer(
             ConsumerSpec(
                 topic=topic, group=group, start=start, max_batch=FETCH_BATCH, ephemeral=ephemeral
@@ -741,7 +742,7 @@ async def open_bus(
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
     transport_options: object | None = None,
     monitoring: Monitoring | None = DEFAULT_MONITORING,
-    tracing: bool | None = None,
+    tracing: bool | TracerProvider | None = None,
 ) -> AsyncIterator[Bus]:
     """Open an event bus for the duration of an ``async with`` block.
 
@@ -779,7 +780,8 @@ async def open_bus(
         monitoring: Settings of the monitor task (lag, backlog, stalls,
             probe); None: no monitor task (``health()`` still works).
         tracing: OpenTelemetry spans and trace context in headers; None:
-            on when an OpenTelemetry SDK tracer provider is installed.
+            on when an OpenTelemetry SDK tracer provider is installed; a
+            ``TracerProvider``: use that one.
 
     Raises:
         ConfigError, UnsupportedURLError: bad configuration.
@@ -818,7 +820,7 @@ async def open_bus(
                 transport,
                 nursery,
                 monitoring=monitoring or Monitoring(),
-                tracing=sdk_installed() if tracing is None else bool(tracing),
+                tracer=tracer_for(tracing),
             )
             pool_scope, pool_done = trio.CancelScope(), trio.Event()
             await nursery.start(_run_scoped, bus._pool.run, pool_scope, pool_done)

@@ -4,7 +4,8 @@ consumer spans.
 Only ``opentelemetry-api`` is a dependency. Without an SDK the API is a
 no-op, and the bus skips tracing altogether (it costs a few microseconds per
 message even as a no-op): ``open_bus(tracing=None)`` turns it on when a real
-tracer provider is installed when the bus opens.
+tracer provider is installed when the bus opens; ``tracing=provider`` uses
+that provider instead of the global one.
 
 Every span starts and ends in the same task: the producer span around the
 publish in the publishing task, the consumer span around the handler call
@@ -20,14 +21,20 @@ from opentelemetry import propagate, trace
 
 from ._message import Message, OutgoingMessage
 
-__all__ = ["publish_span", "sdk_installed", "traced_handler"]
-
-_tracer = trace.get_tracer("trio_bus")
+__all__ = ["publish_span", "traced_handler", "tracer_for"]
 
 
-def sdk_installed() -> bool:
-    """Whether a real tracer provider (not the API's proxy) is set."""
-    return not isinstance(trace.get_tracer_provider(), trace.ProxyTracerProvider)
+def tracer_for(setting: bool | trace.TracerProvider | None) -> trace.Tracer | None:
+    """The tracer the bus uses, or None for no tracing.
+
+    None: the global provider's tracer if an SDK provider is installed;
+    True: the global provider's (even a no-op); a provider: its own.
+    """
+    if isinstance(setting, trace.TracerProvider):
+        return setting.get_tracer("trio_bus")
+    if setting is None:
+        setting = not isinstance(trace.get_tracer_provider(), trace.ProxyTracerProvider)
+    return trace.get_tracer("trio_bus") if setting else None
 
 
 def _attributes(system: str, topic: str, operation: str) -> dict[str, str]:
@@ -39,14 +46,16 @@ def _attributes(system: str, topic: str, operation: str) -> dict[str, str]:
 
 
 @contextmanager
-def publish_span(system: str, records: list[OutgoingMessage]) -> Iterator[list[OutgoingMessage]]:
+def publish_span(
+    tracer: trace.Tracer, system: str, records: list[OutgoingMessage]
+) -> Iterator[list[OutgoingMessage]]:
     """Open one producer span per record and give back the records with the
     span's trace context injected in their headers."""
     spans = []
     out = []
     try:
         for record in records:
-            span = _tracer.start_span(
+            span = tracer.start_span(
                 f"send {record.topic}",
                 kind=trace.SpanKind.PRODUCER,
                 attributes=_attributes(system, record.topic, "send"),
@@ -75,14 +84,14 @@ def publish_span(system: str, records: list[OutgoingMessage]) -> Iterator[list[O
 
 
 def traced_handler(
-    system: str, topic: str, call: Callable[[Message], Awaitable[None]]
+    tracer: trace.Tracer, system: str, topic: str, call: Callable[[Message], Awaitable[None]]
 ) -> Callable[[Message], Awaitable[None]]:
     """Wrap *call* in a consumer span continuing the trace from the
     message's headers."""
 
     async def handler(message: Message) -> None:
         parent = propagate.extract(message.headers)
-        with _tracer.start_as_current_span(
+        with tracer.start_as_current_span(
             f"process {topic}",
             context=parent,
             kind=trace.SpanKind.CONSUMER,
