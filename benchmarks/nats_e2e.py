@@ -312,12 +312,12 @@ def main() -> None:
         server, url = start_server()
     try:
         rows = []
-        for handler_ms in (float(h) for h in opts.handlers.split(",")):
+        for sleep_ms in (float(h) for h in opts.handlers.split(",")):
             per_system: dict[str, dict[str, Any]] = {}
             for system in ("raw", "trio_bus"):
                 producer = system if opts.producer == "same" else "raw"
                 runs = [
-                    run_case(url, system, producer, opts.messages, handler_ms)
+                    run_case(url, system, producer, opts.messages, sleep_ms)
                     for _ in range(opts.repeat)
                 ]
                 runs.sort(key=lambda r: r["msg_per_s"])
@@ -325,7 +325,7 @@ def main() -> None:
                 per_system[system] = median
                 rows.append(median)
                 print(
-                    f"{system:8} handler {handler_ms:g} ms: {median['msg_per_s']:8.0f} msg/s  "
+                    f"{system:8} handler {sleep_ms:g} ms: {median['msg_per_s']:8.0f} msg/s  "
                     f"p50 {median['p50_ms']:7.1f} ms  p99 {median['p99_ms']:7.1f} ms  "
                     f"first {median['first_ms']:5.1f} ms  order violations "
                     f"{median['order_violations']}  (runs: "
@@ -334,7 +334,7 @@ def main() -> None:
                     flush=True,
                 )
             ratio = per_system["trio_bus"]["msg_per_s"] / per_system["raw"]["msg_per_s"]
-            print(f"  trio_bus/raw at {handler_ms:g} ms: {ratio:.2f}x", flush=True)
+            print(f"  trio_bus/raw at {sleep_ms:g} ms: {ratio:.2f}x", flush=True)
     finally:
         if server is not None:
             server.stop()
