@@ -26,6 +26,7 @@ from ._config import (
     at_least,
 )
 from ._envelope import Envelope, encode_envelope
+from ._exceptions import lone_exception, raise_as_is
 from ._message import Message, OutgoingMessage
 from ._names import validate_aggregate_id, validate_headers, validate_topic
 from ._pool import ActorPool, EnvelopeHandler, Handler, Route
@@ -713,17 +714,7 @@ def _collapse(
     _, rest = group.split(trio.Cancelled)
     if rest is None:
         return group
-    leaves: list[BaseException] = []
-
-    def walk(exc: BaseException) -> None:
-        if isinstance(exc, BaseExceptionGroup):
-            for sub in exc.exceptions:
-                walk(sub)
-        else:
-            leaves.append(exc)
-
-    walk(rest)
-    return leaves[0] if len(leaves) == 1 else rest
+    return lone_exception(rest) or rest
 
 
 @asynccontextmanager
@@ -848,10 +839,4 @@ async def open_bus(
         chosen = _collapse(group, user_exc)
         if chosen is group:
             raise
-        # Raise it as it was: keep its own context, not the group's.
-        context, suppress = chosen.__context__, chosen.__suppress_context__
-        try:
-            raise chosen
-        finally:
-            chosen.__context__, chosen.__suppress_context__ = context, suppress
-            del chosen
+        raise_as_is(chosen)

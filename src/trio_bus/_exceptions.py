@@ -1,0 +1,51 @@
+"""Raising one exception out of Trio's exception groups.
+
+Nurseries wrap whatever passes through them in an ``ExceptionGroup``
+(strict groups). A public context manager should raise the one exception a
+caller expects instead, as itself — the same object, its own context kept
+(trio-websocket's ``open_websocket`` does the same).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import NoReturn
+
+__all__ = ["leaves", "lone_exception", "raise_as_is", "unwrap_lone_exception"]
+
+
+def leaves(exc: BaseException) -> list[BaseException]:
+    """The non-group exceptions inside *exc*, depth first."""
+    if isinstance(exc, BaseExceptionGroup):
+        return [leaf for sub in exc.exceptions for leaf in leaves(sub)]
+    return [exc]
+
+
+def lone_exception(group: BaseExceptionGroup[BaseException]) -> BaseException | None:
+    """The only leaf of *group*, if it has exactly one."""
+    found = leaves(group)
+    return found[0] if len(found) == 1 else None
+
+
+def raise_as_is(exc: BaseException) -> NoReturn:
+    """Raise *exc* from inside an ``except`` block without chaining the
+    handled exception to it: its ``__context__`` stays its own."""
+    context, suppress = exc.__context__, exc.__suppress_context__
+    try:
+        raise exc
+    finally:
+        exc.__context__, exc.__suppress_context__ = context, suppress
+        del exc
+
+
+@contextmanager
+def unwrap_lone_exception() -> Iterator[None]:
+    """Raise a group holding a single exception as that exception."""
+    try:
+        yield
+    except BaseExceptionGroup as group:
+        leaf = lone_exception(group)
+        if leaf is None:
+            raise
+        raise_as_is(leaf)
