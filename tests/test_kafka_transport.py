@@ -18,7 +18,7 @@ import pytest
 import trio
 
 from trio_bus._message import OutgoingMessage, Record
-from trio_bus.errors import ConfigError, TopicConfigError
+from trio_bus.errors import BusClosedError, ConfigError, TopicConfigError
 from trio_bus.transports._base import Consumer, ConsumerSpec, TransportSettings
 from trio_bus.transports.kafka import (
     KafkaOptions,
@@ -71,9 +71,7 @@ async def fetch_nothing(consumer: Consumer, wait: float = 0.5) -> None:
         pytest.fail(f"unexpected records: {[(r.partition, r.offset) for r in got]}")
 
 
-async def committed(
-    transport: KafkaTransport, group: str, topic: str
-) -> dict[int, int | None]:
+async def committed(transport: KafkaTransport, group: str, topic: str) -> dict[int, int | None]:
     """The group's committed offsets per partition, read by a separate
     client through the broker's OffsetFetch API."""
     import aiokafka
@@ -213,24 +211,18 @@ async def test_restart_resumes_after_committed_prefix(
             ConsumerSpec(topic=topic, group=group, start="earliest")
         )
         first = await fetch_n(consumer, 20)
-        handled = {
-            r.headers["X-Seq"] for r in first if int(r.headers["X-Seq"]) % 2 == 0
-        }
+        handled = {r.headers["X-Seq"] for r in first if int(r.headers["X-Seq"]) % 2 == 0}
         for r in first:
             if r.headers["X-Seq"] in handled:
                 consumer.ack(r)
         await consumer.aclose()
     async with kafka(kafka_broker, options) as transport:
         consumer = await transport.open_consumer(
-            ConsumerSpec(
-                topic=topic, group=group, start="latest"
-            )  # existing group resumes
+            ConsumerSpec(topic=topic, group=group, start="latest")  # existing group resumes
         )
         with trio.fail_after(WAIT):
             again: list[Record] = []
-            while not {str(i) for i in range(20)} - handled <= {
-                r.headers["X-Seq"] for r in again
-            }:
+            while not {str(i) for i in range(20)} - handled <= {r.headers["X-Seq"] for r in again}:
                 again.extend(await consumer.fetch(100))
         for r in again:
             consumer.ack(r)
@@ -312,15 +304,48 @@ async def test_unified_consumer_per_group(kafka_broker: KafkaBroker) -> None:
         assert transport.groups == {}
 
 
+async def test_cancelled_open_consumer_leaves_no_orphan(kafka_broker: KafkaBroker) -> None:
+    t1, t2, group = _name("t"), _name("t"), _name("g")
+    async with kafka(kafka_broker) as transport:
+        with trio.move_on_after(0.3) as scope:  # a join takes about 1 s here
+            await transport.open_consumer(ConsumerSpec(topic=t1, group=group))
+        assert scope.cancelled_caught
+        state = transport.groups.get(group)
+        assert state is None or t1 not in state.routes
+        # The group still works for another topic.
+        consumer = await transport.open_consumer(ConsumerSpec(topic=t2, group=group))
+        assert list(transport.groups[group].routes) == [t2]
+        await transport.publish_batch(msgs(t2, 2))
+        assert len(await fetch_n(consumer, 2)) == 2
+        await consumer.aclose()
+
+
+async def test_aclose_in_cancelled_shielded_scope(kafka_broker: KafkaBroker) -> None:
+    topic, group = _name("t"), _name("g")
+    options = KafkaOptions(topic=TopicConfig(partitions=1))
+    async with kafka(kafka_broker, options) as transport:
+        await transport.publish_batch(msgs(topic, 3))
+        consumer = await transport.open_consumer(
+            ConsumerSpec(topic=topic, group=group, start="earliest")
+        )
+        records = await fetch_n(consumer, 3)
+        consumer.ack(records[0])
+        with trio.CancelScope() as outer:
+            outer.cancel()
+            with trio.CancelScope(shield=True):
+                await consumer.aclose()
+        assert transport.groups == {}
+        assert await committed(transport, group, topic) == {0: 1}
+        with pytest.raises(BusClosedError):
+            await consumer.fetch(1)
+
+
 @pytest.mark.parametrize("compression", ["lz4", "zstd", "snappy", "gzip", "none"])
 async def test_compression_codecs(kafka_broker: KafkaBroker, compression: Any) -> None:
     topic, group = _name("t"), _name("g")
     options = KafkaOptions(compression=compression, topic=TopicConfig(partitions=1))
     async with kafka(kafka_broker, options) as transport:
-        batch = [
-            OutgoingMessage(topic=topic, value=b"x" * 2048 + bytes([i]))
-            for i in range(20)
-        ]
+        batch = [OutgoingMessage(topic=topic, value=b"x" * 2048 + bytes([i])) for i in range(20)]
         assert list(await transport.publish_batch(batch)) == [None] * 20
         consumer = await transport.open_consumer(
             ConsumerSpec(topic=topic, group=group, start="earliest")
@@ -367,9 +392,7 @@ async def test_topic_created_with_configuration(kafka_broker: KafkaBroker) -> No
             await transport.publish_batch(msgs(topic, 1))
         assert await transport.topic_metadata(topic) == (3, 1)
     for strategy in ("create_or_update", "create_only"):
-        warn = KafkaOptions(
-            topic_strategy=strategy, topics={topic: TopicConfig(partitions=6)}
-        )
+        warn = KafkaOptions(topic_strategy=strategy, topics={topic: TopicConfig(partitions=6)})
         async with kafka(kafka_broker, warn) as transport:
             assert list(await transport.publish_batch(msgs(topic, 1))) == [None]
             assert await transport.topic_metadata(topic) == (3, 1)
@@ -379,9 +402,7 @@ async def test_validate_only_missing_topic(kafka_broker: KafkaBroker) -> None:
     options = KafkaOptions(topic_strategy="validate_only", on_mismatch="fail")
     async with kafka(kafka_broker, options) as transport:
         with pytest.raises(TopicConfigError, match="does not exist"):
-            await transport.open_consumer(
-                ConsumerSpec(topic=_name("t"), group=_name("g"))
-            )
+            await transport.open_consumer(ConsumerSpec(topic=_name("t"), group=_name("g")))
 
 
 def test_options_validation(kafka_broker: KafkaBroker) -> None:

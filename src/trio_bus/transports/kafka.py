@@ -128,16 +128,12 @@ def _non_negative(_: object, attribute: attrs.Attribute[Any], value: object) -> 
 def _one_of(*choices: object) -> Callable[[object, attrs.Attribute[Any], object], None]:
     def check(_: object, attribute: attrs.Attribute[Any], value: object) -> None:
         if value not in choices:
-            raise ConfigError(
-                f"{attribute.name} must be one of {choices!r}, got {value!r}"
-            )
+            raise ConfigError(f"{attribute.name} must be one of {choices!r}, got {value!r}")
 
     return check
 
 
-def _optional_positive(
-    _: object, attribute: attrs.Attribute[Any], value: object
-) -> None:
+def _optional_positive(_: object, attribute: attrs.Attribute[Any], value: object) -> None:
     if value is not None:
         _positive(_, attribute, value)
 
@@ -221,9 +217,7 @@ class KafkaOptions:
             (producer, consumers, admin), for what this class does not name.
     """
 
-    acks: Literal["all", 1, 0] = attrs.field(
-        default="all", validator=_one_of("all", 1, 0)
-    )
+    acks: Literal["all", 1, 0] = attrs.field(default="all", validator=_one_of("all", 1, 0))
     idempotence: Literal["auto"] | bool = attrs.field(
         default="auto", validator=_one_of("auto", True, False)
     )
@@ -231,48 +225,30 @@ class KafkaOptions:
         default="lz4", validator=_one_of("lz4", "zstd", "snappy", "gzip", "none")
     )
     linger_ms: int = attrs.field(default=DEFAULT_LINGER_MS, validator=_non_negative)
-    max_batch_size: int = attrs.field(
-        default=DEFAULT_MAX_BATCH_SIZE, validator=_positive
-    )
-    publish_timeout: float = attrs.field(
-        default=DEFAULT_PUBLISH_TIMEOUT, validator=_positive
-    )
-    fetch_max_wait_ms: int = attrs.field(
-        default=DEFAULT_FETCH_MAX_WAIT_MS, validator=_non_negative
-    )
-    max_poll_records: int = attrs.field(
-        default=DEFAULT_MAX_POLL_RECORDS, validator=_positive
-    )
-    session_timeout_ms: int = attrs.field(
-        default=DEFAULT_SESSION_TIMEOUT_MS, validator=_positive
-    )
+    max_batch_size: int = attrs.field(default=DEFAULT_MAX_BATCH_SIZE, validator=_positive)
+    publish_timeout: float = attrs.field(default=DEFAULT_PUBLISH_TIMEOUT, validator=_positive)
+    fetch_max_wait_ms: int = attrs.field(default=DEFAULT_FETCH_MAX_WAIT_MS, validator=_non_negative)
+    max_poll_records: int = attrs.field(default=DEFAULT_MAX_POLL_RECORDS, validator=_positive)
+    session_timeout_ms: int = attrs.field(default=DEFAULT_SESSION_TIMEOUT_MS, validator=_positive)
     heartbeat_interval_ms: int = attrs.field(
         default=DEFAULT_HEARTBEAT_INTERVAL_MS, validator=_positive
     )
     max_poll_interval_ms: int = attrs.field(default=300_000, validator=_positive)
-    commit_interval: float = attrs.field(
-        default=DEFAULT_COMMIT_INTERVAL, validator=_positive
-    )
+    commit_interval: float = attrs.field(default=DEFAULT_COMMIT_INTERVAL, validator=_positive)
     max_unsettled_per_partition: int = attrs.field(
         default=DEFAULT_MAX_UNSETTLED_PER_PARTITION, validator=_positive
     )
     max_unsettled: int = attrs.field(default=DEFAULT_MAX_UNSETTLED, validator=_positive)
-    rebalance_grace: float = attrs.field(
-        default=DEFAULT_REBALANCE_GRACE, validator=_non_negative
-    )
+    rebalance_grace: float = attrs.field(default=DEFAULT_REBALANCE_GRACE, validator=_non_negative)
     join_timeout: float = attrs.field(default=DEFAULT_JOIN_TIMEOUT, validator=_positive)
-    close_timeout: float = attrs.field(
-        default=DEFAULT_CLOSE_TIMEOUT, validator=_positive
-    )
+    close_timeout: float = attrs.field(default=DEFAULT_CLOSE_TIMEOUT, validator=_positive)
     topic: TopicConfig = attrs.field(factory=TopicConfig)
     topics: Mapping[str, TopicConfig] = attrs.field(factory=dict)
     topic_strategy: TopicStrategy = attrs.field(
         default="create_only",
         validator=_one_of("create_only", "create_or_update", "validate_only", "skip"),
     )
-    on_mismatch: MismatchAction = attrs.field(
-        default="warn", validator=_one_of("warn", "fail")
-    )
+    on_mismatch: MismatchAction = attrs.field(default="warn", validator=_one_of("warn", "fail"))
     security_protocol: str = attrs.field(
         default="PLAINTEXT",
         validator=_one_of("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"),
@@ -309,29 +285,21 @@ def resolve_options(settings: TransportSettings) -> KafkaOptions:
     if options is None:
         options = KafkaOptions()
     elif not isinstance(options, KafkaOptions):
-        raise ConfigError(
-            f"the kafka transport takes KafkaOptions, got {type(options).__name__}"
-        )
+        raise ConfigError(f"the kafka transport takes KafkaOptions, got {type(options).__name__}")
     query = settings.url.split("?", 1)[1] if "?" in settings.url else ""
     overrides: dict[str, Any] = {}
     for name, raw in parse_qsl(query, keep_blank_values=True):
         kind = _URL_FIELDS.get(name)
         if kind is None:
-            raise ConfigError(
-                f"unknown kafka URL parameter {name!r}; known: {sorted(_URL_FIELDS)}"
-            )
+            raise ConfigError(f"unknown kafka URL parameter {name!r}; known: {sorted(_URL_FIELDS)}")
         try:
             overrides[name] = kind(raw)
         except ValueError:
-            raise ConfigError(
-                f"kafka URL parameter {name}={raw!r} is not a number"
-            ) from None
+            raise ConfigError(f"kafka URL parameter {name}={raw!r} is not a number") from None
     return attrs.evolve(options, **overrides) if overrides else options
 
 
-def _client_kwargs(
-    options: KafkaOptions, hosts: Sequence[str], client_id: str
-) -> dict[str, Any]:
+def _client_kwargs(options: KafkaOptions, hosts: Sequence[str], client_id: str) -> dict[str, Any]:
     kwargs: dict[str, Any] = {
         "bootstrap_servers": list(hosts),
         "client_id": client_id,
@@ -355,11 +323,7 @@ _UNKNOWN_OUTCOME = (
 
 def _publish_error(exc: BaseException, topic: str) -> PublishError:
     """Map an aiokafka delivery failure to trio_bus's error, chained."""
-    cls = (
-        PublishOutcomeUnknownError
-        if isinstance(exc, _UNKNOWN_OUTCOME)
-        else PublishError
-    )
+    cls = PublishOutcomeUnknownError if isinstance(exc, _UNKNOWN_OUTCOME) else PublishError
     err = cls(f"publish to {topic!r} failed: {type(exc).__name__}: {exc}")
     err.__cause__ = exc
     return err
@@ -378,8 +342,7 @@ def _transport_error(exc: BaseException, what: str) -> TransportError:
 
 def _decode_headers(raw: Sequence[tuple[str, bytes | None]]) -> dict[str, str]:
     return {
-        name: (value.decode("utf-8", "replace") if value is not None else "")
-        for name, value in raw
+        name: (value.decode("utf-8", "replace") if value is not None else "") for name, value in raw
     }
 
 
@@ -411,9 +374,7 @@ class _Subscription(Consumer):
             if self.closed:
                 raise BusClosedError("subscription closed")
             if group.error is not None:
-                raise _transport_error(
-                    group.error, f"consumer group {group.name!r} failed"
-                )
+                raise _transport_error(group.error, f"consumer group {group.name!r} failed")
             out = self._take(max_records)
             if out:
                 await trio.lowlevel.checkpoint()
@@ -550,23 +511,28 @@ class _Group:
         self._starts.setdefault(topic, sub.spec.start)
         if not new_topic:
             return
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        waiter = (self._sub_seq + 1, done)
         try:
             await self._wait_partitions_known(topic)
+            self._sub_seq += 1
+            self._assign_waiters.append(waiter)
+            self._consumer.subscribe(topics=sorted(self.routes), listener=self._listener)
+            try:
+                await asyncio.wait_for(asyncio.shield(done), self.options.join_timeout)
+            except TimeoutError:
+                raise TransportUnavailableError(
+                    f"consumer group {self.name!r} did not assign {topic!r} within "
+                    f"{self.options.join_timeout} s"
+                ) from None
         except BaseException:
-            self._drop_route(sub)
+            # Failed or cancelled: no orphan route may hold records nobody
+            # fetches (their partitions' commit points would never move).
+            if waiter in self._assign_waiters:
+                self._assign_waiters.remove(waiter)
+            if self._drop_route(sub) and self.routes and not self._stopped:
+                self._consumer.subscribe(topics=sorted(self.routes), listener=self._listener)
             raise
-        self._sub_seq += 1
-        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._assign_waiters.append((self._sub_seq, done))
-        self._consumer.subscribe(topics=sorted(self.routes), listener=self._listener)
-        try:
-            await asyncio.wait_for(asyncio.shield(done), self.options.join_timeout)
-        except TimeoutError:
-            self._drop_route(sub)
-            raise TransportUnavailableError(
-                f"consumer group {self.name!r} did not assign {topic!r} within "
-                f"{self.options.join_timeout} s"
-            ) from None
 
     async def _wait_partitions_known(self, topic: str) -> None:
         """Wait until this consumer's metadata lists *topic*'s partitions.
@@ -611,9 +577,7 @@ class _Group:
         elif topic_gone:
             # Re-subscribe without the topic; the rebalance revokes its
             # partitions (committing their finished prefix) in the background.
-            self._consumer.subscribe(
-                topics=sorted(self.routes), listener=self._listener
-            )
+            self._consumer.subscribe(topics=sorted(self.routes), listener=self._listener)
 
     async def stop(self) -> None:
         """Commit what finished and leave the group (bounded by the caller)."""
@@ -679,8 +643,41 @@ class _Group:
                 gone.live = False
 
     async def on_assigned(self, assigned: set[TopicPartition]) -> None:
-        consumer = self._consumer
         ours = sorted(tp for tp in assigned if tp.topic in self.routes)
+        for attempt in range(4):
+            try:
+                await self._resolve_positions(ours)
+                break
+            except kafka_errors.KafkaError as exc:
+                if attempt == 3:
+                    # Without positions these partitions would silently not be
+                    # consumed: fail the group loudly instead.
+                    self._fail(exc)
+                    return
+                logger.warning("group %r: resolving positions failed: %s", self.name, exc)
+                await asyncio.sleep(0.1 * 2**attempt)
+        if self._consumer.assignment() == assigned:
+            for seq, fut in list(self._assign_waiters):
+                if seq <= self._prepare_seq:
+                    self._assign_waiters.remove((seq, fut))
+                    if not fut.done():
+                        fut.set_result(None)
+
+    def _fail(self, exc: BaseException) -> None:
+        self.error = exc
+        logger.error("group %r failed: %r", self.name, exc)
+        for subs in self.routes.values():
+            for sub in subs:
+                sub.wake()
+        for _, fut in self._assign_waiters:
+            if not fut.done():
+                fut.set_exception(_transport_error(exc, f"consumer group {self.name!r}"))
+        self._assign_waiters.clear()
+
+    async def _resolve_positions(self, ours: list[TopicPartition]) -> None:
+        """Seek every assigned partition to its committed offset, or to where
+        its subscription starts when the group has none (and anchor that)."""
+        consumer = self._consumer
         committed = await asyncio.gather(*(consumer.committed(tp) for tp in ours))
         need: dict[StartPosition, list[TopicPartition]] = {"earliest": [], "latest": []}
         positions: dict[TopicPartition, int] = {}
@@ -701,9 +698,7 @@ class _Group:
             if old is not None:
                 old.live = False
                 self._unsettled -= old.unsettled
-            self.tracks[tp] = PartitionTrack(
-                offset, committed=None if tp in fresh else offset
-            )
+            self.tracks[tp] = PartitionTrack(offset, committed=None if tp in fresh else offset)
         if fresh:
             # Anchor a new group where it starts: a crash before the first
             # periodic commit must not move "latest" past unhandled records.
@@ -712,15 +707,7 @@ class _Group:
                 for tp, offset in fresh.items():
                     self.tracks[tp].committed = offset
             except kafka_errors.KafkaError as exc:
-                logger.warning(
-                    "group %r: anchoring start offsets failed: %s", self.name, exc
-                )
-        if self._consumer.assignment() == assigned:
-            for seq, fut in list(self._assign_waiters):
-                if seq <= self._prepare_seq:
-                    self._assign_waiters.remove((seq, fut))
-                    if not fut.done():
-                        fut.set_result(None)
+                logger.warning("group %r: anchoring start offsets failed: %s", self.name, exc)
 
     def _drop_buffered(self, dropped: Callable[[Record], bool]) -> None:
         for subs in self.routes.values():
@@ -741,9 +728,7 @@ class _Group:
                 self._flow()
                 if getter is None:
                     getter = loop.create_task(
-                        consumer.getmany(
-                            timeout_ms=200, max_records=opts.max_poll_records
-                        )
+                        consumer.getmany(timeout_ms=200, max_records=opts.max_poll_records)
                     )
                 wake = self._wake = loop.create_future()
                 await asyncio.wait((getter, wake), return_when=asyncio.FIRST_COMPLETED)
@@ -758,9 +743,7 @@ class _Group:
                         exc, kafka_errors.KafkaConnectionError
                     ):
                         raise
-                    logger.warning(
-                        "group %r: fetch failed, retrying: %s", self.name, exc
-                    )
+                    logger.warning("group %r: fetch failed, retrying: %s", self.name, exc)
                     await asyncio.sleep(backoff)
                     backoff = min(backoff * 2, 2.0)
                     continue
@@ -772,11 +755,7 @@ class _Group:
                 getter.cancel()
             raise
         except BaseException as exc:
-            self.error = exc
-            logger.exception("group %r: consumer failed", self.name)
-            for subs in self.routes.values():
-                for sub in subs:
-                    sub.wake()
+            self._fail(exc)
             raise
 
     def _deliver(self, batches: Mapping[TopicPartition, Sequence[Any]]) -> None:
@@ -784,12 +763,7 @@ class _Group:
         for tp, messages in batches.items():
             track = self.tracks.get(tp)
             subs = self.routes.get(tp.topic)
-            if (
-                track is None
-                or not subs
-                or track.revoking
-                or track.released is not None
-            ):
+            if track is None or not subs or track.revoking or track.released is not None:
                 continue  # not ours any more, or about to be sought back
             sub = subs[tp.partition % len(subs)]
             buffer = sub.buffer
@@ -829,11 +803,7 @@ class _Group:
         elif self._paused_all and self._unsettled <= limit // 2:
             self._paused_all = False
         for tp, track in list(self.tracks.items()):
-            if (
-                track.released is not None
-                and track.handed_out == 0
-                and not track.revoking
-            ):
+            if track.released is not None and track.handed_out == 0 and not track.revoking:
                 self._seek_back(tp, track)
                 continue
             want_pause = (
@@ -883,10 +853,7 @@ class _Group:
         opts = self.options
         if (
             not finished
-            or (
-                track.paused
-                and track.unsettled <= opts.max_unsettled_per_partition // 2
-            )
+            or (track.paused and track.unsettled <= opts.max_unsettled_per_partition // 2)
             or (self._paused_all and self._unsettled <= opts.max_unsettled // 2)
         ):
             self._poke()
@@ -937,9 +904,7 @@ class KafkaTransport(Transport):
     name = "kafka"
     coalesce_publishes = True
 
-    def __init__(
-        self, settings: TransportSettings, options: KafkaOptions, bridge: Bridge
-    ) -> None:
+    def __init__(self, settings: TransportSettings, options: KafkaOptions, bridge: Bridge) -> None:
         self.options = options
         self.hosts = settings.hosts
         self.client_id = settings.client_id
@@ -951,7 +916,7 @@ class KafkaTransport(Transport):
         self._admin: Any = None
         self._ensured: set[str] = set()
         self._ensure_lock: asyncio.Lock | None = None
-        self._group_lock: asyncio.Lock | None = None
+        self._join_locks: dict[str, asyncio.Lock] = {}
 
     # -- asyncio side ----------------------------------------------------
 
@@ -970,7 +935,6 @@ class KafkaTransport(Transport):
 
     async def _aio_start(self) -> None:
         self._ensure_lock = asyncio.Lock()
-        self._group_lock = asyncio.Lock()
         opts = self.options
         try:
             self._admin = AIOKafkaAdminClient(
@@ -1020,9 +984,7 @@ class KafkaTransport(Transport):
                 logger.exception("closing a kafka client failed")
         self._producer = self._admin = None
 
-    async def _aio_publish(
-        self, records: Sequence[OutgoingMessage]
-    ) -> list[Exception | None]:
+    async def _aio_publish(self, records: Sequence[OutgoingMessage]) -> list[Exception | None]:
         await self._ensure_topics({r.topic for r in records})
         producer = self._producer
         outcomes: list[Exception | None] = [None] * len(records)
@@ -1040,9 +1002,7 @@ class KafkaTransport(Transport):
             else:
                 futures[fut] = i
         if futures:
-            done, pending = await asyncio.wait(
-                futures, timeout=self.options.publish_timeout
-            )
+            done, pending = await asyncio.wait(futures, timeout=self.options.publish_timeout)
             for fut in done:
                 i = futures[fut]
                 failure = fut.exception()
@@ -1058,8 +1018,9 @@ class KafkaTransport(Transport):
 
     async def _aio_open_consumer(self, spec: ConsumerSpec) -> _Subscription:
         await self._ensure_topics({spec.topic})
-        assert self._group_lock is not None
-        async with self._group_lock:  # one join at a time per transport
+        # One join at a time per group; groups join concurrently.
+        lock = self._join_locks.setdefault(spec.group, asyncio.Lock())
+        async with lock:
             group = self.groups.get(spec.group)
             if group is None:
                 group = _Group(self, spec.group)
@@ -1116,8 +1077,7 @@ class KafkaTransport(Transport):
         if missing and opts.topic_strategy == "validate_only":
             for name in missing:
                 self._mismatch(
-                    f"kafka topic {name!r} does not exist "
-                    "(topic_strategy=validate_only)"
+                    f"kafka topic {name!r} does not exist (topic_strategy=validate_only)"
                 )
         elif missing:
             new = [
@@ -1132,9 +1092,7 @@ class KafkaTransport(Transport):
             try:
                 response = await admin.create_topics(new)
             except kafka_errors.KafkaError as exc:
-                raise TopicConfigError(
-                    f"creating topics {missing} failed: {exc}"
-                ) from exc
+                raise TopicConfigError(f"creating topics {missing} failed: {exc}") from exc
             for item in response.topic_errors:
                 topic, code = item[0], item[1]
                 if code not in (0, _TOPIC_ALREADY_EXISTS):
@@ -1201,15 +1159,11 @@ class KafkaTransport(Transport):
                     ]
                 )
             except kafka_errors.KafkaError as exc:
-                raise TopicConfigError(
-                    f"updating topic configs {to_update} failed: {exc}"
-                ) from exc
+                raise TopicConfigError(f"updating topic configs {to_update} failed: {exc}") from exc
 
     # -- Trio side ---------------------------------------------------------
 
-    async def publish_batch(
-        self, records: Sequence[OutgoingMessage]
-    ) -> Sequence[Exception | None]:
+    async def publish_batch(self, records: Sequence[OutgoingMessage]) -> Sequence[Exception | None]:
         """Send *records* (one bridge crossing); one outcome per record."""
         if not records:
             await trio.lowlevel.checkpoint()
@@ -1229,9 +1183,7 @@ class KafkaTransport(Transport):
         except (TopicConfigError, TransportError, BusClosedError):
             raise
         except kafka_errors.KafkaError as exc:
-            raise _transport_error(
-                exc, f"joining consumer group {spec.group!r}"
-            ) from exc
+            raise _transport_error(exc, f"joining consumer group {spec.group!r}") from exc
 
     async def topic_metadata(self, topic: str) -> tuple[int, int]:
         """``(partitions, replication_factor)`` of *topic* as the broker
