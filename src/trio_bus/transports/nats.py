@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import json
 import logging
 import math
 import ssl
@@ -428,8 +429,7 @@ async def _publish_bulk(nc: _NatsClient, items: Sequence[tuple[str, bytes]]) -> 
     if send is None or flush is None or not nc.is_connected:
         return False
     data = b"".join(
-        b"PUB %s %d\r\n%s\r\n" % (reply.encode(), len(payload), payload)
-        for reply, payload in items
+        b"PUB %s %d\r\n%s\r\n" % (reply.encode(), len(payload), payload) for reply, payload in items
     )
     await send(data)
     await flush()
@@ -458,6 +458,9 @@ class _Conn:
         self._topic_locks: dict[str, asyncio.Lock] = {}
         self._js: Any = None
         self._echo_inbox: str | None = None
+        self._ack_prefix: str | None = None
+        self._ack_seq = 0
+        self._ack_waiters: dict[str, tuple[_AckBatch, int, str]] = {}
         self._echo_seq = 0
         self._echo_waiters: dict[bytes, asyncio.Future[None]] = {}
 
@@ -774,8 +777,10 @@ class _Conn:
                         f"not connected to nats for {self.options.publish_timeout}s: "
                         "the message was not sent"
                     )
-        js = self.js
-        futures: list[tuple[int, asyncio.Future[Any]]] = []
+        acks = await self._ack_inbox()
+        batch = _AckBatch(loop.create_future(), outcomes)
+        sent: list[tuple[int, str]] = []
+        nc = self.nc
         for i in indices:
             record = records[i]
             where = topics[record.topic]
@@ -796,30 +801,71 @@ class _Conn:
                 headers[TOPIC_HEADER] = record.topic
             else:
                 headers.pop(TOPIC_HEADER, None)
+            self._ack_seq += 1
+            reply = f"{acks}{self._ack_seq}"
+            self._ack_waiters[reply] = (batch, i, record.topic)
+            batch.waiting += 1
             try:
-                fut = await js.publish_async(
-                    record.topic,
-                    record.value,
-                    # None: a timeout here would cost a task per message;
-                    # batches stay far below the 4000 in-flight cap.
-                    wait_stall=None,
-                    headers=headers,
-                )
+                await nc.publish(record.topic, record.value, reply=reply, headers=headers)
             except Exception as exc:
+                del self._ack_waiters[reply]
+                batch.waiting -= 1
                 outcomes[i] = _publish_failure(exc, record.topic)
             else:
-                futures.append((i, fut))
-        if not futures:
-            return
-        await asyncio.wait([f for _, f in futures], timeout=max(0.0, deadline - loop.time()))
-        for i, fut in futures:
-            if not fut.done():
-                fut.cancel()
+                sent.append((i, reply))
+        batch.sealed = True
+        if batch.waiting > 0:
+            await asyncio.wait({batch.done}, timeout=max(0.0, deadline - loop.time()))
+        for i, reply in sent:
+            if self._ack_waiters.pop(reply, None) is not None:
                 outcomes[i] = _publish_failure(TimeoutError(), records[i].topic)
-            elif fut.cancelled():
-                outcomes[i] = _publish_failure(TimeoutError(), records[i].topic)
-            elif (failure := fut.exception()) is not None:
-                outcomes[i] = _publish_failure(failure, records[i].topic)
+
+    async def _ack_inbox(self) -> str:
+        """The reply-subject prefix of JetStream publish acks; subscribed
+        once per connection.
+
+        One wildcard subscription and a dict instead of nats-py's
+        ``publish_async`` futures: under trio-asyncio every asyncio callback
+        is a Trio scheduler round, and a future per message costs two.
+        """
+        if self._ack_prefix is None:
+            prefix = self.nc.new_inbox() + "."
+            await self.nc.subscribe(prefix + "*", cb=self._on_publish_ack)
+            self._ack_prefix = prefix
+        return self._ack_prefix
+
+    async def _on_publish_ack(self, msg: _NatsMsg) -> None:
+        entry = self._ack_waiters.pop(msg.subject, None)
+        if entry is None:
+            return  # late: already reported as outcome unknown
+        batch, index, topic = entry
+        headers = msg.headers
+        if headers and headers.get("Status") == "503":
+            failure: Exception | None = nats.js.errors.NoStreamResponseError()
+        elif b'"error"' in msg.data:
+            try:
+                nats.js.errors.APIError.from_error(json.loads(msg.data)["error"])
+            except Exception as exc:  # from_error raises the mapped error
+                failure = exc
+            else:
+                failure = None
+        else:
+            failure = None
+        if failure is not None:
+            batch.outcomes[index] = _publish_failure(failure, topic)
+        batch.waiting -= 1
+        if batch.sealed and batch.waiting <= 0 and not batch.done.done():
+            batch.done.set_result(None)
+
+
+@attrs.define(eq=False)
+class _AckBatch:
+    """The publishes of one ``publish_batch`` call waiting for their acks."""
+
+    done: asyncio.Future[None]
+    outcomes: list[Exception | None]
+    waiting: int = 0
+    sealed: bool = False
 
 
 def _map_api_error(exc: BaseException, doing: str) -> TransportError:
