@@ -1,0 +1,96 @@
+"""A worker process of one benchmark run: ``python -m benchmarks.worker
+consume|produce SPEC_JSON``.
+
+The protocol goes to the original stdout; everything else the libraries
+print (FastStream, aiokafka warnings) is moved to stderr, so a stray line
+can never be read as a protocol line.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+import traceback
+
+import attrs
+import trio
+
+from ._proto import RunSpec, emit
+
+__all__ = ["main"]
+
+
+def _claim_stdout() -> None:
+    proto = os.fdopen(os.dup(1), "w", buffering=1)
+    os.dup2(2, 1)
+    sys.stdout = proto
+
+
+def consume(spec: RunSpec) -> None:
+    """Run the consumer of *spec.system*."""
+    if spec.system == "trio_bus":
+        from . import run_trio_bus
+
+        trio.run(run_trio_bus.consume, spec)
+    elif spec.system == "trio-channels":
+        from . import run_raw
+
+        async def channels() -> None:
+            emit("READY")
+            consumer, producer = await run_raw.run_trio_channels(
+                spec, progress=lambda n: emit("PROGRESS", n)
+            )
+            emit("RESULT", {"consumer": attrs.asdict(consumer), "producer": attrs.asdict(producer)})
+
+        trio.run(channels)
+    elif spec.system == "raw":
+        from . import run_raw
+
+        asyncio.run(run_raw.consume(spec))
+    elif spec.system.startswith("faststream"):
+        from . import run_faststream
+
+        asyncio.run(run_faststream.consume(spec))
+    else:
+        raise ValueError(f"unknown system {spec.system!r}")
+
+
+def produce(spec: RunSpec) -> None:
+    """Run the producer of *spec.system* (never for memory: in-process)."""
+    if spec.system == "trio_bus":
+        from . import run_trio_bus
+
+        figures = trio.run(run_trio_bus.produce, spec)
+    elif spec.system == "raw":
+        from . import run_raw
+
+        figures = asyncio.run(run_raw.produce(spec))
+    elif spec.system.startswith("faststream"):
+        from . import run_faststream
+
+        figures = asyncio.run(run_faststream.produce(spec))
+    else:
+        raise ValueError(f"no producer process for {spec.system!r}")
+    emit("RESULT", attrs.asdict(figures))
+
+
+def main(argv: list[str]) -> int:
+    """Entry point."""
+    _claim_stdout()
+    role, text = argv
+    spec = RunSpec.from_json(text)
+    try:
+        if role == "consume":
+            consume(spec)
+        else:
+            produce(spec)
+    except BaseException as exc:
+        traceback.print_exc()
+        emit("ERROR", f"{type(exc).__name__}: {exc}")
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
