@@ -253,6 +253,8 @@ def _run_consumer(
             error = "stopped: no progress" if now <= hard_deadline else "stopped: hard timeout"
             hard_deadline = now + 60
         if stopped and now > hard_deadline:
+            if consumer.result is not None:
+                return error or "producer: no result"
             return "consumer did not stop"
         try:
             who, kind, payload = events.get(timeout=0.5)
@@ -270,7 +272,11 @@ def _run_consumer(
                 progress(payload)
             elif kind == "RESULT":
                 consumer.result = payload
-                return error
+                if producer_done:
+                    return error
+                # Let the producer report its publish rate (bounded).
+                hard_deadline = min(hard_deadline, time.monotonic() + 60)
+                stopped = True
             elif kind in ("ERROR", "EXIT"):
                 return f"consumer: {payload}"
         elif who == "produce":
@@ -278,8 +284,12 @@ def _run_consumer(
                 consumer.producer_result = payload
                 producer_done = True
                 last_change = time.monotonic()
+                if consumer.result is not None:
+                    return error
             elif kind in ("ERROR", "EXIT") and not producer_done:
                 producer_done = True
                 error = f"producer: {payload}"
                 last_change = time.monotonic()
+                if consumer.result is not None:
+                    return error
 

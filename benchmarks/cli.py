@@ -1,0 +1,220 @@
+"""``bench``: run the suite and write JSON, Markdown and a PNG plot.
+
+Examples::
+
+    python -m benchmarks --transport all --scenario all --repeat 3 --start-brokers --out out/
+    python -m benchmarks --transport kafka --kafka-url 127.0.0.1:9092 --scenario seed
+    python -m benchmarks --render-only --merge out/a/results.json --merge out/b/results.json
+
+Each (scenario, repeat) runs every system back to back, so slow drifts of a
+shared machine hit all systems alike. Results are written after every run,
+so an interrupted suite keeps what it measured.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import shlex
+import sys
+import time
+from collections.abc import Sequence
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import click
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from . import report
+from ._brokers import Broker, start_kafka, start_nats
+from ._proto import normalise_address
+from .metrics import RunResult
+from .orchestrate import plan, run_one, workload_for
+from .workloads import by_name
+
+__all__ = ["main"]
+
+_PACKAGES = ("trio", "trio-asyncio", "aiokafka", "nats-py", "faststream", "trio-bus")
+
+
+def _versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for name in _PACKAGES:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def _machine() -> str:
+    return (
+        f"{os.cpu_count()} cores ({platform.machine()}), {platform.system()} "
+        f"{platform.release()}, load average at start {os.getloadavg()[0]:.2f}"
+    )
+
+
+def write_outputs(out: Path, runs: Sequence[RunResult], meta: dict[str, Any]) -> None:
+    """results.json, results.md, results.png in *out*."""
+    out.mkdir(parents=True, exist_ok=True)
+    report.save_json(out / "results.json", runs, meta)
+    meds = report.medians(runs)
+    (out / "results.md").write_text(report.markdown(meds, meta))
+    report.plot(meds, out / "results.png")
+
+
+@click.command(name="bench", help=__doc__.split("\n\n")[0] if __doc__ else None)
+@click.option(
+    "--transport",
+    type=click.Choice(["memory", "nats", "kafka", "all"]),
+    multiple=True,
+    default=["memory"],
+    show_default=True,
+    help="Transport(s) to measure; repeatable.",
+)
+@click.option(
+    "--scenario",
+    default="all",
+    show_default=True,
+    help="Comma-separated scenario or family names (seed, bulk, pc, topics, all).",
+)
+@click.option("--system", "systems", multiple=True, help="Only these systems (repeatable).")
+@click.option("--repeat", type=click.IntRange(1), default=3, show_default=True)
+@click.option(
+    "--messages",
+    type=click.IntRange(1),
+    default=None,
+    help="Override every scenario's message count (smoke runs).",
+)
+@click.option("--start-brokers", is_flag=True, help="Start nats-server / Tansu on free ports.")
+@click.option("--nats-url", default=None, help="Use this NATS server (host:port or nats://).")
+@click.option("--kafka-url", default=None, help="Use this Kafka broker (host:port or kafka://).")
+@click.option(
+    "--out",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=Path("bench-out"),
+    show_default=True,
+)
+@click.option(
+    "--merge",
+    type=click.Path(dir_okay=False, exists=True, path_type=Path),
+    multiple=True,
+    help="Include the runs of an earlier results.json in the report.",
+)
+@click.option("--render-only", is_flag=True, help="Measure nothing; render --merge'd runs.")
+def main(
+    transport: tuple[str, ...],
+    scenario: str,
+    systems: tuple[str, ...],
+    repeat: int,
+    messages: int | None,
+    start_brokers: bool,
+    nats_url: str | None,
+    kafka_url: str | None,
+    out: Path,
+    merge: tuple[Path, ...],
+    render_only: bool,
+) -> None:
+    """Run the benchmark suite."""
+    console = Console(stderr=True)
+    runs: list[RunResult] = []
+    meta: dict[str, Any] = {}
+    for path in merge:
+        more, meta = report.load_json(path)
+        runs.extend(more)
+    transports = ["memory", "nats", "kafka"] if "all" in transport else list(dict.fromkeys(transport))
+    try:
+        workloads = by_name(scenario)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--scenario") from None
+    if messages is not None:
+        workloads = [w.scaled(messages) for w in workloads]
+    meta = {
+        **meta,
+        "command": "python -m benchmarks " + shlex.join(sys.argv[1:]),
+        "machine": meta.get("machine", _machine()),
+        "versions": meta.get("versions", _versions()),
+        "date": meta.get("date", time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())),
+        "repeat": repeat if not render_only else meta.get("repeat", repeat),
+    }
+    if render_only:
+        write_outputs(out, runs, meta)
+        console.print(f"wrote {out}/results.json, results.md, results.png")
+        return
+
+    brokers: list[Broker] = []
+    addresses: dict[str, str] = {"memory": ""}
+    try:
+        for name, url in (("nats", nats_url), ("kafka", kafka_url)):
+            if name not in transports:
+                continue
+            if url:
+                addresses[name] = normalise_address(url)
+            elif start_brokers:
+                with console.status(f"starting {name} broker"):
+                    broker = start_nats() if name == "nats" else start_kafka()
+                brokers.append(broker)
+                addresses[name] = broker.address
+            else:
+                raise click.UsageError(f"{name} needs --{name}-url or --start-brokers")
+        todo = plan(transports, workloads, list(systems) or None)
+        _measure(todo, repeat, addresses, out, runs, meta, console)
+    finally:
+        for broker in brokers:
+            broker.stop()
+    click.echo(report.markdown(report.medians(runs), meta))
+    console.print(f"wrote {out}/results.json, results.md, results.png")
+
+
+def _measure(
+    todo: list[tuple[str, Any, str]],
+    repeat: int,
+    addresses: dict[str, str],
+    out: Path,
+    runs: list[RunResult],
+    meta: dict[str, Any],
+    console: Console,
+) -> None:
+    # Group so each (transport, scenario, repeat) runs every system back to back.
+    groups: dict[tuple[str, str], list[tuple[str, Any, str]]] = {}
+    for item in todo:
+        groups.setdefault((item[0], item[1].name), []).append(item)
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+        transient=False,
+    ) as progress:
+        overall = progress.add_task("runs", total=len(todo) * repeat)
+        for items in groups.values():
+            for attempt in range(repeat):
+                for transport, workload, system in items:
+                    size = workload_for(system, workload).messages
+                    current = progress.add_task(
+                        f"{transport} {workload.name} {system} #{attempt + 1}", total=size
+                    )
+                    result = run_one(
+                        system,
+                        transport,
+                        addresses[transport],
+                        workload,
+                        log_dir=out / "logs",
+                        # One update per PROGRESS line, i.e. per batch.
+                        progress=lambda n, task=current: progress.update(task, completed=n),
+                    )
+                    progress.remove_task(current)
+                    if result.error:
+                        console.print(
+                            f"[yellow]{transport} {workload.name} {system}: {result.error}"
+                        )
+                    runs.append(result)
+                    progress.advance(overall)
+                    write_outputs(out, runs, meta)
+
+
+if __name__ == "__main__":
+    main()
