@@ -909,7 +909,9 @@ class _Puller:
         self.closed = False
         self.closing = False
         self.need_bind = False
-        self.ready = asyncio.Event()
+        #: Trio tasks waiting in fetch; unparked from the asyncio side (same
+        #: thread: trio-asyncio runs asyncio callbacks inside a Trio task).
+        self.arrived = trio.lowlevel.ParkingLot()
         self.wake = asyncio.Event()
         self.confirm = asyncio.Event()
         self.tasks: list[asyncio.Task[None]] = []
@@ -1041,7 +1043,7 @@ class _Puller:
         self.buffer.clear()
         self.held.clear()
         self.old.clear()
-        self.ready.set()
+        self._signal()
         for seq in sorted(self.unsettled):
             delivery = self.unsettled[seq]
             delivery.settled = True
@@ -1096,7 +1098,7 @@ class _Puller:
             self._through_barrier(item, count, now)
         else:
             self.buffer.append(item)
-        self.ready.set()
+        self._signal()
 
     def _through_barrier(self, item: tuple[_NatsMsg, _Delivery], count: int, now: float) -> None:
         if item[1].seq <= self.barrier_seq and count > 1:
@@ -1114,7 +1116,7 @@ class _Puller:
         self.old.clear()
         self.held.clear()
         self.barrier_left = 0
-        self.ready.set()
+        self._signal()
 
     def _on_status(self, headers: Mapping[str, str]) -> None:
         status = headers.get("Status")
@@ -1274,14 +1276,16 @@ class _Puller:
 
     # -------------------------------------------------------------- handing over
 
-    async def take(self, max_records: int) -> list[Record]:
-        """Wait for deliveries; return 1..max_records of them as Records."""
-        await self._send_outbox_if_any()
-        while not self.buffer:
-            if self.closed or self.closing:
-                raise BusClosedError("the consumer is closed")
-            self.ready.clear()
-            await self.ready.wait()
+    def _signal(self) -> None:
+        if self.arrived:
+            self.arrived.unpark_all()
+
+    def take_nowait(self, max_records: int) -> list[Record]:
+        """Up to *max_records* buffered deliveries as Records (maybe none).
+
+        Called from Trio: the buffer is plain memory shared in one thread,
+        so handing a batch over costs no bridge crossing at all.
+        """
         out: list[Record] = []
         topic = self.spec.topic
         buffer = self.buffer
@@ -1302,9 +1306,9 @@ class _Puller:
                     token=delivery,
                 )
             )
+        # Room in the buffer: let the pull loop top up (asyncio call_soon
+        # works from Trio code on trio-asyncio's loop).
         self.wake.set()
-        if not out:
-            return await self.take(max_records)
         return out
 
 
@@ -1338,9 +1342,20 @@ class NatsConsumer(Consumer):
         return self._puller.durable
 
     async def fetch(self, max_records: int) -> Sequence[Record]:
-        if self._closed:
-            raise BusClosedError("the consumer is closed")
-        return await self._bridge.call(self._puller.take, max_records)
+        puller = self._puller
+        await trio.lowlevel.checkpoint_if_cancelled()
+        while True:
+            if self._closed or puller.closed or puller.closing:
+                raise BusClosedError("the consumer is closed")
+            if puller.buffer:
+                records = puller.take_nowait(max_records)
+                if records:
+                    # Yield without a cancellation point: taken records must
+                    # reach the caller (else they would sit unsettled).
+                    await trio.lowlevel.cancel_shielded_checkpoint()
+                    return records
+                continue
+            await puller.arrived.park()
 
     def _settle(self, record: Record, payload: bytes) -> None:
         delivery = record.token
