@@ -70,6 +70,7 @@ def summarize(
         "p99_ms": lat[min(len(lat) - 1, int(len(lat) * 0.99))],
         "first_ms": statistics.median(p / 1e6 for p in probes) if probes else None,
         "order_violations": violations,
+        "consumer_cpu_s": time.process_time(),
     }
 
 
@@ -328,7 +329,7 @@ def main() -> None:
                     f"{system:8} handler {sleep_ms:g} ms: {median['msg_per_s']:8.0f} msg/s  "
                     f"p50 {median['p50_ms']:7.1f} ms  p99 {median['p99_ms']:7.1f} ms  "
                     f"first {median['first_ms']:5.1f} ms  order violations "
-                    f"{median['order_violations']}  (runs: "
+                    f"{median['order_violations']}  consumer cpu {median['consumer_cpu_s']:.1f}s  (runs: "
                     + ", ".join(f"{r['msg_per_s']:.0f}" for r in runs)
                     + ")",
                     flush=True,

@@ -13,6 +13,7 @@ import asyncio
 import json
 import logging
 import signal
+import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
@@ -518,3 +519,39 @@ async def test_ordered_resume_after_a_holder_died(nats_bus_url: str) -> None:
 
 def _values(records: Sequence[Record]) -> list[bytes]:
     return [r.value for r in records]
+
+
+# ------------------------------------------------------ health and metrics
+
+
+async def test_lanes_connected_timestamp_and_ephemeral(nats_bus_url: str) -> None:
+    topic = uid("t")
+    async with transport(nats_bus_url) as t:
+        assert t.connected
+        consumer = await t.open_consumer(ConsumerSpec(topic=topic, group="g"))
+        probe = await t.open_consumer(ConsumerSpec(topic=topic, group="probe", ephemeral=True))
+        before = time.time()
+        await t.publish_batch(msgs(topic, 3))
+        records = await fetch_n(consumer, 3)
+        assert records[0].timestamp is not None
+        assert before - 1 <= records[0].timestamp <= time.time() + 1
+        consumer.ack(records[0])
+        await consumer.flush()
+        (lane,) = await consumer.lanes()
+        assert lane.topic == topic
+        assert lane.partition is None
+        assert lane.committed == 1
+        assert lane.ack_pending == 2
+        assert lane.lag == 2
+        assert lane.in_flight == 2
+        assert len(await fetch_n(probe, 3)) == 3
+        name = probe.durable
+        assert name != "probe"
+        await probe.aclose()
+
+    async def names(nc: Any) -> list[str]:
+        infos = await nc.jetstream().consumers_info(stream_name(topic))
+        return sorted(i.name for i in infos)
+
+    # The ephemeral consumer is gone; the durable group stays.
+    assert await run_raw(names, nats_bus_url) == ["g"]

@@ -52,7 +52,7 @@ from ..errors import (
     TransportError,
     TransportUnavailableError,
 )
-from ._base import Consumer, ConsumerSpec, Transport, TransportSettings
+from ._base import Consumer, ConsumerSpec, LaneState, Transport, TransportSettings
 from ._bridge import Bridge, open_bridge
 
 try:
@@ -96,6 +96,9 @@ CLOSE_TIMEOUT = 2.0
 ACK_DELAY = 0.005
 #: Acks queued that make the flusher send at once.
 ACK_BATCH = 256
+#: Seconds an ephemeral consumer (``ConsumerSpec.ephemeral``) outlives its
+#: last activity on the server.
+EPHEMERAL_INACTIVE = 60.0
 
 _ACK = b"+ACK"
 _NAK = b"-NAK"
@@ -405,6 +408,7 @@ class _Delivery:
     reply: str
     touched: float
     count: int = 1
+    published: float | None = None
     settled: bool = False
 
 
@@ -436,13 +440,18 @@ async def _publish_bulk(nc: _NatsClient, items: Sequence[tuple[str, bytes]]) -> 
     return True
 
 
-def _parse_reply(reply: str) -> tuple[int, int]:
-    """(delivery count, stream sequence) from a JetStream ack subject."""
+def _parse_reply(reply: str) -> tuple[int, int, float | None]:
+    """(delivery count, stream sequence, publish time in seconds since the
+    epoch) from a JetStream ack subject."""
     tokens = reply.split(".")
-    if len(tokens) == 9:  # $JS.ACK.<stream>.<consumer>.<dc>.<sseq>.<cseq>.<ts>.<pending>
-        return int(tokens[4]), int(tokens[5])
-    # $JS.ACK.<domain>.<hash>.<stream>.<consumer>.<dc>.<sseq>.<cseq>.<ts>.<pending>[.<token>]
-    return int(tokens[6]), int(tokens[7])
+    # v1: $JS.ACK.<stream>.<consumer>.<dc>.<sseq>.<cseq>.<ts>.<pending>
+    # v2: $JS.ACK.<domain>.<hash>.<stream>.<consumer>.<dc>.<sseq>.<cseq>.<ts>...
+    base = 4 if len(tokens) == 9 else 6
+    try:
+        stamp: float | None = int(tokens[base + 3]) / 1e9
+    except (IndexError, ValueError):
+        stamp = None
+    return int(tokens[base]), int(tokens[base + 1]), stamp
 
 
 class _Conn:
@@ -928,6 +937,8 @@ class _Puller:
         conn = self.conn
         self.where = await conn.ensure_topic(self.spec.topic)
         self.durable = _durable_name(self.spec.group, self.spec.topic, self.where.nested)
+        if self.spec.ephemeral:
+            self.durable = f"{self.durable}_{uuid.uuid4().hex[:12]}"
         self.inbox = conn.nc.new_inbox()
         self.sub = await conn.nc.subscribe(
             self.inbox, cb=self._on_msg, pending_msgs_limit=-1, pending_bytes_limit=-1
@@ -940,6 +951,7 @@ class _Puller:
         live_here = any(p.where == self.where and p.durable == self.durable for p in conn.pullers)
         if (
             self.copts.ordered_resume
+            and not self.spec.ephemeral
             and info.num_ack_pending
             and not info.num_waiting
             and not live_here
@@ -971,9 +983,13 @@ class _Puller:
         """Create the durable consumer, or resume the existing one."""
         assert self.where is not None
         topic, copts = self.spec.topic, self.copts
+        ephemeral = self.spec.ephemeral
         config = _api.ConsumerConfig(
             name=self.durable,
-            durable_name=self.durable,
+            # An ephemeral consumer has no durable name: the server deletes
+            # it after inactive_threshold even if we die without cleaning up.
+            durable_name=None if ephemeral else self.durable,
+            inactive_threshold=EPHEMERAL_INACTIVE if ephemeral else None,
             deliver_policy=_api.DeliverPolicy.NEW
             if self.spec.start == "latest"
             else _api.DeliverPolicy.ALL,
@@ -1017,6 +1033,15 @@ class _Puller:
                 logger.warning("could not update consumer %s on %s: %s", self.durable, stream, exc)
         return info
 
+    async def info(self) -> Any:
+        """The consumer's state on the server, or None when unreachable."""
+        assert self.where is not None
+        try:
+            return await self.conn.jsm.consumer_info(self.where.stream, self.durable)
+        except Exception as exc:
+            logger.debug("consumer info of %s failed: %r", self.durable, exc)
+            return None
+
     def stop_tasks(self) -> None:
         for task in self.tasks:
             task.cancel()
@@ -1050,6 +1075,11 @@ class _Puller:
             self.outbox.append((delivery.reply, _NAK))
         self.unsettled.clear()
         await self.send_outbox(confirm=True)
+        if self.spec.ephemeral and self.where is not None and not nc.is_closed:
+            try:
+                await self.conn.jsm.delete_consumer(self.where.stream, self.durable)
+            except Exception as exc:
+                logger.debug("deleting ephemeral consumer %s: %r", self.durable, exc)
 
     def on_reconnected(self) -> None:
         # Pull requests died with the old connection (or server); acks in
@@ -1076,8 +1106,8 @@ class _Puller:
             return
         if self.requested > 0:
             self.requested -= 1
-        count, seq = _parse_reply(reply)
-        delivery = _Delivery(seq, reply, now, count)
+        count, seq, stamp = _parse_reply(reply)
+        delivery = _Delivery(seq, reply, now, count, stamp)
         if self.closing:
             # Draining at close: nak'd with the rest, in stream order.
             self.unsettled.setdefault(seq, delivery)
@@ -1304,6 +1334,7 @@ class _Puller:
                     offset=delivery.seq,
                     delivery_count=delivery.count,
                     token=delivery,
+                    timestamp=delivery.published,
                 )
             )
         # Room in the buffer: let the pull loop top up (asyncio call_soon
@@ -1378,6 +1409,26 @@ class NatsConsumer(Consumer):
     async def flush(self) -> None:
         await self._bridge.call(self._puller.send_outbox, confirm=True)
 
+    async def lanes(self) -> Sequence[LaneState]:
+        """One lane: the whole consumer (NATS has no partitions). Asks the
+        server for the consumer's state (one crossing)."""
+        puller = self._puller
+        if self._closed or puller.where is None:
+            return ()
+        info = await self._bridge.call(puller.info)
+        in_flight = len(puller.unsettled)
+        if info is None:
+            return (LaneState(topic=puller.spec.topic, in_flight=in_flight),)
+        return (
+            LaneState(
+                topic=puller.spec.topic,
+                committed=info.ack_floor.stream_seq if info.ack_floor else None,
+                lag=(info.num_pending or 0) + (info.num_ack_pending or 0),
+                ack_pending=info.num_ack_pending,
+                in_flight=in_flight,
+            ),
+        )
+
     async def aclose(self) -> None:
         if self._closed:
             await trio.lowlevel.checkpoint()
@@ -1419,6 +1470,11 @@ class NatsTransport(Transport):
             pullers = [p for p in pullers if p.outbox]
             if pullers:
                 await self._bridge.call(_send_outboxes, pullers)
+
+    @property
+    def connected(self) -> bool:
+        """Whether the nats connection is up right now."""
+        return bool(self._conn.nc.is_connected)
 
     @property
     def options(self) -> NatsOptions:
