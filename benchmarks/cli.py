@@ -25,7 +25,14 @@ from typing import Any
 
 import click
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TaskID,
+    TextColumn,
+    TimeElapsedColumn,
+)
 
 from . import report
 from ._brokers import Broker, start_kafka, start_nats
@@ -124,7 +131,9 @@ def main(
     for path in merge:
         more, meta = report.load_json(path)
         runs.extend(more)
-    transports = ["memory", "nats", "kafka"] if "all" in transport else list(dict.fromkeys(transport))
+    transports = (
+        ["memory", "nats", "kafka"] if "all" in transport else list(dict.fromkeys(transport))
+    )
     try:
         workloads = by_name(scenario)
     except ValueError as exc:
@@ -197,14 +206,18 @@ def _measure(
                     current = progress.add_task(
                         f"{transport} {workload.name} {system} #{attempt + 1}", total=size
                     )
+
+                    def advance(handled: int, task: TaskID = current) -> None:
+                        # One update per PROGRESS line, i.e. per batch.
+                        progress.update(task, completed=handled)
+
                     result = run_one(
                         system,
                         transport,
                         addresses[transport],
                         workload,
                         log_dir=out / "logs",
-                        # One update per PROGRESS line, i.e. per batch.
-                        progress=lambda n, task=current: progress.update(task, completed=n),
+                        progress=advance,
                     )
                     progress.remove_task(current)
                     if result.error:

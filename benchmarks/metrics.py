@@ -310,7 +310,9 @@ class RunResult:
     def from_json(cls, data: Mapping[str, Any]) -> RunResult:
         """Inverse of :meth:`to_json`."""
         names = {f.name for f in attrs.fields(cls)}
-        values = {k: (math.nan if v is None else v) for k, v in data.items() if k in names}
+        values: dict[str, Any] = {
+            k: (math.nan if v is None else v) for k, v in data.items() if k in names
+        }
         if data.get("crossings_per_msg") is None:
             values["crossings_per_msg"] = None
         if data.get("error") is None:

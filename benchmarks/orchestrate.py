@@ -73,13 +73,13 @@ def plan(
     transports: list[str], workloads: list[Workload], systems: list[str] | None = None
 ) -> list[tuple[str, Workload, str]]:
     """Every (transport, workload, system) to run, in report order."""
-    out = []
-    for transport in transports:
-        for workload in workloads:
-            for system in systems_for(transport, workload):
-                if systems is None or system in systems:
-                    out.append((transport, workload, system))
-    return out
+    return [
+        (transport, workload, system)
+        for transport in transports
+        for workload in workloads
+        for system in systems_for(transport, workload)
+        if systems is None or system in systems
+    ]
 
 
 def hard_timeout(workload: Workload) -> float:
@@ -136,6 +136,10 @@ class _Child:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait(timeout=10)
+        # The reader sees EOF once the child is gone; then close our end.
+        self.thread.join(timeout=10)
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()
 
 
 def _figures(cls: type[Any], data: Any) -> Any:
@@ -180,9 +184,7 @@ def run_one(
             if error is None:
                 consumer = _Child("consume", spec, events, log)
                 children.append(consumer)
-                error = _run_consumer(
-                    consumer, spec, events, log, children, in_process, progress
-                )
+                error = _run_consumer(consumer, spec, events, log, children, in_process, progress)
                 consumer_data = consumer.result
                 if producer_data is None:
                     producer_data = consumer.producer_result
@@ -292,4 +294,3 @@ def _run_consumer(
                 last_change = time.monotonic()
                 if consumer.result is not None:
                     return error
-

@@ -127,7 +127,9 @@ class Target:
     detail: str = ""
 
 
-def _find(meds: Sequence[RunResult], transport: str, scenario: str, system: str) -> RunResult | None:
+def _find(
+    meds: Sequence[RunResult], transport: str, scenario: str, system: str
+) -> RunResult | None:
     for r in meds:
         if (r.transport, r.scenario, r.system) == (transport, scenario, system):
             return r
@@ -159,7 +161,9 @@ def check_targets(meds: Sequence[RunResult]) -> list[Target]:
                         measured=f"{value:.2f}x ({mine.e2e_rate:,.0f} / {base.e2e_rate:,.0f})",
                         met=None if math.isnan(value) else value >= goal,
                         detail=(
-                            "" if math.isnan(value) or value >= goal else f"missed by {goal / value:.2f}x"
+                            ""
+                            if math.isnan(value) or value >= goal
+                            else f"missed by {goal / value:.2f}x"
                         )
                         + note,
                     )
@@ -240,7 +244,7 @@ def check_targets(meds: Sequence[RunResult]) -> list[Target]:
 # ---------------------------------------------------------------- markdown
 
 
-def _fmt(value: float | int | None, digits: int = 0) -> str:
+def _fmt(value: float | None, digits: int = 0) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "-"
     if isinstance(value, int):
@@ -292,12 +296,12 @@ def markdown(meds: Sequence[RunResult], meta: Mapping[str, Any]) -> str:
             "| transport | scenario | baseline | publish | e2e | p50 | p99 | first | RSS | tasks |"
         )
         lines.append("|" + "---|" * 10)
-        for row in rows:
-            lines.append(
-                f"| {row['transport']} | {row['scenario']} | {row['baseline']} "
-                + " ".join(f"| {_ratio_cell(row[name])}" for name in _RATIO_FIELDS)
-                + " |"
-            )
+        lines.extend(
+            f"| {row['transport']} | {row['scenario']} | {row['baseline']} "
+            + " ".join(f"| {_ratio_cell(row[name])}" for name in _RATIO_FIELDS)
+            + " |"
+            for row in rows
+        )
     seed = [r for r in meds if r.system == "trio_bus" and r.scenario.startswith("seed-")]
     if any(r.transport in SEED_FLOOR for r in seed):
         lines.append("")
@@ -314,7 +318,8 @@ def markdown(meds: Sequence[RunResult], meta: Mapping[str, Any]) -> str:
             lines.append(
                 f"| {r.transport} | {r.scenario} | {_fmt(r.e2e_rate)} "
                 f"| {_ratio_cell(_ratio(r.e2e_rate, SEED_FLOOR[r.transport]))} "
-                f"| {_fmt(r.first_ms, 1)} | {_ratio_cell(_ratio(SEED_FLOOR['first_ms'], r.first_ms))} |"
+                f"| {_fmt(r.first_ms, 1)} "
+                f"| {_ratio_cell(_ratio(SEED_FLOOR['first_ms'], r.first_ms))} |"
             )
     targets = check_targets(meds)
     if targets:

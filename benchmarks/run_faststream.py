@@ -21,6 +21,7 @@ concurrent ``publish`` calls at a time).
 # handlers' annotations at decoration time, and they name local imports.
 
 import asyncio
+import itertools
 import math
 import time
 from typing import Any
@@ -70,7 +71,7 @@ async def _consume_kafka(spec: RunSpec, harness: AsyncioHarness) -> None:
     )
 
     async def handle(body: bytes, msg: KafkaMessage) -> None:
-        raw = msg.raw_message
+        raw: Any = msg.raw_message
         key = raw.key.decode() if isinstance(raw.key, bytes) else None
         k, work = recorder.started(msg.headers, key)
         if work:
@@ -182,7 +183,7 @@ async def produce(spec: RunSpec) -> ProducerFigures:
             begin = time.perf_counter()
             # The first message goes alone: first-message latency.
             bounds = [0, 1, *range(1 + NATS_WINDOW, wl.messages, NATS_WINDOW), wl.messages]
-            for start, stop in zip(bounds, bounds[1:], strict=False):
+            for start, stop in itertools.pairwise(bounds):
                 calls = []
                 for i in range(start, stop):
                     headers = {

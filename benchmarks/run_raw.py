@@ -59,6 +59,8 @@ def route(key: str | bytes | None) -> int:
 
 # ------------------------------------------------------------ trio, memory
 
+_Item = tuple[Mapping[str, str], str]
+
 
 async def run_trio_channels(
     spec: RunSpec, *, progress: Callable[[int], None] = lambda n: None
@@ -69,9 +71,8 @@ async def run_trio_channels(
     wl = spec.workload
     done = trio.Event()
     recorder = Recorder(wl, on_done=done.set)
-    Item = tuple[Mapping[str, str], str]
 
-    async def worker(receive: trio.MemoryReceiveChannel[Item]) -> None:
+    async def worker(receive: trio.MemoryReceiveChannel[_Item]) -> None:
         async for headers, key in receive:
             k, work = recorder.started(headers, key)
             if work:
@@ -86,7 +87,7 @@ async def run_trio_channels(
     async with trio.open_nursery() as nursery:
         sends = []
         for _ in range(POOL):
-            send, receive = trio.open_memory_channel[Item](INBOX)
+            send, receive = trio.open_memory_channel[_Item](INBOX)
             sends.append(send)
             nursery.start_soon(worker, receive)
         nursery.start_soon(report)
@@ -134,7 +135,11 @@ class AsyncioHarness:
         self._background.append(asyncio.create_task(self._report()))
         if watch_stop:
             loop = asyncio.get_running_loop()
-            watch_stdin(lambda: loop.call_soon_threadsafe(self.done.set))
+
+            def stop() -> None:
+                loop.call_soon_threadsafe(self.done.set)
+
+            watch_stdin(stop)
 
     def live(self) -> None:
         """The subscription is live: a preloaded workload's clock starts."""

@@ -14,6 +14,7 @@ crosses to asyncio.
 
 from __future__ import annotations
 
+import itertools
 import math
 import time
 from collections.abc import Callable
@@ -65,7 +66,8 @@ CROSSINGS = CrossingCounter()
 def count_trio_tasks() -> int:
     """Tasks alive in the current Trio run (the whole task tree)."""
     count = 0
-    stack = [trio.lowlevel.current_root_task()]
+    root = trio.lowlevel.current_root_task()
+    stack = [root] if root is not None else []
     while stack:
         task = stack.pop()
         count += 1
@@ -110,7 +112,7 @@ async def produce_with(bus: trio_bus.Bus, spec: RunSpec) -> ProducerFigures:
     begin = time.perf_counter()
     # The first message goes alone on an idle bus: first-message latency.
     bounds = [0, 1, *range(1 + CHUNK, n, CHUNK), n] if n > 1 else [0, n]
-    for start, stop in zip(bounds, bounds[1:], strict=False):
+    for start, stop in itertools.pairwise(bounds):
         chunk = _records(spec, start, stop)
         try:
             await bus.publish_many(chunk)
@@ -150,11 +152,14 @@ async def run_consumer(
     progress: Callable[[int], None] = lambda n: None,
     stop: trio.Event | None = None,
     deadline: float = math.inf,
+    produce_here: bool | None = None,
 ) -> ConsumerOutcome:
     """Subscribe, signal *ready*, wait until every message was handled (or
-    *stop* is set, or *deadline* seconds passed); on the memory transport
-    publish from this process too (before subscribing when the workload is
-    preloaded).
+    *stop* is set, or *deadline* seconds passed).
+
+    With *produce_here* (default: on the memory transport, whose broker
+    lives in the process) the workload is published from this bus too,
+    before subscribing when the workload is preloaded.
     """
     CROSSINGS.install()
     done = trio.Event()
@@ -169,8 +174,9 @@ async def run_consumer(
         recorder.finished(key)
 
     memory = spec.transport == "memory"
+    here = memory if produce_here is None else produce_here
     async with trio_bus.open_bus(spec.bus_url, client_id=spec.group) as bus:
-        if memory and spec.workload.preload:
+        if here and spec.workload.preload:
             producer = await produce_with(bus, spec)
         for topic in spec.topics:
             await bus.subscribe(topic, handler, start="earliest")
@@ -189,15 +195,13 @@ async def run_consumer(
                 nursery.start_soon(stop_on_request)
             ready()
             with trio.move_on_after(deadline):
-                if memory and not spec.workload.preload:
+                if here and not spec.workload.preload:
                     producer = await produce_with(bus, spec)
                 await done.wait()
             peak[0] = max(peak[0], count_trio_tasks())
             nursery.cancel_scope.cancel()
         crossings = (
-            CROSSINGS.count - crossings_at_start
-            if CROSSINGS.installed and not memory
-            else None
+            CROSSINGS.count - crossings_at_start if CROSSINGS.installed and not memory else None
         )
         if producer is not None:
             # In one process the producer's crossings are inside ours already.
