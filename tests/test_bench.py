@@ -16,7 +16,6 @@ from pathlib import Path
 import attrs
 import pytest
 import trio
-
 from benchmarks import orchestrate, report, run_raw, run_trio_bus
 from benchmarks._proto import RunSpec, normalise_address
 from benchmarks.metrics import OrderChecker, Recorder, RunResult, median_result, percentile
