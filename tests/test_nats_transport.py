@@ -555,3 +555,21 @@ async def test_lanes_connected_timestamp_and_ephemeral(nats_bus_url: str) -> Non
 
     # The ephemeral consumer is gone; the durable group stays.
     assert await run_raw(names, nats_bus_url) == ["g"]
+
+
+async def test_memory_stream_lost_in_a_restart_is_recreated(
+    private_nats_server: NatsServer,
+) -> None:
+    server = private_nats_server
+    topic = uid("t")
+    options = attrs_evolve(FAST, stream=StreamOptions(storage="memory"))
+    async with transport(server.url, options) as t:
+        consumer = await t.open_consumer(ConsumerSpec(topic=topic, group="g"))
+        await t.publish_batch(msgs(topic, 1))
+        consumer.ack((await fetch_n(consumer, 1))[0])
+        await trio.to_thread.run_sync(server.restart)
+        # The stream (and consumer) died with the server: both come back.
+        with trio.fail_after(WAIT):
+            while await t.publish_batch(msgs(topic, 1, start=1)) != [None]:
+                pass
+        assert [r.value for r in await fetch_n(consumer, 1)] == [b"1"]

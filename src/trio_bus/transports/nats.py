@@ -914,6 +914,7 @@ class _Puller:
         self.unconfirmed: list[str] = []
         self.generation = 0  # bumped by each reconnection
         self.requested = 0
+        self.max_seq = 0  # highest stream sequence delivered to us
         self.last_activity = 0.0
         self.closed = False
         self.closing = False
@@ -979,8 +980,13 @@ class _Puller:
         # returns, so a message published right after is delivered.
         await self._maybe_pull()
 
-    async def _bind(self) -> Any:
-        """Create the durable consumer, or resume the existing one."""
+    async def _bind(self, resume: Literal["", "consumer_lost", "stream_new"] = "") -> Any:
+        """Create the durable consumer, or resume the existing one.
+
+        *resume* says why we bind again while running: then a consumer
+        that has to be created starts where this one was, not at
+        ``spec.start``.
+        """
         assert self.where is not None
         topic, copts = self.spec.topic, self.copts
         ephemeral = self.spec.ephemeral
@@ -1008,6 +1014,22 @@ class _Puller:
                 raise TopicConfigError(
                     f"stream {stream!r} of topic {topic!r} does not exist"
                 ) from exc
+            if resume == "consumer_lost" and self.max_seq:
+                try:
+                    state = (await jsm.stream_info(stream)).state
+                except Exception as exc2:
+                    raise _map_api_error(exc2, f"reading stream {stream!r}") from exc2
+                if state.last_seq < self.max_seq:
+                    resume = "stream_new"  # sequences restarted: a new stream
+            if resume == "stream_new":
+                # The stream itself was lost and created again: everything
+                # in it is new to us.
+                config.deliver_policy = _api.DeliverPolicy.ALL
+            elif resume == "consumer_lost" and self.max_seq:
+                # The consumer vanished, the stream did not: go on from the
+                # oldest delivery not settled (at least once, no gap).
+                config.deliver_policy = _api.DeliverPolicy.BY_START_SEQUENCE
+                config.opt_start_seq = min(self.unsettled, default=self.max_seq + 1)
             try:
                 return await jsm.add_consumer(stream, config)
             except Exception as exc2:
@@ -1032,6 +1054,23 @@ class _Puller:
             except Exception as exc:
                 logger.warning("could not update consumer %s on %s: %s", self.durable, stream, exc)
         return info
+
+    async def _rebind(self) -> None:
+        """Bind again after the pull went silent or the consumer vanished;
+        a memory-storage stream lost in a server restart is created again
+        (per the topic strategy)."""
+        try:
+            await self._bind(resume="consumer_lost")
+        except TopicConfigError:
+            if self.conn.options.topic_strategy in ("skip", "validate_only"):
+                raise
+            self.conn.topics.pop(self.spec.topic, None)
+            where = await self.conn.ensure_topic(self.spec.topic)
+            if where != self.where:
+                raise TopicConfigError(
+                    f"topic {self.spec.topic!r} moved to stream {where.stream!r}"
+                ) from None
+            await self._bind(resume="stream_new")
 
     async def info(self) -> Any:
         """The consumer's state on the server, or None when unreachable."""
@@ -1107,6 +1146,8 @@ class _Puller:
         if self.requested > 0:
             self.requested -= 1
         count, seq, stamp = _parse_reply(reply)
+        if seq > self.max_seq:
+            self.max_seq = seq
         delivery = _Delivery(seq, reply, now, count, stamp)
         if self.closing:
             # Draining at close: nak'd with the rest, in stream order.
@@ -1214,7 +1255,7 @@ class _Puller:
             try:
                 if self.need_bind and self.conn.nc.is_connected:
                     try:
-                        await self._bind()
+                        await self._rebind()
                     except TransportError as exc:
                         logger.warning("re-binding %s failed: %s; retrying", self.durable, exc)
                         await asyncio.sleep(backoff)
