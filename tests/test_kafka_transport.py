@@ -9,6 +9,7 @@ tests/test_kafka_bus.py.
 from __future__ import annotations
 
 import logging
+import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
@@ -19,7 +20,7 @@ import trio
 
 from trio_bus._message import OutgoingMessage, Record
 from trio_bus.errors import BusClosedError, ConfigError, TopicConfigError
-from trio_bus.transports._base import Consumer, ConsumerSpec, TransportSettings
+from trio_bus.transports._base import Consumer, ConsumerSpec, LaneState, TransportSettings
 from trio_bus.transports.kafka import (
     KafkaOptions,
     KafkaTransport,
@@ -178,6 +179,43 @@ async def test_commit_never_passes_unfinished_offset(kafka_broker: KafkaBroker) 
         await consumer.flush()
         assert await committed(transport, group, topic) == {0: 10}
         await consumer.aclose()
+
+
+async def test_lanes_and_timestamps(kafka_broker: KafkaBroker) -> None:
+    topic, group = _name("t"), _name("g")
+    options = KafkaOptions(topic=TopicConfig(partitions=1))
+    async with kafka(kafka_broker, options) as transport:
+        before = time.time()
+        await transport.publish_batch(msgs(topic, 5))
+        consumer = await transport.open_consumer(
+            ConsumerSpec(topic=topic, group=group, start="earliest")
+        )
+        records = await fetch_n(consumer, 5)
+        for r in records:
+            assert r.timestamp is not None
+            assert before - 5 <= r.timestamp <= time.time() + 5
+        consumer.ack(records[0])
+        consumer.ack(records[1])
+        await consumer.flush()
+        assert list(await consumer.lanes()) == [
+            LaneState(topic=topic, partition=0, committed=2, lag=3, in_flight=3)
+        ]
+        await consumer.aclose()
+
+
+async def test_ephemeral_group_commits_nothing(kafka_broker: KafkaBroker) -> None:
+    topic, group = _name("t"), _name("g")
+    options = KafkaOptions(topic=TopicConfig(partitions=1))
+    async with kafka(kafka_broker, options) as transport:
+        await transport.publish_batch(msgs(topic, 2))
+        consumer = await transport.open_consumer(
+            ConsumerSpec(topic=topic, group=group, start="earliest", ephemeral=True)
+        )
+        for r in await fetch_n(consumer, 2):
+            consumer.ack(r)
+        await consumer.flush()
+        await consumer.aclose()
+        assert await committed(transport, group, topic) == {0: None}
 
 
 async def test_periodic_commit_and_close_commit(kafka_broker: KafkaBroker) -> None:

@@ -65,7 +65,14 @@ from ..errors import (
     TransportError,
     TransportUnavailableError,
 )
-from ._base import Consumer, ConsumerSpec, StartPosition, Transport, TransportSettings
+from ._base import (
+    Consumer,
+    ConsumerSpec,
+    LaneState,
+    StartPosition,
+    Transport,
+    TransportSettings,
+)
 from ._bridge import Bridge, open_bridge
 from ._kafka_offsets import PartitionTrack
 
@@ -408,6 +415,29 @@ class _Subscription(Consumer):
             self._held.discard(record)
             self._group.settle(record, finished=False)
 
+    async def lanes(self) -> Sequence[LaneState]:
+        """Per assigned partition of this topic: committed offset, lag (the
+        last fetch's high watermark minus committed) and records with
+        handlers. Reads local state only: no bridge crossing."""
+        await trio.lowlevel.checkpoint()
+        group = self._group
+        consumer = group.consumer
+        out: list[LaneState] = []
+        for tp, track in sorted(group.tracks.items()):
+            if tp.topic != self.topic or consumer is None:
+                continue
+            highwater = consumer.highwater(tp)
+            out.append(
+                LaneState(
+                    topic=tp.topic,
+                    partition=tp.partition,
+                    committed=track.committed,
+                    lag=max(0, highwater - track.committed) if highwater is not None else None,
+                    in_flight=track.handed_out,
+                )
+            )
+        return out
+
     async def flush(self) -> None:
         """Commit the finished prefix of every partition of the group now."""
         await self._group.transport.bridge.call(self._group.commit)
@@ -451,8 +481,10 @@ class _Group:
     :meth:`settle` (through ``ack``/``release``) and reads buffers.
     """
 
-    def __init__(self, transport: KafkaTransport, name: str) -> None:
+    def __init__(self, transport: KafkaTransport, name: str, *, ephemeral: bool = False) -> None:
         self.transport = transport
+        # A private, throw-away group (health probes): commit nothing.
+        self.ephemeral = ephemeral
         self.options = transport.options
         self.name = name
         self.routes: dict[str, list[_Subscription]] = {}
@@ -474,6 +506,11 @@ class _Group:
         self._assign_waiters: list[tuple[int, asyncio.Future[None]]] = []
         self._stopped = False
         self._consumer_stopped = False
+
+    @property
+    def consumer(self) -> Any:
+        """The group's AIOKafkaConsumer (None before start)."""
+        return self._consumer
 
     # -- lifetime (asyncio side) ---------------------------------------
 
@@ -699,7 +736,7 @@ class _Group:
                 old.live = False
                 self._unsettled -= old.unsettled
             self.tracks[tp] = PartitionTrack(offset, committed=None if tp in fresh else offset)
-        if fresh:
+        if fresh and not self.ephemeral:
             # Anchor a new group where it starts: a crash before the first
             # periodic commit must not move "latest" past unhandled records.
             try:
@@ -783,6 +820,7 @@ class _Group:
                         partition=partition,
                         offset=msg.offset,
                         token=track,
+                        timestamp=msg.timestamp / 1000 if msg.timestamp is not None else None,
                     )
                 )
                 added += 1
@@ -878,7 +916,7 @@ class _Group:
                 for tp, track in self.tracks.items()
                 if (point := track.commit_due()) is not None
             }
-            if not due or self._consumer is None or self._consumer_stopped:
+            if not due or self.ephemeral or self._consumer is None or self._consumer_stopped:
                 return
             try:
                 await self._consumer.commit(due)
@@ -1023,7 +1061,7 @@ class KafkaTransport(Transport):
         async with lock:
             group = self.groups.get(spec.group)
             if group is None:
-                group = _Group(self, spec.group)
+                group = _Group(self, spec.group, ephemeral=spec.ephemeral)
                 await group.start()
                 self.groups[spec.group] = group
             sub = _Subscription(group, spec)
