@@ -47,7 +47,9 @@ class RunSpec:
     address: str
     workload: Workload
     run_id: str
-    kafka_params: str = "session_timeout_ms=3000&heartbeat_interval_ms=300"
+    # Tansu holds a JoinGroup for about half the session timeout: a short
+    # session keeps each run's group join near 1 s (as in the tests).
+    kafka_params: str = "session_timeout_ms=2000&heartbeat_interval_ms=200"
 
     @property
     def topics(self) -> list[str]:

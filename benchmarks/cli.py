@@ -39,7 +39,7 @@ from ._brokers import Broker, start_kafka, start_nats
 from ._proto import normalise_address
 from .metrics import RunResult
 from .orchestrate import plan, run_one, workload_for
-from .workloads import by_name
+from .workloads import FAMILIES, by_name
 
 __all__ = ["main"]
 
@@ -90,6 +90,13 @@ def write_outputs(out: Path, runs: Sequence[RunResult], meta: dict[str, Any]) ->
 @click.option("--system", "systems", multiple=True, help="Only these systems (repeatable).")
 @click.option("--repeat", type=click.IntRange(1), default=3, show_default=True)
 @click.option(
+    "--repeat-override",
+    "overrides",
+    multiple=True,
+    metavar="SCENARIO=N",
+    help="Repeat one scenario N times instead (e.g. pc-1=1: 25 s of serial work a run).",
+)
+@click.option(
     "--messages",
     type=click.IntRange(1),
     default=None,
@@ -116,6 +123,7 @@ def main(
     scenario: str,
     systems: tuple[str, ...],
     repeat: int,
+    overrides: tuple[str, ...],
     messages: int | None,
     start_brokers: bool,
     nats_url: str | None,
@@ -147,6 +155,7 @@ def main(
         "versions": meta.get("versions", _versions()),
         "date": meta.get("date", time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())),
         "repeat": repeat if not render_only else meta.get("repeat", repeat),
+        "repeat_overrides": list(overrides) or meta.get("repeat_overrides", []),
     }
     if render_only:
         write_outputs(out, runs, meta)
@@ -169,7 +178,7 @@ def main(
             else:
                 raise click.UsageError(f"{name} needs --{name}-url or --start-brokers")
         todo = plan(transports, workloads, list(systems) or None)
-        _measure(todo, repeat, addresses, out, runs, meta, console)
+        _measure(todo, repeat, _overrides(overrides), addresses, out, runs, meta, console)
     finally:
         for broker in brokers:
             broker.stop()
@@ -177,19 +186,32 @@ def main(
     console.print(f"wrote {out}/results.json, results.md, results.png")
 
 
+def _overrides(raw: Sequence[str]) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for item in raw:
+        name, _, count = item.partition("=")
+        if not count.isdigit() or int(count) < 1:
+            raise click.BadParameter(f"{item!r} is not SCENARIO=N", param_hint="--repeat-override")
+        out[name] = int(count)
+    return out
+
+
 def _measure(
     todo: list[tuple[str, Any, str]],
     repeat: int,
+    overrides: dict[str, int],
     addresses: dict[str, str],
     out: Path,
     runs: list[RunResult],
     meta: dict[str, Any],
     console: Console,
 ) -> None:
-    # Group so each (transport, scenario, repeat) runs every system back to back.
-    groups: dict[tuple[str, str], list[tuple[str, Any, str]]] = {}
-    for item in todo:
-        groups.setdefault((item[0], item[1].name), []).append(item)
+    # Group so each (transport, scenario, repeat) runs every system back to
+    # back; families outermost, so the headline scenarios finish first.
+    groups: dict[tuple[str, str, str], list[tuple[str, Any, str]]] = {}
+    for item in sorted(todo, key=lambda item: FAMILIES.index(item[1].family)):
+        groups.setdefault((item[1].family, item[0], item[1].name), []).append(item)
+    total = sum(len(items) * overrides.get(name, repeat) for (_, _, name), items in groups.items())
     with Progress(
         TextColumn("{task.description}"),
         BarColumn(),
@@ -198,9 +220,9 @@ def _measure(
         console=console,
         transient=False,
     ) as progress:
-        overall = progress.add_task("runs", total=len(todo) * repeat)
-        for items in groups.values():
-            for attempt in range(repeat):
+        overall = progress.add_task("runs", total=total)
+        for (_, _, name), items in groups.items():
+            for attempt in range(overrides.get(name, repeat)):
                 for transport, workload, system in items:
                     size = workload_for(system, workload).messages
                     current = progress.add_task(

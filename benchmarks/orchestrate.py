@@ -14,6 +14,7 @@ into events on a queue.
 from __future__ import annotations
 
 import json
+import os
 import queue
 import subprocess
 import sys
@@ -39,7 +40,7 @@ IDLE_TIMEOUT = 20.0
 READY_TIMEOUT = 120.0
 #: Largest bulk run FastStream gets: its default mode runs ~1k msg/s, so
 #: 100k would take minutes per repeat; its rate is measured on this many.
-BASELINE_CAP = 10_000
+BASELINE_CAP = 5_000
 
 Event = tuple[str, str, Any]
 
@@ -93,8 +94,14 @@ class _Child:
         #: The RESULT payload of this child, and (consumer) of its producer.
         self.result: Any = None
         self.producer_result: Any = None
+        argv = [sys.executable, "-m", "benchmarks.worker", role, spec.to_json()]
+        profile_dir = os.environ.get("BENCH_PYSPY_DIR")
+        if profile_dir and role == "consume":
+            # Profiling a run: py-spy's collapsed stacks, one file per run.
+            out = Path(profile_dir) / f"{spec.transport}-{spec.workload.name}-{spec.system}.txt"
+            argv = ["py-spy", "record", "--format", "raw", "-r", "200", "-o", str(out), "--", *argv]
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "benchmarks.worker", role, spec.to_json()],
+            argv,
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=log,

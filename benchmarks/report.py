@@ -260,7 +260,8 @@ def markdown(meds: Sequence[RunResult], meta: Mapping[str, Any]) -> str:
     """The Markdown report: figures, ratios, targets."""
     lines: list[str] = []
     lines.append(
-        f"Medians of {meta.get('repeat', '?')} runs (correctness columns: the worst run). "
+        f"Medians of {meta.get('repeat', '?')} runs unless the runs column says otherwise "
+        "(correctness columns: the worst run). "
         "Rates in msg/s, latencies in ms (publish time in a header -> handler start), "
         "RSS in MiB (consumer process), tasks = peak Trio tasks (trio_bus, trio-channels) "
         "or asyncio tasks (raw, FastStream)."
@@ -268,10 +269,10 @@ def markdown(meds: Sequence[RunResult], meta: Mapping[str, Any]) -> str:
     lines.append("")
     header = (
         "| transport | scenario | system | msgs | publish | e2e | p50 | p95 | p99 | first "
-        "| success | order viol. | dups | RSS | tasks | crossings/msg |"
+        "| success | order viol. | dups | RSS | tasks | crossings/msg | runs |"
     )
     lines.append(header)
-    lines.append("|" + "---|" * 16)
+    lines.append("|" + "---|" * 17)
     for r in meds:
         err = " ⚠" if r.error else ""
         lines.append(
@@ -280,7 +281,8 @@ def markdown(meds: Sequence[RunResult], meta: Mapping[str, Any]) -> str:
             f"| {_fmt(r.p95_ms, 1)} | {_fmt(r.p99_ms, 1)} | {_fmt(r.first_ms, 1)} "
             f"| {r.success_ratio:.3f} | {r.order_violations:,} | {r.duplicates:,} "
             f"| {_fmt(r.peak_rss_mb, 1)} | {r.peak_tasks} "
-            f"| {'-' if r.crossings_per_msg is None else f'{r.crossings_per_msg:.4f}'} |"
+            f"| {'-' if r.crossings_per_msg is None else f'{r.crossings_per_msg:.4f}'} "
+            f"| {r.runs} |"
         )
     errors = [r for r in meds if r.error]
     if errors:
