@@ -118,6 +118,12 @@ def write_outputs(out: Path, runs: Sequence[RunResult], meta: dict[str, Any]) ->
     help="Include the runs of an earlier results.json in the report.",
 )
 @click.option("--render-only", is_flag=True, help="Measure nothing; render --merge'd runs.")
+@click.option(
+    "--docs",
+    type=click.Path(dir_okay=False, exists=True, path_type=Path),
+    default=None,
+    help="Also write the results into this page (docs/benchmarks.md) and its plot.",
+)
 def main(
     transport: tuple[str, ...],
     scenario: str,
@@ -131,6 +137,7 @@ def main(
     out: Path,
     merge: tuple[Path, ...],
     render_only: bool,
+    docs: Path | None,
 ) -> None:
     """Run the benchmark suite."""
     console = Console(stderr=True)
@@ -159,6 +166,8 @@ def main(
     }
     if render_only:
         write_outputs(out, runs, meta)
+        if docs is not None:
+            report.update_docs(docs, report.medians(runs), meta, out / "results.png")
         console.print(f"wrote {out}/results.json, results.md, results.png")
         return
 
@@ -182,6 +191,8 @@ def main(
     finally:
         for broker in brokers:
             broker.stop()
+    if docs is not None:
+        report.update_docs(docs, report.medians(runs), meta, out / "results.png")
     click.echo(report.markdown(report.medians(runs), meta))
     console.print(f"wrote {out}/results.json, results.md, results.png")
 

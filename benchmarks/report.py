@@ -28,6 +28,7 @@ __all__ = [
     "medians",
     "plot",
     "save_json",
+    "update_docs",
 ]
 
 #: The seed system's measured figures: the historical floor.
@@ -382,3 +383,42 @@ def plot(meds: Sequence[RunResult], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
+
+
+START_MARK = "<!-- bench:results:start -->"
+END_MARK = "<!-- bench:results:end -->"
+
+
+def update_docs(doc: Path, meds: Sequence[RunResult], meta: Mapping[str, Any], png: Path) -> None:
+    """Replace the results section of *doc* (between the bench markers) with
+    the latest table, command and machine; copy the plot next to it."""
+    text = doc.read_text()
+    if START_MARK not in text or END_MARK not in text:
+        raise ValueError(f"{doc} has no {START_MARK} ... {END_MARK} section")
+    image = doc.parent / "benchmarks.png"
+    if png.exists():
+        image.write_bytes(png.read_bytes())
+    overrides = ", ".join(meta.get("repeat_overrides", [])) or "none"
+    versions = ", ".join(f"{k} {v}" for k, v in dict(meta.get("versions", {})).items())
+    body = "\n".join(
+        [
+            START_MARK,
+            "",
+            f"Measured {meta.get('date', '?')} with:",
+            "",
+            "```sh",
+            str(meta.get("command", "?")),
+            "```",
+            "",
+            f"Machine: {meta.get('machine', '?')}; shared with other workloads.",
+            f"Versions: {versions}. Repeat overrides: {overrides}.",
+            "",
+            f"![end-to-end throughput per scenario]({image.name})",
+            "",
+            markdown(meds, meta),
+            END_MARK,
+        ]
+    )
+    head, _, rest = text.partition(START_MARK)
+    _, _, tail = rest.partition(END_MARK)
+    doc.write_text(head + body + tail)
