@@ -381,7 +381,13 @@ async def test_aclose_in_cancelled_shielded_scope(kafka_broker: KafkaBroker) -> 
 @pytest.mark.parametrize("compression", ["lz4", "zstd", "snappy", "gzip", "none"])
 async def test_compression_codecs(kafka_broker: KafkaBroker, compression: Any) -> None:
     topic, group = _name("t"), _name("g")
-    options = KafkaOptions(compression=compression, topic=TopicConfig(partitions=1))
+    options = KafkaOptions(
+        compression=compression,
+        topic=TopicConfig(partitions=1),
+        # Pass-through arguments reach the right client.
+        producer_args={"retry_backoff_ms": 50},
+        consumer_args={"check_crcs": True, "max_partition_fetch_bytes": 2 << 20},
+    )
     async with kafka(kafka_broker, options) as transport:
         batch = [OutgoingMessage(topic=topic, value=b"x" * 2048 + bytes([i])) for i in range(20)]
         assert list(await transport.publish_batch(batch)) == [None] * 20

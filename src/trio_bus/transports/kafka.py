@@ -222,6 +222,9 @@ class KafkaOptions:
         sasl_plain_password: SASL password.
         client_args: Further keyword arguments for every aiokafka client
             (producer, consumers, admin), for what this class does not name.
+        producer_args: Further keyword arguments for ``AIOKafkaProducer``.
+        consumer_args: Further keyword arguments for ``AIOKafkaConsumer``
+            (``max_partition_fetch_bytes``, ``isolation_level``...).
     """
 
     acks: Literal["all", 1, 0] = attrs.field(default="all", validator=_one_of("all", 1, 0))
@@ -265,6 +268,8 @@ class KafkaOptions:
     sasl_plain_username: str | None = None
     sasl_plain_password: str | None = attrs.field(default=None, repr=False)
     client_args: Mapping[str, Any] = attrs.field(factory=dict)
+    producer_args: Mapping[str, Any] = attrs.field(factory=dict)
+    consumer_args: Mapping[str, Any] = attrs.field(factory=dict)
 
     def __attrs_post_init__(self) -> None:
         if self.heartbeat_interval_ms >= self.session_timeout_ms:
@@ -516,23 +521,25 @@ class _Group:
 
     async def start(self) -> None:
         opts = self.options
-        self._consumer = aiokafka.AIOKafkaConsumer(
-            group_id=self.name,
-            enable_auto_commit=False,
+        kwargs: dict[str, Any] = {
+            "group_id": self.name,
+            "enable_auto_commit": False,
             # Positions of new partitions are set explicitly in on_assigned;
             # this only applies when a committed offset fell out of
             # retention, where replaying beats skipping.
-            auto_offset_reset="earliest",
-            fetch_max_wait_ms=opts.fetch_max_wait_ms,
-            max_poll_records=opts.max_poll_records,
-            session_timeout_ms=opts.session_timeout_ms,
-            heartbeat_interval_ms=opts.heartbeat_interval_ms,
-            max_poll_interval_ms=opts.max_poll_interval_ms,
-            rebalance_timeout_ms=max(
+            "auto_offset_reset": "earliest",
+            "fetch_max_wait_ms": opts.fetch_max_wait_ms,
+            "max_poll_records": opts.max_poll_records,
+            "session_timeout_ms": opts.session_timeout_ms,
+            "heartbeat_interval_ms": opts.heartbeat_interval_ms,
+            "max_poll_interval_ms": opts.max_poll_interval_ms,
+            "rebalance_timeout_ms": max(
                 opts.session_timeout_ms, int(opts.rebalance_grace * 1000) + 5_000
             ),
-            **_client_kwargs(opts, self.transport.hosts, self.transport.client_id),
-        )
+        }
+        kwargs.update(_client_kwargs(opts, self.transport.hosts, self.transport.client_id))
+        kwargs.update(opts.consumer_args)
+        self._consumer = aiokafka.AIOKafkaConsumer(**kwargs)
         await self._consumer.start()
         loop = asyncio.get_running_loop()
         self._tasks = [
@@ -960,16 +967,18 @@ class KafkaTransport(Transport):
 
     def _make_producer(self, idempotent: bool) -> Any:
         opts = self.options
-        return aiokafka.AIOKafkaProducer(
-            acks=opts.acks,
-            enable_idempotence=idempotent,
-            compression_type=None if opts.compression == "none" else opts.compression,
-            linger_ms=opts.linger_ms,
-            max_batch_size=opts.max_batch_size,
-            max_request_size=max(1024 * 1024, self._max_message_bytes + 64 * 1024),
-            request_timeout_ms=int(opts.publish_timeout * 1000),
-            **_client_kwargs(opts, self.hosts, self.client_id),
-        )
+        kwargs: dict[str, Any] = {
+            "acks": opts.acks,
+            "enable_idempotence": idempotent,
+            "compression_type": None if opts.compression == "none" else opts.compression,
+            "linger_ms": opts.linger_ms,
+            "max_batch_size": opts.max_batch_size,
+            "max_request_size": max(1024 * 1024, self._max_message_bytes + 64 * 1024),
+            "request_timeout_ms": int(opts.publish_timeout * 1000),
+        }
+        kwargs.update(_client_kwargs(opts, self.hosts, self.client_id))
+        kwargs.update(opts.producer_args)
+        return aiokafka.AIOKafkaProducer(**kwargs)
 
     async def _aio_start(self) -> None:
         self._ensure_lock = asyncio.Lock()
