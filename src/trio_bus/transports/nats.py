@@ -462,6 +462,7 @@ class _Conn:
         self.options = options
         self.nc: _NatsClient = _NatsClient()
         self.connected = asyncio.Event()
+        self.closing = False
         self.topics: dict[str, _TopicInfo] = {}
         self.pullers: set[_Puller] = set()
         self._topic_locks: dict[str, asyncio.Lock] = {}
@@ -475,8 +476,7 @@ class _Conn:
 
     @property
     def js(self) -> Any:
-        """The JetStream context (one per connection: it owns the
-        ``publish_async`` reply subscription)."""
+        """The JetStream context, for the management API (cached)."""
         if self._js is None:
             self._js = self.nc.jetstream(timeout=self.options.request_timeout)
         return self._js
@@ -494,7 +494,8 @@ class _Conn:
 
         async def on_disconnected() -> None:
             self.connected.clear()
-            logger.warning("disconnected from nats")
+            if not self.closing:
+                logger.warning("disconnected from nats")
 
         async def on_reconnected() -> None:
             logger.warning("reconnected to nats at %s", self.nc.connected_url)
@@ -579,6 +580,7 @@ class _Conn:
         return waiter.done()
 
     async def close(self) -> None:
+        self.closing = True
         for puller in list(self.pullers):
             puller.stop_tasks()
         if not self.nc.is_closed:
