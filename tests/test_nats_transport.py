@@ -573,3 +573,26 @@ async def test_memory_stream_lost_in_a_restart_is_recreated(
             while await t.publish_batch(msgs(topic, 1, start=1)) != [None]:
                 pass
         assert [r.value for r in await fetch_n(consumer, 1)] == [b"1"]
+
+
+# ------------------------------------------------------------- pure logic
+
+
+def test_ack_subject_parsing_and_names() -> None:
+    from trio_bus.transports.nats import _duplicate_window, _durable_name, _parse_reply
+
+    v1 = "$JS.ACK.orders.g.3.42.40.1700000000123456789.7"
+    assert _parse_reply(v1) == (3, 42, pytest.approx(1700000000.123456789))
+    v2 = "$JS.ACK.hub.ACCHASH.orders.g.1.5.5.1700000000000000000.0.tok"
+    assert _parse_reply(v2)[:2] == (1, 5)
+    assert stream_name("orders.eu.west", "APP_") == "APP_orders_eu_west"
+    assert _durable_name("billing.v2", "orders", nested=False) == "billing_v2"
+    assert _durable_name("g", "orders.dlq", nested=True) == "g__orders_dlq"
+    assert _duplicate_window(StreamOptions(max_age=30)) == 30
+    assert _duplicate_window(StreamOptions()) == 120
+    with pytest.raises(ConfigError):
+        ConsumerOptions(idle_heartbeat=20, pull_expires=30)
+    with pytest.raises(ConfigError):
+        NatsOptions(stream_prefix="a.b")
+    with pytest.raises(ConfigError):
+        NatsOptions(topics={"t": "memory"})  # type: ignore[dict-item]
