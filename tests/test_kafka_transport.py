@@ -312,6 +312,12 @@ async def test_backpressure_pauses_and_resumes(kafka_broker: KafkaBroker) -> Non
         await fetch_nothing(consumer, 0.5)  # paused: nothing past the bound
         group_state = transport.groups[group]
         assert all(t.paused for t in group_state.tracks.values())
+        # A pause longer than the session timeout (2 s here) keeps the
+        # member in its group: no rebalance, same generation.
+        generation = group_state.consumer._coordinator.generation
+        await trio.sleep(2.5)  # the condition under test is time passing
+        assert group_state.consumer._coordinator.generation == generation
+        assert all(t.paused and t.live for t in group_state.tracks.values())
         for r in held:
             consumer.ack(r)
         rest = await fetch_n(consumer, 10)  # resumed once drained
