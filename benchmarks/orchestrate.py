@@ -36,8 +36,10 @@ __all__ = ["BASELINE_CAP", "plan", "run_one", "systems_for"]
 #: Seconds without progress (after the producer finished) before a run is
 #: stopped and scored with what arrived.
 IDLE_TIMEOUT = 20.0
-#: Seconds a consumer may take to become live.
-READY_TIMEOUT = 120.0
+#: Seconds a consumer may take to become live, plus this per topic (on
+#: Kafka each subscription of a group is a rebalance, ~1.2 s on Tansu).
+READY_TIMEOUT = 60.0
+READY_PER_TOPIC = 5.0
 #: Largest bulk run FastStream gets: its default mode runs ~1k msg/s, so
 #: 100k would take minutes per repeat; its rate is measured on this many.
 BASELINE_CAP = 5_000
@@ -89,8 +91,17 @@ def hard_timeout(workload: Workload) -> float:
 
 
 class _Child:
-    def __init__(self, role: str, spec: RunSpec, events: queue.Queue[Event], log: IO[bytes]):
-        self.role = role
+    def __init__(
+        self,
+        role: str,
+        spec: RunSpec,
+        events: queue.Queue[Event],
+        log: IO[bytes],
+        *,
+        tag: str | None = None,
+    ) -> None:
+        #: Tag of this child's events: ``consume`` or ``produce``.
+        self.role = tag or role
         #: The RESULT payload of this child, and (consumer) of its producer.
         self.result: Any = None
         self.producer_result: Any = None
@@ -244,16 +255,23 @@ def _run_consumer(
     Sets ``consumer.result`` / ``consumer.producer_result``."""
     error: str | None = None
     start = time.monotonic()
-    hard_deadline = start + READY_TIMEOUT + hard_timeout(spec.workload)
-    ready_deadline = start + READY_TIMEOUT
+    ready_timeout = READY_TIMEOUT + READY_PER_TOPIC * spec.workload.topics
+    hard_deadline = start + ready_timeout + hard_timeout(spec.workload)
+    ready_deadline = start + ready_timeout
     ready = False
     producer_done = in_process or spec.workload.preload
     last_progress, last_change = -1, time.monotonic()
     stopped = False
+    # The live producer starts with the consumer (imports overlap its
+    # setup) and publishes on GO, once the consumer is live.
+    waiting: _Child | None = None
+    if not producer_done:
+        waiting = _Child("produce-on-go", spec, events, log, tag="produce")
+        children.append(waiting)
     while True:
         now = time.monotonic()
         if not ready and now > ready_deadline:
-            return f"consumer not ready within {READY_TIMEOUT:.0f} s"
+            return f"consumer not ready within {ready_timeout:.0f} s"
         if not stopped and (
             now > hard_deadline or (producer_done and ready and now - last_change > IDLE_TIMEOUT)
         ):
@@ -273,8 +291,8 @@ def _run_consumer(
             if kind == "READY":
                 ready = True
                 last_change = time.monotonic()
-                if not producer_done:
-                    children.append(_Child("produce", spec, events, log))
+                if waiting is not None:
+                    waiting.tell("GO")
             elif kind == "PROGRESS" and isinstance(payload, int):
                 if payload != last_progress:
                     last_progress, last_change = payload, time.monotonic()

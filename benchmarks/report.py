@@ -170,19 +170,22 @@ def check_targets(meds: Sequence[RunResult]) -> list[Target]:
                     )
                 )
     for transport in TRANSPORT_ORDER:
+        # Single-topic live workloads; preloaded ones have no idle first
+        # message, and topics-N is reported in its own rows.
         firsts = [
             r.first_ms
             for r in meds
             if r.transport == transport
             and r.system == "trio_bus"
-            and not SCENARIOS.get(r.scenario, SCENARIOS["seed-300"]).preload
+            and r.scenario in SCENARIOS
+            and SCENARIOS[r.scenario].family in ("seed", "bulk")
             and not math.isnan(r.first_ms)
         ]
         if firsts:
             worst = max(firsts)
             out.append(
                 Target(
-                    name=f"{transport}: first-message latency (worst scenario median)",
+                    name=f"{transport}: first-message latency (worst seed/bulk median)",
                     goal="< 20 ms",
                     measured=f"{worst:.1f} ms",
                     met=worst < 20,

@@ -9,6 +9,7 @@ can never be read as a protocol line.
 from __future__ import annotations
 
 import asyncio
+import importlib
 import os
 import sys
 import traceback
@@ -56,19 +57,41 @@ def consume(spec: RunSpec) -> None:
         raise ValueError(f"unknown system {spec.system!r}")
 
 
-def produce(spec: RunSpec) -> None:
-    """Run the producer of *spec.system* (never for memory: in-process)."""
-    if spec.system == "trio_bus":
-        from . import run_trio_bus
+def _wait_for_go() -> None:
+    # Started together with the consumer so that imports overlap its setup;
+    # publishing starts when the orchestrator says the consumer is live.
+    emit("WAITING")
+    for line in sys.stdin:
+        if line.strip() == "GO":
+            return
+    raise SystemExit("stdin closed before GO")
 
+
+def _preload_imports(spec: RunSpec) -> None:
+    # Everything the producer will import lazily (transports, clients).
+    if spec.system == "trio_bus":
+        importlib.import_module(f"trio_bus.transports.{spec.transport}")
+    elif spec.transport == "kafka":
+        importlib.import_module("aiokafka")
+    else:
+        importlib.import_module("nats")
+    if spec.system.startswith("faststream"):
+        importlib.import_module(f"faststream.{spec.transport}")
+
+
+def produce(spec: RunSpec, *, wait: bool = False) -> None:
+    """Run the producer of *spec.system* (never for memory: in-process);
+    with *wait*, import everything first and start on a ``GO`` line."""
+    from . import run_faststream, run_raw, run_trio_bus
+
+    _preload_imports(spec)
+    if wait:
+        _wait_for_go()
+    if spec.system == "trio_bus":
         figures = trio.run(run_trio_bus.produce, spec)
     elif spec.system == "raw":
-        from . import run_raw
-
         figures = asyncio.run(run_raw.produce(spec))
     elif spec.system.startswith("faststream"):
-        from . import run_faststream
-
         figures = asyncio.run(run_faststream.produce(spec))
     else:
         raise ValueError(f"no producer process for {spec.system!r}")
@@ -84,7 +107,7 @@ def main(argv: list[str]) -> int:
         if role == "consume":
             consume(spec)
         else:
-            produce(spec)
+            produce(spec, wait=role == "produce-on-go")
     except BaseException as exc:
         traceback.print_exc()
         emit("ERROR", f"{type(exc).__name__}: {exc}")
