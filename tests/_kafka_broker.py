@@ -23,7 +23,7 @@ from typing import Self
 import attrs
 import pytest
 
-__all__ = ["KAFKA_TEST_PARAMS", "ApiVersionsShim", "KafkaBroker"]
+__all__ = ["KAFKA_TEST_PARAMS", "ApiVersionsShim", "KafkaBroker", "free_port", "run_tansu"]
 
 #: URL parameters for tests: Tansu holds a new member's JoinGroup for about
 #: half the session timeout, so a short session keeps group joins ~1 s.
@@ -61,7 +61,7 @@ class KafkaBroker:
         return f"kafka://{self.bootstrap}?{KAFKA_TEST_PARAMS}"
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         port: int = s.getsockname()[1]
@@ -109,7 +109,7 @@ def _binary_cache(tmp_path_factory: pytest.TempPathFactory, pytestconfig: pytest
 
 
 @contextmanager
-def _run_tansu(
+def run_tansu(
     binary: str, log: Path, port: int, advertised_port: int | None = None
 ) -> Iterator[int]:
     """Run a Tansu broker listening on *port*, advertising *advertised_port*
@@ -147,14 +147,20 @@ def _run_tansu(
 
 
 @pytest.fixture(scope="session")
+def tansu_binary(tmp_path_factory: pytest.TempPathFactory, pytestconfig: pytest.Config) -> str:
+    """Path of the Tansu broker binary (for tests that run their own)."""
+    return _broker_binary(_binary_cache(tmp_path_factory, pytestconfig))
+
+
+@pytest.fixture(scope="session")
 def kafka_broker(
     tmp_path_factory: pytest.TempPathFactory, pytestconfig: pytest.Config
 ) -> Iterator[KafkaBroker]:
     """Start Tansu for the session; stop it by PID afterwards."""
     binary = _broker_binary(_binary_cache(tmp_path_factory, pytestconfig))
-    port = _free_port()
+    port = free_port()
     log = tmp_path_factory.mktemp("tansu") / "tansu.log"
-    with _run_tansu(binary, log, port) as pid:
+    with run_tansu(binary, log, port) as pid:
         yield KafkaBroker(host="127.0.0.1", port=port, pid=pid, log=log)
 
 
@@ -172,10 +178,10 @@ def kafka_broker_for_librdkafka(
     advertises the shim's port so that every connection goes through it.
     """
     binary = _broker_binary(_binary_cache(tmp_path_factory, pytestconfig))
-    broker_port = _free_port()
+    broker_port = free_port()
     with ApiVersionsShim(broker_port) as shim:
         log = tmp_path_factory.mktemp("tansu-librdkafka") / "tansu.log"
-        with _run_tansu(binary, log, broker_port, advertised_port=shim.port) as pid:
+        with run_tansu(binary, log, broker_port, advertised_port=shim.port) as pid:
             yield KafkaBroker(host="127.0.0.1", port=shim.port, pid=pid, log=log)
 
 

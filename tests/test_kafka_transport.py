@@ -9,10 +9,13 @@ tests/test_kafka_bus.py.
 from __future__ import annotations
 
 import logging
+import os
+import signal
 import time
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -29,7 +32,7 @@ from trio_bus.transports.kafka import (
     resolve_options,
 )
 
-from ._kafka_broker import KafkaBroker
+from ._kafka_broker import KafkaBroker, free_port, run_tansu
 
 WAIT = 30.0
 
@@ -483,41 +486,35 @@ def test_options_validation(kafka_broker: KafkaBroker) -> None:
     assert opts.compression == "lz4"
 
 
-async def test_unreachable_broker_is_transport_error() -> None:
-    from trio_bus.errors import TransportUnavailableError
-
-    with socket_free_port() as port:
+async def test_connected_follows_the_broker(tansu_binary: str, tmp_path: Path) -> None:
+    port = free_port()
+    with run_tansu(tansu_binary, tmp_path / "tansu.log", port) as pid:
         settings = TransportSettings(
             url=f"kafka://127.0.0.1:{port}",
             hosts=(f"127.0.0.1:{port}",),
             client_id="x",
-            options=None,
+            options=KafkaOptions(close_timeout=2),
             max_message_bytes=1024,
         )
-        with trio.fail_after(WAIT), pytest.raises(TransportUnavailableError):
-            async with open_transport(settings):
-                pass  # pragma: no cover
+        async with open_transport(settings) as transport:
+            assert transport.connected
+            os.kill(pid, signal.SIGKILL)
+            with trio.fail_after(WAIT):
+                while transport.connected:
+                    await trio.sleep(0.05)  # it is checked every second
 
 
-@asynccontextmanager
-async def _noop() -> AsyncIterator[None]:
-    yield
+async def test_unreachable_broker_is_transport_error() -> None:
+    from trio_bus.errors import TransportUnavailableError
 
-
-class socket_free_port:  # noqa: N801 - used as a context manager
-    """A loopback port nothing listens on (held closed for the block)."""
-
-    def __enter__(self) -> int:
-        import socket
-
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port: int = s.getsockname()[1]
-        return port
-
-    def __exit__(self, *exc: object) -> None:
-        return None
-
-
-def _offsets(records: Sequence[Record]) -> list[int]:
-    return [r.offset for r in records]
+    port = free_port()  # nothing listens there
+    settings = TransportSettings(
+        url=f"kafka://127.0.0.1:{port}",
+        hosts=(f"127.0.0.1:{port}",),
+        client_id="x",
+        options=None,
+        max_message_bytes=1024,
+    )
+    with trio.fail_after(WAIT), pytest.raises(TransportUnavailableError):
+        async with open_transport(settings):
+            pass  # pragma: no cover

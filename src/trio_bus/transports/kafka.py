@@ -109,6 +109,8 @@ DEFAULT_JOIN_TIMEOUT = 60.0
 #: Seconds a publish waits for the broker's answer before reporting an
 #: unknown outcome.
 DEFAULT_PUBLISH_TIMEOUT = 30.0
+#: Seconds between checks of the broker connection (``connected``).
+CONNECTION_CHECK_INTERVAL = 1.0
 #: Seconds the shielded close of clients may take.
 DEFAULT_CLOSE_TIMEOUT = 5.0
 
@@ -962,6 +964,8 @@ class KafkaTransport(Transport):
         self._ensured: set[str] = set()
         self._ensure_lock: asyncio.Lock | None = None
         self._join_locks: dict[str, asyncio.Lock] = {}
+        self._connected = True
+        self._watcher: asyncio.Task[None] | None = None
 
     # -- asyncio side ----------------------------------------------------
 
@@ -1011,11 +1015,40 @@ class KafkaTransport(Transport):
                 producer = self._make_producer(False)
                 await producer.start()
             self._producer = producer
+            self._watcher = asyncio.get_running_loop().create_task(self._watch_connection())
         except BaseException:
             await self._aio_close()
             raise
 
+    async def _watch_connection(self) -> None:
+        """Keep ``connected`` current: can a broker be reached right now?"""
+        client = self._producer.client
+        while True:
+            ok = False
+            for broker in client.cluster.brokers():
+                try:
+                    ok = await asyncio.wait_for(client.ready(broker.nodeId), 2.0)
+                except (TimeoutError, kafka_errors.KafkaError, OSError):
+                    ok = False
+                if ok:
+                    break
+            if ok != self._connected:
+                logger.log(
+                    logging.INFO if ok else logging.WARNING,
+                    "kafka broker %s",
+                    "reachable again" if ok else "unreachable",
+                )
+            self._connected = ok
+            await asyncio.sleep(CONNECTION_CHECK_INTERVAL)
+
     async def _aio_close(self) -> None:
+        if self._watcher is not None:
+            self._watcher.cancel()
+            try:
+                await self._watcher
+            except BaseException:  # cancelled or failed: either way it is done
+                pass
+            self._watcher = None
         for group in list(self.groups.values()):
             try:
                 await group.stop()
@@ -1209,6 +1242,12 @@ class KafkaTransport(Transport):
                 raise TopicConfigError(f"updating topic configs {to_update} failed: {exc}") from exc
 
     # -- Trio side ---------------------------------------------------------
+
+    @property
+    def connected(self) -> bool:
+        """Whether a broker answered the last connection check (every
+        ``CONNECTION_CHECK_INTERVAL`` seconds)."""
+        return self._connected
 
     async def publish_batch(self, records: Sequence[OutgoingMessage]) -> Sequence[Exception | None]:
         """Send *records* (one bridge crossing); one outcome per record."""
