@@ -143,9 +143,13 @@ def main(
     console = Console(stderr=True)
     runs: list[RunResult] = []
     meta: dict[str, Any] = {}
+    commands: list[str] = []
     for path in merge:
         more, meta = report.load_json(path)
         runs.extend(more)
+        commands.extend(meta.get("commands", [meta.get("command", "?")]))
+    if not render_only:
+        commands.append("python -m benchmarks " + shlex.join(sys.argv[1:]))
     transports = (
         ["memory", "nats", "kafka"] if "all" in transport else list(dict.fromkeys(transport))
     )
@@ -157,7 +161,8 @@ def main(
         workloads = [w.scaled(messages) for w in workloads]
     meta = {
         **meta,
-        "command": "python -m benchmarks " + shlex.join(sys.argv[1:]),
+        "command": commands[-1] if commands else "?",
+        "commands": commands,
         "machine": meta.get("machine", _machine()),
         "versions": meta.get("versions", _versions()),
         "date": meta.get("date", time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())),

@@ -375,6 +375,16 @@ def plot(meds: Sequence[RunResult], path: Path) -> None:
                     ys.append(i + j * height)
                     xs.append(found.e2e_rate)
             ax.barh(ys, xs, height=height, label=system, color=colours.get(system))
+        if transport in SEED_FLOOR:
+            ax.axvline(SEED_FLOOR[transport], color="#d62728", linestyle="--", linewidth=1)
+            ax.text(
+                SEED_FLOOR[transport],
+                -0.6,
+                " seed system",
+                color="#d62728",
+                fontsize=6,
+                va="bottom",
+            )
         ax.set_yticks([i + 0.4 - height / 2 for i in range(len(scenarios))])
         ax.set_yticklabels(scenarios, fontsize=7)
         ax.invert_yaxis()
@@ -382,8 +392,19 @@ def plot(meds: Sequence[RunResult], path: Path) -> None:
         ax.set_xlabel("end-to-end msg/s (log)", fontsize=8)
         ax.set_title(transport, fontsize=9)
         ax.tick_params(axis="x", labelsize=7)
-        ax.legend(fontsize=6, loc="lower right")
-    fig.tight_layout()
+    handles: dict[str, Any] = {}
+    for ax in axes[0]:
+        for handle, label in zip(*ax.get_legend_handles_labels(), strict=True):
+            handles.setdefault(label, handle)
+    fig.legend(
+        list(handles.values()),
+        list(handles),
+        loc="lower center",
+        ncol=len(handles),
+        fontsize=7,
+        frameon=False,
+    )
+    fig.tight_layout(rect=(0, 0.06, 1, 1))
     fig.savefig(path)
     plt.close(fig)
 
@@ -410,7 +431,7 @@ def update_docs(doc: Path, meds: Sequence[RunResult], meta: Mapping[str, Any], p
             f"Measured {meta.get('date', '?')} with:",
             "",
             "```sh",
-            str(meta.get("command", "?")),
+            *[str(c) for c in meta.get("commands", [meta.get("command", "?")])],
             "```",
             "",
             f"Machine: {meta.get('machine', '?')}; shared with other workloads.",
