@@ -121,6 +121,8 @@ class ProducerFigures:
     failed: int
     publish_rate: float
     crossings: int | None = None
+    #: ms from stamping message 0 to the broker's acknowledgement of it.
+    first_ack_ms: float = math.nan
 
 
 @attrs.define(eq=False)
@@ -256,6 +258,8 @@ class RunResult:
     elapsed_s: float
     runs: int = 1
     error: str | None = None
+    #: Producer side of ``first_ms``: message 0 stamped -> acknowledged.
+    first_ack_ms: float = math.nan
 
     @classmethod
     def combine(
@@ -296,6 +300,7 @@ class RunResult:
             crossings_per_msg=crossings,
             elapsed_s=consumer.elapsed_s if consumer else nan,
             error=error,
+            first_ack_ms=producer.first_ack_ms if producer else nan,
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -327,6 +332,7 @@ _MEDIAN_FIELDS = (
     "p95_ms",
     "p99_ms",
     "first_ms",
+    "first_ack_ms",
     "peak_rss_mb",
     "elapsed_s",
 )

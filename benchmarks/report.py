@@ -267,22 +267,24 @@ def markdown(meds: Sequence[RunResult], meta: Mapping[str, Any]) -> str:
         f"Medians of {meta.get('repeat', '?')} runs unless the runs column says otherwise "
         "(correctness columns: the worst run). "
         "Rates in msg/s, latencies in ms (publish time in a header -> handler start), "
+        "1st ack = the producer's share of the first message (stamped -> acknowledged), "
         "RSS in MiB (consumer process), tasks = peak Trio tasks (trio_bus, trio-channels) "
         "or asyncio tasks (raw, FastStream)."
     )
     lines.append("")
     header = (
         "| transport | scenario | system | msgs | publish | e2e | p50 | p95 | p99 | first "
-        "| success | order viol. | dups | RSS | tasks | crossings/msg | runs |"
+        "| 1st ack | success | order viol. | dups | RSS | tasks | crossings/msg | runs |"
     )
     lines.append(header)
-    lines.append("|" + "---|" * 17)
+    lines.append("|" + "---|" * 18)
     for r in meds:
         err = " ⚠" if r.error else ""
         lines.append(
             f"| {r.transport} | {r.scenario} | {r.system}{err} | {r.messages:,} "
             f"| {_fmt(r.publish_rate)} | {_fmt(r.e2e_rate)} | {_fmt(r.p50_ms, 1)} "
             f"| {_fmt(r.p95_ms, 1)} | {_fmt(r.p99_ms, 1)} | {_fmt(r.first_ms, 1)} "
+            f"| {_fmt(r.first_ack_ms, 1)} "
             f"| {r.success_ratio:.3f} | {r.order_violations:,} | {r.duplicates:,} "
             f"| {_fmt(r.peak_rss_mb, 1)} | {r.peak_tasks} "
             f"| {'-' if r.crossings_per_msg is None else f'{r.crossings_per_msg:.4f}'} "

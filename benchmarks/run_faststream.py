@@ -152,6 +152,7 @@ async def produce(spec: RunSpec) -> ProducerFigures:
     """The FastStream producer process (its own publisher, pipelined)."""
     wl, topics, payload = spec.workload, spec.topics, spec.workload.payload()
     outcomes: list[Any] = []
+    first_ack = math.nan
     if spec.transport == "kafka":
         from faststream.kafka import KafkaBroker
 
@@ -172,6 +173,7 @@ async def produce(spec: RunSpec) -> ProducerFigures:
                 )
                 if i == 0:
                     await future  # the first message alone: first-message latency
+                    first_ack = (time.perf_counter() - begin) * 1000
                 futures.append(future)
             outcomes = await asyncio.gather(*futures, return_exceptions=True)
             elapsed = time.perf_counter() - begin
@@ -203,6 +205,8 @@ async def produce(spec: RunSpec) -> ProducerFigures:
                     topic = topics[wl.topic_index(i)]
                     calls.append(broker.publish(payload, topic, headers=headers, stream=topic))
                 outcomes.extend(await asyncio.gather(*calls, return_exceptions=True))
+                if start == 0:
+                    first_ack = (time.perf_counter() - begin) * 1000
             elapsed = time.perf_counter() - begin
         finally:
             await broker.stop()
@@ -212,4 +216,5 @@ async def produce(spec: RunSpec) -> ProducerFigures:
         published=published,
         failed=failed,
         publish_rate=published / elapsed if elapsed > 0 else math.nan,
+        first_ack_ms=first_ack,
     )

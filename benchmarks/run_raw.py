@@ -339,6 +339,7 @@ async def produce_kafka(spec: RunSpec) -> ProducerFigures:
     await producer.start()
     try:
         begin = time.perf_counter()
+        first_ack = math.nan
         futures = []
         for i in range(wl.messages):
             headers = [
@@ -350,6 +351,7 @@ async def produce_kafka(spec: RunSpec) -> ProducerFigures:
             )
             if i == 0:
                 await future  # the first message alone: first-message latency
+                first_ack = (time.perf_counter() - begin) * 1000
             futures.append(future)
         outcomes = await asyncio.gather(*futures, return_exceptions=True)
         elapsed = time.perf_counter() - begin
@@ -360,6 +362,7 @@ async def produce_kafka(spec: RunSpec) -> ProducerFigures:
         published=wl.messages - failed,
         failed=failed,
         publish_rate=(wl.messages - failed) / elapsed if elapsed > 0 else math.nan,
+        first_ack_ms=first_ack,
     )
 
 
@@ -426,6 +429,7 @@ async def produce_nats(spec: RunSpec) -> ProducerFigures:
         js = nc.jetstream()
         await ensure_nats_streams(js, spec)
         begin = time.perf_counter()
+        first_ack = math.nan
         futures = []
         for i in range(wl.messages):
             headers = {
@@ -436,6 +440,7 @@ async def produce_nats(spec: RunSpec) -> ProducerFigures:
             future = await js.publish_async(topics[wl.topic_index(i)], payload, headers=headers)
             if i == 0:
                 await future  # the first message alone: first-message latency
+                first_ack = (time.perf_counter() - begin) * 1000
             futures.append(future)
         outcomes = await asyncio.gather(*futures, return_exceptions=True)
         elapsed = time.perf_counter() - begin
@@ -446,6 +451,7 @@ async def produce_nats(spec: RunSpec) -> ProducerFigures:
         published=wl.messages - failed,
         failed=failed,
         publish_rate=(wl.messages - failed) / elapsed if elapsed > 0 else math.nan,
+        first_ack_ms=first_ack,
     )
 
 

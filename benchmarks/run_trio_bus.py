@@ -109,6 +109,7 @@ async def produce_with(bus: trio_bus.Bus, spec: RunSpec) -> ProducerFigures:
     """Publish the workload on *bus*; the rate counts acknowledged messages."""
     n = spec.workload.messages
     published = failed = 0
+    first_ack = math.nan
     begin = time.perf_counter()
     # The first message goes alone on an idle bus: first-message latency.
     bounds = [0, 1, *range(1 + CHUNK, n, CHUNK), n] if n > 1 else [0, n]
@@ -119,12 +120,15 @@ async def produce_with(bus: trio_bus.Bus, spec: RunSpec) -> ProducerFigures:
             published += len(chunk)
         except trio_bus.errors.PublishError:
             failed += len(chunk)  # counted whole: the success ratio shows it
+        if start == 0:
+            first_ack = (time.perf_counter() - begin) * 1000
     elapsed = time.perf_counter() - begin
     return ProducerFigures(
         published=published,
         failed=failed,
         publish_rate=published / elapsed if elapsed > 0 else math.nan,
         crossings=CROSSINGS.count if CROSSINGS.installed else None,
+        first_ack_ms=first_ack,
     )
 
 

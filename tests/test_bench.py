@@ -194,6 +194,7 @@ def _result(rate: float, violations: int = 0, ratio: float = 1.0) -> RunResult:
         peak_tasks=260,
         crossings_per_msg=None,
         elapsed_s=0.1,
+        first_ack_ms=2.0,
     )
 
 
