@@ -13,6 +13,7 @@ into events on a queue.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import queue
@@ -209,6 +210,8 @@ def run_one(
         finally:
             for child in children:
                 child.finish()
+    if not in_process:
+        cleanup(spec)
     consumer_part = None
     if isinstance(consumer_data, dict):
         consumer_part = _figures(ConsumerFigures, consumer_data.get("consumer"))
@@ -319,3 +322,35 @@ def _run_consumer(
                 last_change = time.monotonic()
                 if consumer.result is not None:
                     return error
+
+
+def cleanup(spec: RunSpec) -> None:
+    """Delete the run's topics (Kafka) or streams (NATS), so the brokers do
+    not accumulate gigabytes over a suite and every run meets the same
+    broker state. Best effort: a failure is logged, not raised."""
+
+    async def kafka() -> None:
+        from aiokafka.admin import AIOKafkaAdminClient
+
+        admin = AIOKafkaAdminClient(bootstrap_servers=spec.address)
+        await admin.start()
+        try:
+            await admin.delete_topics(spec.topics)
+        finally:
+            await admin.close()
+
+    async def nats_streams() -> None:
+        import nats
+
+        nc = await nats.connect(f"nats://{spec.address}")
+        try:
+            js = nc.jetstream()
+            for topic in spec.topics:
+                await js.delete_stream(topic)
+        finally:
+            await nc.close()
+
+    try:
+        asyncio.run(asyncio.wait_for(kafka() if spec.transport == "kafka" else nats_streams(), 30))
+    except Exception as exc:
+        print(f"cleanup of run {spec.run_id} failed: {exc!r}", file=sys.stderr)
