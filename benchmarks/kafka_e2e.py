@@ -18,8 +18,8 @@ key order, with 1, 10, 100 and 10,000 keys (their times: 26.7 s, 3.3 s,
 
 Usage::
 
-    .venv/bin/python benchmarks/kafka_e2e.py                # N=3000
-    .venv/bin/python benchmarks/kafka_e2e.py -n 100000 --pc
+    .venv/bin/python benchmarks/kafka_e2e.py                # N=3000, 3 runs each
+    .venv/bin/python benchmarks/kafka_e2e.py -n 100000 --repeat 1 --pc
 """
 
 from __future__ import annotations
@@ -144,6 +144,12 @@ class Figures:
         self.done = trio.Event()
         self.order_errors = 0
         self._last_seq: dict[str, int] = {}
+        self.cpu_start = 0.0
+        self.cpu = 0.0
+
+    def start_cpu(self) -> None:
+        """Mark the start of the measured window (after joins and probes)."""
+        self.cpu_start = time.process_time()
 
     def record(self, key: str | None, headers: dict[str, str]) -> None:
         now = time.time()
@@ -151,22 +157,39 @@ class Figures:
         self.first_ts = min(self.first_ts, ts)
         self.latencies.append(now - ts)
         self.last = now
+        self.cpu = time.process_time() - self.cpu_start
         seq = int(headers["seq"])
         if key is not None:
             if seq < self._last_seq.get(key, -1):
                 self.order_errors += 1
             self._last_seq[key] = seq
 
-    def summary(self) -> str:
+    def stats(self) -> tuple[float, float, float]:
+        """``(msg/s, p50 ms, p99 ms)``."""
         lat = sorted(self.latencies)
         got = len(lat)
-        rate = got / (self.last - self.first_ts) if got else 0.0
-        p50 = lat[got // 2] * 1000 if got else 0.0
-        p99 = lat[min(got - 1, int(got * 0.99))] * 1000 if got else 0.0
-        return (
-            f"{rate:9.0f} msg/s  p50 {p50:7.1f} ms  p99 {p99:7.1f} ms  "
-            f"({got}/{self.n}, order errors {self.order_errors})"
-        )
+        if not got:
+            return 0.0, 0.0, 0.0
+        rate = got / (self.last - self.first_ts)
+        return rate, lat[got // 2] * 1000, lat[min(got - 1, int(got * 0.99))] * 1000
+
+
+def _line(runs: list[tuple[Figures, float]]) -> tuple[float, str]:
+    """Median msg/s and a summary line over repeated runs."""
+    rates = [f.stats()[0] for f, _ in runs]
+    rate = statistics.median(rates)
+    p50 = statistics.median(f.stats()[1] for f, _ in runs)
+    p99 = statistics.median(f.stats()[2] for f, _ in runs)
+    first = statistics.median(first for _, first in runs)
+    errors = sum(f.order_errors for f, _ in runs)
+    cpu = statistics.median(f.cpu / max(1, len(f.latencies)) * 1e6 for f, _ in runs)
+    lost = sum(f.n - len(f.latencies) for f, _ in runs)
+    spread = ", ".join(f"{r / 1000:.1f}k" for r in rates)
+    return rate, (
+        f"{rate:8.0f} msg/s  p50 {p50:7.1f} ms  p99 {p99:7.1f} ms  first {first:5.1f} ms"
+        f"  cpu {cpu:5.1f} us/msg"
+        f"  (runs: {spread}; missing {lost}, order errors {errors})"
+    )
 
 
 # -- trio_bus consumer -----------------------------------------------------------------
@@ -203,6 +226,7 @@ async def trio_bus_run(bootstrap: str, n: int, work_ms: float) -> tuple[Figures,
             )
             await first_wait.wait()
             await trio.sleep(0.2)
+        figures.start_cpu()
         proc = start_producer(bootstrap, topic, n, AGGREGATES)
         try:
             with trio.fail_after(max(120, n / 500)):
@@ -284,6 +308,7 @@ async def raw_run(bootstrap: str, n: int, work_ms: float) -> tuple[Figures, floa
         await first_seen.wait()
         await asyncio.sleep(0.2)
     await producer.stop()
+    figures.start_cpu()
     proc = start_producer(bootstrap, topic, n, AGGREGATES)
     try:
         await asyncio.wait_for(done.wait(), max(120, n / 500))
@@ -331,6 +356,7 @@ def main() -> None:
     parser.add_argument("-n", type=int, default=3000, help="messages per run")
     parser.add_argument("--bootstrap", help="host:port of a broker (default: start Tansu)")
     parser.add_argument("--pc", action="store_true", help="also run the PC workload")
+    parser.add_argument("--repeat", type=int, default=3, help="runs per figure (median)")
     parser.add_argument("--role", default="bench", choices=["bench", "producer"])
     parser.add_argument("--topic")
     parser.add_argument("--keys", type=int, default=AGGREGATES)
@@ -343,14 +369,16 @@ def main() -> None:
               f"{PARTITIONS} partitions, {WORKERS} workers")  # fmt: skip
         for work_ms in (0.0, 1.0):
             label = "no-op" if not work_ms else "1 ms "
-            raw, raw_first = asyncio.run(raw_run(bootstrap, args.n, work_ms))
-            ours, our_first = trio.run(trio_bus_run, bootstrap, args.n, work_ms)
-            print(f"[{label}] raw aiokafka : {raw.summary()}  first {raw_first:5.1f} ms")
-            print(f"[{label}] trio_bus     : {ours.summary()}  first {our_first:5.1f} ms")
-            ratio = (len(ours.latencies) / (ours.last - ours.first_ts)) / (
-                len(raw.latencies) / (raw.last - raw.first_ts)
-            )
-            print(f"[{label}] ratio trio_bus/raw: {ratio:.2f}x")
+            raw_runs: list[tuple[Figures, float]] = []
+            our_runs: list[tuple[Figures, float]] = []
+            for _ in range(args.repeat):  # interleaved: both see the same noise
+                raw_runs.append(asyncio.run(raw_run(bootstrap, args.n, work_ms)))
+                our_runs.append(trio.run(trio_bus_run, bootstrap, args.n, work_ms))
+            raw_rate, raw_line = _line(raw_runs)
+            our_rate, our_line = _line(our_runs)
+            print(f"[{label}] raw aiokafka : {raw_line}")
+            print(f"[{label}] trio_bus     : {our_line}")
+            print(f"[{label}] ratio trio_bus/raw (medians): {our_rate / raw_rate:.2f}x")
         if args.pc:
             for keys in (1, 10, 100, 10_000):
                 seconds = trio.run(pc_run, bootstrap, keys)

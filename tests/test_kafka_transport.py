@@ -299,6 +299,36 @@ async def test_release_redelivers_and_holds_commit(kafka_broker: KafkaBroker) ->
         await consumer.aclose()
 
 
+async def test_revocation_commits_finished_prefix_only(kafka_broker: KafkaBroker) -> None:
+    """A member joins while a handler of the first member is still running:
+    after ``rebalance_grace`` the partition moves on with its finished prefix
+    committed; the late ack of the slow record is never committed."""
+    topic, group = _name("t"), _name("g")
+    options = KafkaOptions(topic=TopicConfig(partitions=1))  # grace 3 s (URL)
+    async with kafka(kafka_broker, options) as ta, kafka(kafka_broker, options) as tb:
+        await ta.publish_batch(msgs(topic, 5))
+        ca = await ta.open_consumer(ConsumerSpec(topic=topic, group=group, start="earliest"))
+        records = await fetch_n(ca, 5)
+        for i in (0, 1, 3, 4):
+            ca.ack(records[i])  # record 2 is the slow one
+        start = trio.current_time()
+        cb = await tb.open_consumer(ConsumerSpec(topic=topic, group=group, start="earliest"))
+        assert trio.current_time() - start >= 2.5  # the revocation waited
+        assert await committed(ta, group, topic) == {0: 2}
+        ca.ack(records[2])  # too late: its partition was revoked
+        await ca.flush()
+        assert await committed(ta, group, topic) == {0: 2}
+        owner = ca if ta.groups[group].tracks else cb
+        again = await fetch_n(owner, 3)
+        assert [r.offset for r in again] == [2, 3, 4]
+        for r in again:
+            owner.ack(r)
+        await owner.flush()
+        assert await committed(ta, group, topic) == {0: 5}
+        await ca.aclose()
+        await cb.aclose()
+
+
 async def test_backpressure_pauses_and_resumes(kafka_broker: KafkaBroker) -> None:
     topic, group = _name("t"), _name("g")
     options = KafkaOptions(
