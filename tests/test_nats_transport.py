@@ -596,3 +596,22 @@ def test_ack_subject_parsing_and_names() -> None:
         NatsOptions(stream_prefix="a.b")
     with pytest.raises(ConfigError):
         NatsOptions(topics={"t": "memory"})  # type: ignore[dict-item]
+
+
+async def test_closing_while_the_server_is_down_is_bounded(
+    private_nats_server: NatsServer,
+) -> None:
+    server = private_nats_server
+    topic = uid("t")
+    baseline = len(trio.lowlevel.current_root_task().child_nurseries)
+    with trio.fail_after(10):
+        async with transport(server.url, FAST) as t:
+            consumer = await t.open_consumer(ConsumerSpec(topic=topic, group="g"))
+            await t.publish_batch(msgs(topic, 2))
+            held = await fetch_n(consumer, 2)
+            consumer.ack(held[0])
+            server.stop(signal.SIGKILL)
+            start = trio.current_time()
+    # Shielded cleanup with a bound: consumer close + connection close.
+    assert trio.current_time() - start < 6
+    assert len(trio.lowlevel.current_root_task().child_nurseries) == baseline
