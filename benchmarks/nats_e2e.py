@@ -329,7 +329,8 @@ def main() -> None:
                     f"{system:8} handler {sleep_ms:g} ms: {median['msg_per_s']:8.0f} msg/s  "
                     f"p50 {median['p50_ms']:7.1f} ms  p99 {median['p99_ms']:7.1f} ms  "
                     f"first {median['first_ms']:5.1f} ms  order violations "
-                    f"{median['order_violations']}  consumer cpu {median['consumer_cpu_s']:.1f}s  (runs: "
+                    f"{median['order_violations']}  "
+                    f"consumer cpu {median['consumer_cpu_s']:.1f}s  (runs: "
                     + ", ".join(f"{r['msg_per_s']:.0f}" for r in runs)
                     + ")",
                     flush=True,
