@@ -855,6 +855,7 @@ class _Group:
                 continue
             want_pause = (
                 self._paused_all
+                or track.released is not None  # refetched after the seek anyway
                 or track.unsettled >= part_limit
                 or (track.paused and track.unsettled > part_limit // 2)
             )
