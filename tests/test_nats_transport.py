@@ -617,3 +617,12 @@ async def test_closing_while_the_server_is_down_is_bounded(
     # Shielded cleanup with a bound: consumer close + connection close.
     assert trio.current_time() - start < 6
     assert task_count() == baseline
+
+
+async def test_several_servers_in_the_url(nats_bus_url: str) -> None:
+    """A dead server in the list does not stop the bus from connecting."""
+    live = nats_bus_url.split("://", 1)[1]
+    topic = uid("t")
+    with trio.fail_after(WAIT):
+        async with transport(f"nats://127.0.0.1:1,{live}") as t:
+            assert await t.publish_batch(msgs(topic, 1)) == [None]
