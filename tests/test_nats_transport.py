@@ -284,8 +284,10 @@ async def test_validate_only_refuses_a_missing_stream(nats_bus_url: str) -> None
     async with transport(nats_bus_url, NatsOptions(topic_strategy="validate_only")) as t:
         with pytest.raises(TopicConfigError, match="does not exist"):
             await t.open_consumer(ConsumerSpec(topic=topic, group="g"))
-        (outcome,) = await t.publish_batch(msgs(topic, 1))
-        assert isinstance(outcome, TopicConfigError)
+        first, second = await t.publish_batch(msgs(topic, 2))
+        assert isinstance(first, PublishError)
+        assert isinstance(first.__cause__, TopicConfigError)
+        assert first is not second
 
 
 async def test_mismatch_warn_fail_and_update(

@@ -796,7 +796,11 @@ class _Conn:
             record = records[i]
             where = topics[record.topic]
             if isinstance(where, Exception):
-                outcomes[i] = where
+                # One fresh error per message (the core adds notes to it);
+                # the topic's problem (TopicConfigError...) is the cause.
+                failure = PublishError(f"not sent to {record.topic!r}: {where}")
+                failure.__cause__ = where
+                outcomes[i] = failure
                 continue
             previous = outcomes[i]
             if previous is not None and not isinstance(
