@@ -628,3 +628,13 @@ async def test_several_servers_in_the_url(nats_bus_url: str) -> None:
     with trio.fail_after(WAIT):
         async with transport(f"nats://127.0.0.1:1,{live}") as t:
             assert await t.publish_batch(msgs(topic, 1)) == [None]
+
+
+async def test_a_connection_closed_for_good_fails_fetch(nats_bus_url: str) -> None:
+    topic = uid("t")
+    async with transport(nats_bus_url) as t:
+        consumer = await t.open_consumer(ConsumerSpec(topic=topic, group="g"))
+        # What nats-py does on a fatal error: close the connection itself.
+        await t.run_on_loop(t.client.close)
+        with trio.fail_after(WAIT), pytest.raises(TransportUnavailableError):
+            await consumer.fetch(1)

@@ -463,6 +463,8 @@ class _Conn:
         self.nc: _NatsClient = _NatsClient()
         self.connected = asyncio.Event()
         self.closing = False
+        #: Set when the connection closed by itself; fetch raises it.
+        self.broken: TransportError | None = None
         self.topics: dict[str, _TopicInfo] = {}
         self.pullers: set[_Puller] = set()
         self._topic_locks: dict[str, asyncio.Lock] = {}
@@ -497,6 +499,17 @@ class _Conn:
             if not self.closing:
                 logger.warning("disconnected from nats")
 
+        async def on_closed() -> None:
+            if not self.closing:
+                # nats-py gave up on the connection (it retries forever, so
+                # something fatal): make fetch fail loudly instead of waiting.
+                logger.error("the nats connection closed: %r", self.nc.last_error)
+                self.broken = TransportUnavailableError(
+                    f"the nats connection closed: {self.nc.last_error!r}"
+                )
+                for puller in list(self.pullers):
+                    puller._signal()
+
         async def on_reconnected() -> None:
             logger.warning("reconnected to nats at %s", self.nc.connected_url)
             self.connected.set()
@@ -509,6 +522,7 @@ class _Conn:
             "error_cb": on_error,
             "disconnected_cb": on_disconnected,
             "reconnected_cb": on_reconnected,
+            "closed_cb": on_closed,
             "allow_reconnect": True,
             "max_reconnect_attempts": -1,
             "connect_timeout": c.connect_timeout,
@@ -1425,6 +1439,9 @@ class NatsConsumer(Consumer):
         while True:
             if self._closed or puller.closed or puller.closing:
                 raise BusClosedError("the consumer is closed")
+            broken = puller.conn.broken
+            if broken is not None:
+                raise TransportUnavailableError(str(broken)) from broken
             if puller.buffer:
                 records = puller.take_nowait(max_records)
                 if records:
