@@ -42,6 +42,7 @@ class PartitionTrack:
 
     __slots__ = (
         "_done",
+        "_open",
         "_pending",
         "_released",
         "committed",
@@ -70,6 +71,8 @@ class PartitionTrack:
         # offset stays here until every offset before it finished.
         self._pending: deque[int] = deque()
         self._done: set[int] = set()
+        # Offsets added and neither finished nor released.
+        self._open: set[int] = set()
 
     def add(self, offset: int) -> bool:
         """Record that *offset* was fetched; False for a duplicate or stale
@@ -77,17 +80,23 @@ class PartitionTrack:
         if offset < self.next_offset:
             return False
         self._pending.append(offset)
+        self._open.add(offset)
         self.next_offset = offset + 1
         self.unsettled += 1
         return True
 
     def finish(self, offset: int) -> bool:
         """Mark *offset* handled; True when it was unsettled before."""
-        if not self._is_unsettled(offset):
+        open_ = self._open
+        if offset not in open_:
             return False
-        self._done.add(offset)
+        open_.remove(offset)
         self.unsettled -= 1
         pending, done = self._pending, self._done
+        if pending[0] == offset:  # the common case: finishing in order
+            pending.popleft()
+        else:
+            done.add(offset)
         while pending and pending[0] in done:
             done.discard(pending.popleft())
         return True
@@ -95,19 +104,14 @@ class PartitionTrack:
     def release(self, offset: int) -> bool:
         """Mark *offset* not handled: the point never passes it in this
         track. True when it was unsettled before."""
-        if not self._is_unsettled(offset):
+        if offset not in self._open:
             return False
+        self._open.remove(offset)
         self.unsettled -= 1
         self._released.add(offset)
         if self.released is None or offset < self.released:
             self.released = offset
         return True
-
-    def _is_unsettled(self, offset: int) -> bool:
-        if offset in self._done or offset in self._released:
-            return False
-        pending = self._pending
-        return bool(pending) and pending[0] <= offset < self.next_offset
 
     @property
     def point(self) -> int:
