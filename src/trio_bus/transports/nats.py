@@ -1241,11 +1241,19 @@ class _Puller:
     def _in_hand(self) -> int:
         return len(self.buffer) + (0 if self.barrier_left else len(self.held))
 
+    def _pull_size(self) -> int:
+        """Messages to request now: the free room, once it is at least half
+        the prefetch window (or anything when nothing is requested)."""
+        room = self.prefetch - self.requested - self._in_hand()
+        if room <= 0 or (self.requested and room < max(1, self.prefetch // 2)):
+            return 0
+        return room
+
     async def _maybe_pull(self) -> None:
         if self.closing or not self.conn.nc.is_connected:
             return
-        room = self.prefetch - self.requested - self._in_hand()
-        if room <= 0 or (self.requested and room < max(1, self.prefetch // 2)):
+        room = self._pull_size()
+        if not room:
             return
         copts = self.copts
         request = b'{"batch":%d,"expires":%d,"idle_heartbeat":%d}' % (
@@ -1399,8 +1407,10 @@ class _Puller:
                 )
             )
         # Room in the buffer: let the pull loop top up (asyncio call_soon
-        # works from Trio code on trio-asyncio's loop).
-        self.wake.set()
+        # works from Trio code on trio-asyncio's loop). Only when it would
+        # pull: each wake-up is a round of trio-asyncio's loop.
+        if self._pull_size() and not self.wake.is_set():
+            self.wake.set()
         return out
 
 
