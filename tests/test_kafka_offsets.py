@@ -33,6 +33,8 @@ def test_gaps_in_offsets_are_skipped() -> None:
         track.add(offset)
     track.finish(0)
     assert track.point == 3
+    assert not track.finish(5)  # never fetched: refused
+    assert not track.release(5)
     track.finish(7)
     assert track.point == 3
     track.finish(3)
