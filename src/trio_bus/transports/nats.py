@@ -3,20 +3,23 @@
 nats-py runs on an asyncio loop owned by the transport (through
 :mod:`trio_bus.transports._bridge`); Trio code crosses to it once per batch:
 
-* **publish**: :meth:`NatsTransport.publish_batch` starts every JetStream
-  publish of a batch at once (``publish_async``) and awaits all the acks in
-  one crossing. Each message carries ``Nats-Msg-Id`` (the envelope's event
-  id, or a fresh id) so a retried publish is deduplicated by the server, and
+* **publish**: :meth:`NatsTransport.publish_batch` sends every JetStream
+  publish of a batch at once, matching the server's acks in a dict (no
+  future per message), and returns when all are answered: one crossing.
+  Each message carries ``Nats-Msg-Id`` (the envelope's event id, or a fresh
+  id) so a retried publish is deduplicated by the server, and
   ``X-Aggregate-ID`` when it has a key.
 * **consume**: a pull loop on the asyncio side keeps a bounded number of
   messages requested from a durable pull consumer (explicit ack), with idle
   heartbeats so a pull that went silent (server restart) is noticed and
-  issued again. Deliveries wait in a bounded buffer; ``fetch`` takes them in
-  one crossing. Acks and naks are queued by the synchronous
-  ``ack``/``release`` and sent in batches (with the next fetch, or by a
-  flusher a few milliseconds later); every unsettled delivery gets an
-  in-progress ack (``+WPI``) every ``ack_wait / 3`` so AckWait never expires
-  under a queued, running or retried message.
+  issued again. Deliveries wait in a bounded buffer that ``fetch`` reads
+  directly: trio-asyncio runs asyncio callbacks in a Trio task of the same
+  thread, so the hand-over is shared memory plus a parking lot, with no
+  crossing at all. Acks and naks are queued by the synchronous
+  ``ack``/``release`` and sent in batches by one flusher task (one crossing
+  for every consumer's queue); every unsettled delivery gets an in-progress
+  ack (``+WPI``) every ``ack_wait / 3`` so AckWait never expires under a
+  queued, running or retried message.
 
 Topics map to streams: topic ``orders.eu`` is stream ``orders_eu`` with
 subjects ``orders.eu`` and ``orders.eu.>`` (a NATS stream name cannot
@@ -1532,9 +1535,9 @@ class NatsTransport(Transport):
             self._flush_wanted.set()
 
     async def _flusher(self) -> None:
-        # One task for all consumers. Acks usually ride along with the next
-        # fetch; this sends them when no fetch comes soon (idle consumer, or
-        # fetching paused by backpressure): one crossing for every outbox.
+        # One task for all consumers: waits ACK_DELAY after the first queued
+        # ack (or not at all once ACK_BATCH are queued), then sends every
+        # consumer's queue in one crossing.
         while True:
             await self._flush_wanted.wait()
             self._flush_wanted = trio.Event()
