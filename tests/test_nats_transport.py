@@ -638,3 +638,27 @@ async def test_a_connection_closed_for_good_fails_fetch(nats_bus_url: str) -> No
         await t.run_on_loop(t.client.close)
         with trio.fail_after(WAIT), pytest.raises(TransportUnavailableError):
             await consumer.fetch(1)
+
+
+async def test_publish_waits_out_a_short_outage(private_nats_server: NatsServer) -> None:
+    """Within publish_timeout a publish waits for the reconnection and is
+    then acked by the server (never reported stored without that ack)."""
+    server = private_nats_server
+    topic = uid("t")
+    options = attrs_evolve(FAST, publish_timeout=10.0)
+    async with transport(server.url, options) as t:
+        consumer = await t.open_consumer(ConsumerSpec(topic=topic, group="g"))
+        assert await t.publish_batch(msgs(topic, 1)) == [None]
+        server.stop()
+        with trio.fail_after(WAIT):
+            async with trio.open_nursery() as nursery:
+                outcome: list[Sequence[Exception | None]] = []
+
+                async def publish() -> None:
+                    outcome.append(await t.publish_batch(msgs(topic, 1, start=1)))
+
+                nursery.start_soon(publish)
+                await trio.to_thread.run_sync(server.start)
+        assert outcome == [[None]]
+        values = [r.value for r in await fetch_n(consumer, 2)]
+        assert values == [b"0", b"1"]

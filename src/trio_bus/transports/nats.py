@@ -475,7 +475,9 @@ class _Conn:
         self._echo_inbox: str | None = None
         self._ack_prefix: str | None = None
         self._ack_seq = 0
-        self._ack_waiters: dict[str, tuple[_AckBatch, int, str]] = {}
+        #: reply subject -> (batch, index, topic, value, headers) of every
+        #: publish waiting for its JetStream ack.
+        self._ack_waiters: dict[str, tuple[_AckBatch, int, str, bytes, dict[str, str]]] = {}
         self._echo_seq = 0
         self._echo_waiters: dict[bytes, asyncio.Future[None]] = {}
 
@@ -518,6 +520,7 @@ class _Conn:
             self.connected.set()
             for puller in list(self.pullers):
                 puller.on_reconnected()
+            await self.resend_unacked_publishes()
 
         kwargs: dict[str, Any] = {
             "servers": servers,
@@ -835,7 +838,7 @@ class _Conn:
                 headers.pop(TOPIC_HEADER, None)
             self._ack_seq += 1
             reply = f"{acks}{self._ack_seq}"
-            self._ack_waiters[reply] = (batch, i, record.topic)
+            self._ack_waiters[reply] = (batch, i, record.topic, record.value, headers)
             batch.waiting += 1
             try:
                 await nc.publish(record.topic, record.value, reply=reply, headers=headers)
@@ -866,11 +869,22 @@ class _Conn:
             self._ack_prefix = prefix
         return self._ack_prefix
 
+    async def resend_unacked_publishes(self) -> None:
+        """After a reconnection: publish again what has no ack yet, with
+        the same ``Nats-Msg-Id`` (the server drops a copy it already
+        stored), so a short outage costs a delay, not an unknown outcome."""
+        for reply, (_, _, topic, value, headers) in list(self._ack_waiters.items()):
+            try:
+                await self.nc.publish(topic, value, reply=reply, headers=headers)
+            except Exception as exc:
+                logger.debug("re-publishing after a reconnection failed: %r", exc)
+                return
+
     async def _on_publish_ack(self, msg: _NatsMsg) -> None:
         entry = self._ack_waiters.pop(msg.subject, None)
         if entry is None:
             return  # late: already reported as outcome unknown
-        batch, index, topic = entry
+        batch, index, topic = entry[:3]
         headers = msg.headers
         if headers and headers.get("Status") == "503":
             failure: Exception | None = nats.js.errors.NoStreamResponseError()
