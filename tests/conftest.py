@@ -12,7 +12,7 @@ import pytest
 pytest_plugins: list[str] = ["tests._kafka_broker", "tests._nats_server"]
 
 #: Transports the semantic suite runs on.
-TRANSPORTS = ["memory", "nats"]
+TRANSPORTS = ["memory", "nats", "kafka"]
 
 
 @pytest.fixture
