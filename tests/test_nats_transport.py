@@ -662,3 +662,18 @@ async def test_publish_waits_out_a_short_outage(private_nats_server: NatsServer)
         assert outcome == [[None]]
         values = [r.value for r in await fetch_n(consumer, 2)]
         assert values == [b"0", b"1"]
+
+
+def test_header_parser_matches_nats_py() -> None:
+    from nats.aio.client import Client
+
+    from trio_bus.transports.nats import _Client
+
+    samples = [
+        b"X-Aggregate-ID: order-1\r\nNats-Msg-Id: abc\r\n\r\n",
+        b"A:b\r\nC:\tspaced value \r\nbad name: x\r\n: empty\r\nno-colon\r\n",
+        b"K: caf\xc3\xa9 \xff\r\nTab\tName: v\r\nX-\x0bY: z\r\n\xff: bin\r\n",
+        b"",
+    ]
+    for raw in samples:
+        assert _Client._parse_header_lines(raw) == Client._parse_header_lines(raw)

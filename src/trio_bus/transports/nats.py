@@ -457,13 +457,40 @@ def _parse_reply(reply: str) -> tuple[int, int, float | None]:
     return int(tokens[base]), int(tokens[base + 1]), stamp
 
 
+class _Client(_NatsClient):
+    """nats-py's client with a cheaper header parser.
+
+    nats-py checks each header name for whitespace with a generator over its
+    characters: a few microseconds per message, a fifth of our per-message
+    cost. Same result, computed with ``str.split`` (tests compare both).
+    """
+
+    @staticmethod
+    def _parse_header_lines(raw: bytes) -> dict[str, str]:
+        out: dict[str, str] = {}
+        for line in raw.split(b"\r\n"):
+            if not line:
+                continue
+            name, sep, value = line.partition(b":")
+            if not sep:
+                continue
+            try:
+                key = name.strip().decode("ascii")
+            except UnicodeDecodeError:
+                continue
+            if key and key.split() != [key]:
+                continue  # whitespace inside the name: invalid, skipped
+            out[key] = value.strip().decode("utf-8", "replace")
+        return out
+
+
 class _Conn:
     """The nats-py connection and everything shared by its users; lives on
     the asyncio side."""
 
     def __init__(self, options: NatsOptions) -> None:
         self.options = options
-        self.nc: _NatsClient = _NatsClient()
+        self.nc: _NatsClient = _Client()
         self.connected = asyncio.Event()
         self.closing = False
         #: Set when the connection closed by itself; fetch raises it.
