@@ -973,8 +973,9 @@ class _Puller:
         self.unsettled: dict[int, _Delivery] = {}
         #: (reply subject, payload) waiting to be sent, in order.
         self.outbox: list[tuple[str, bytes]] = []
-        #: acks sent but not yet confirmed by a PING/PONG round trip;
-        #: sent again after a reconnection (acks are idempotent).
+        #: acks sent but not yet confirmed by an echo round trip
+        #: (Conn.round_trip); sent again after a reconnection (acks are
+        #: idempotent).
         self.unconfirmed: list[str] = []
         self.generation = 0  # bumped by each reconnection
         self.requested = 0
@@ -1610,7 +1611,8 @@ class NatsTransport(Transport):
         try:
             await self._bridge.call(puller.start)
         except BaseException:
-            with trio.CancelScope(shield=True):
+            with trio.CancelScope(shield=True) as scope:
+                scope.deadline = trio.current_time() + CLOSE_TIMEOUT
                 await self._bridge.call(puller.close)
             raise
         consumer = NatsConsumer(self, puller)
