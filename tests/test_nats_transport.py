@@ -677,3 +677,19 @@ def test_header_parser_matches_nats_py() -> None:
     ]
     for raw in samples:
         assert _Client._parse_header_lines(raw) == Client._parse_header_lines(raw)
+
+
+async def test_cancelled_open_consumer_leaves_nothing_behind(nats_bus_url: str) -> None:
+    baseline = task_count()
+    async with transport(nats_bus_url) as t:
+        for delay in (0, 0.001, 0.003, 0.01, 0.03):
+            opened: list[NatsConsumer] = []
+            with trio.move_on_after(delay):
+                opened.append(await t.open_consumer(ConsumerSpec(topic=uid("t"), group="g")))
+            # Either it returned a consumer (the caller owns it) or it left
+            # nothing behind.
+            for consumer in opened:
+                await consumer.aclose()
+            assert not t._conn.pullers
+            assert not t._consumers
+    assert task_count() == baseline

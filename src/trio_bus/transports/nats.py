@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import json
 import logging
 import math
@@ -1035,6 +1036,13 @@ class _Puller:
                 self.barrier_left,
                 self.barrier_deadline - loop.time(),
             )
+        if self.closing:
+            # close() ran while we were starting (a cancelled open_consumer:
+            # trio-asyncio does not wait for the asyncio task to unwind).
+            if self.sub is not None:
+                with contextlib.suppress(Exception):
+                    await self.sub.unsubscribe()
+            return
         conn.pullers.add(self)
         self.last_activity = loop.time()
         self.tasks = [
