@@ -12,6 +12,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import NoReturn
 
+import trio
+
 __all__ = ["leaves", "lone_exception", "raise_as_is", "unwrap_lone_exception"]
 
 
@@ -23,8 +25,13 @@ def leaves(exc: BaseException) -> list[BaseException]:
 
 
 def lone_exception(group: BaseExceptionGroup[BaseException]) -> BaseException | None:
-    """The only leaf of *group*, if it has exactly one."""
+    """The only leaf of *group* that is not a ``trio.Cancelled``, if it has
+    exactly one (a pending cancellation is delivered again at the next
+    checkpoint); else the lone Cancelled; else None."""
     found = leaves(group)
+    errors = [leaf for leaf in found if not isinstance(leaf, trio.Cancelled)]
+    if len(errors) == 1:
+        return errors[0]
     return found[0] if len(found) == 1 else None
 
 

@@ -55,6 +55,7 @@ except ImportError as exc:  # pragma: no cover - depends on the install
         f'the kafka transport needs aiokafka: pip install "trio-bus[kafka]" ({exc})'
     ) from exc
 
+from .._exceptions import unwrap_lone_exception
 from .._message import OutgoingMessage, Record
 from ..errors import (
     BusClosedError,
@@ -1291,30 +1292,11 @@ async def open_transport(settings: TransportSettings) -> AsyncIterator[KafkaTran
     commits what finished, leaves every group and closes every client, also
     when cancelled (shielded, bounded by ``close_timeout``)."""
     options = resolve_options(settings)
-    try:
+    # trio-asyncio's loop nursery wraps whatever leaves the block; give
+    # callers the one exception they would expect.
+    with unwrap_lone_exception():
         async with _open(settings, options) as transport:
             yield transport
-    except BaseExceptionGroup as group:
-        # trio-asyncio's loop nursery wraps whatever leaves the block; give
-        # callers the one exception they would expect.
-        leaf = _single_leaf(group)
-        if leaf is None:
-            raise
-        context, suppress = leaf.__context__, leaf.__suppress_context__
-        try:
-            raise leaf
-        finally:
-            leaf.__context__, leaf.__suppress_context__ = context, suppress
-            del leaf, group
-
-
-def _single_leaf(group: BaseExceptionGroup[BaseException]) -> BaseException | None:
-    """The only non-cancellation exception in *group*, else None."""
-    _, rest = group.split(trio.Cancelled)
-    leaf: BaseException | None = rest
-    while isinstance(leaf, BaseExceptionGroup) and len(leaf.exceptions) == 1:
-        leaf = leaf.exceptions[0]
-    return None if isinstance(leaf, BaseExceptionGroup) else leaf
 
 
 @asynccontextmanager

@@ -45,6 +45,7 @@ from typing import Any, Literal
 import attrs
 import trio
 
+from .._exceptions import unwrap_lone_exception
 from .._message import OutgoingMessage, Record
 from .._names import AGGREGATE_ID_HEADER
 from ..errors import (
@@ -1643,21 +1644,6 @@ def _servers(settings: TransportSettings) -> list[str]:
     return [host if "://" in host else f"nats://{host}" for host in settings.hosts]
 
 
-def _single(group: BaseExceptionGroup[BaseException]) -> BaseException | None:
-    """The only leaf of *group*, if it has exactly one."""
-    leaves: list[BaseException] = []
-
-    def walk(exc: BaseException) -> None:
-        if isinstance(exc, BaseExceptionGroup):
-            for sub in exc.exceptions:
-                walk(sub)
-        else:
-            leaves.append(exc)
-
-    walk(group)
-    return leaves[0] if len(leaves) == 1 else None
-
-
 @asynccontextmanager
 async def open_transport(settings: TransportSettings) -> AsyncIterator[NatsTransport]:
     """Connect to NATS; everything (loop, client, tasks) ends with the block.
@@ -1666,21 +1652,11 @@ async def open_transport(settings: TransportSettings) -> AsyncIterator[NatsTrans
         ConfigError: ``settings.options`` is not a :class:`NatsOptions`.
         TransportUnavailableError: no server could be reached.
     """
-    try:
+    # The loop's and our nurseries wrap what passes through them; raise a
+    # lone exception as itself, as a plain context manager would.
+    with unwrap_lone_exception():
         async with _open_transport(settings) as transport:
             yield transport
-    except BaseExceptionGroup as group:
-        # The loop's and our nurseries wrap what passes through them; raise
-        # a lone exception as itself, as a plain context manager would.
-        exc = _single(group)
-        if exc is None:
-            raise
-        context, suppress = exc.__context__, exc.__suppress_context__
-        try:
-            raise exc
-        finally:
-            exc.__context__, exc.__suppress_context__ = context, suppress
-            del exc, group
 
 
 @asynccontextmanager
