@@ -44,8 +44,28 @@ def validate_topic(topic: object) -> str:
     return topic
 
 
+_normalized: dict[str, str | None] = {}
+_NORMALIZED_CACHE = 65536
+
+
 def normalize_aggregate_id(value: str) -> str | None:
-    """Trim *value* and return it if it is a valid aggregate ID, else None."""
+    """Trim *value* and return it if it is a valid aggregate ID, else None.
+
+    Results are cached: the same few aggregates come back message after
+    message.
+    """
+    try:
+        return _normalized[value]
+    except KeyError:
+        pass
+    result = _normalize(value)
+    if len(_normalized) >= _NORMALIZED_CACHE:
+        _normalized.clear()
+    _normalized[value] = result
+    return result
+
+
+def _normalize(value: str) -> str | None:
     value = value.strip()
     if (
         value
@@ -89,6 +109,8 @@ def validate_headers(headers: Mapping[str, str] | None) -> dict[str, str]:
 
 def header_lookup(headers: Mapping[str, str], name: str) -> str | None:
     """Case-insensitive header lookup (HTTP-style header names)."""
+    if not headers:
+        return None
     value = headers.get(name)
     if value is not None:
         return value
