@@ -8,7 +8,7 @@ import nox
 nox.options.sessions = ["tests", "lint", "typing"]
 nox.options.reuse_existing_virtualenvs = True
 
-EXTRAS = "test,kafka,nats"
+EXTRAS = "test,kafka,nats,bench"
 
 
 def install(session: nox.Session, extras: str = EXTRAS) -> None:
