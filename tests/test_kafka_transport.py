@@ -516,9 +516,9 @@ def test_options_validation(kafka_broker: KafkaBroker) -> None:
     assert opts.compression == "lz4"
 
 
-async def test_connected_follows_the_broker(tansu_binary: str, tmp_path: Path) -> None:
+async def test_connected_follows_the_broker(tansu_binary_path: str, tmp_path: Path) -> None:
     port = free_port()
-    with run_tansu(tansu_binary, tmp_path / "tansu.log", port) as pid:
+    with run_tansu(tansu_binary_path, tmp_path / "tansu.log", port) as broker:
         settings = TransportSettings(
             url=f"kafka://127.0.0.1:{port}",
             hosts=(f"127.0.0.1:{port}",),
@@ -528,7 +528,7 @@ async def test_connected_follows_the_broker(tansu_binary: str, tmp_path: Path) -
         )
         async with open_transport(settings) as transport:
             assert transport.connected
-            os.kill(pid, signal.SIGKILL)
+            os.kill(broker.pid, signal.SIGKILL)
             with trio.fail_after(WAIT):
                 while transport.connected:
                     await trio.sleep(0.05)  # it is checked every second

