@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import runpy
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -28,6 +30,17 @@ async def test_demo_shows_order_retry_and_dead_letter(capsys: pytest.CaptureFixt
 def test_cli_demo(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["demo", "--orders", "4", "--messages", "0"]) == 0
     assert "shipped after its payment was parked: True" in capsys.readouterr().out
+
+
+def test_python_dash_m_runs_the_cli() -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "trio_bus", "demo", "--orders", "2", "--messages", "0"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    ).stdout
+    assert "order-01: OrderCreated" in out
 
 
 def test_example_publish_subscribe(capsys: pytest.CaptureFixture[str]) -> None:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 import trio
 
@@ -22,6 +24,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     check.add_argument("url", help="bus URL, e.g. kafka://127.0.0.1:9092")
     check.add_argument("--timeout", type=float, default=10.0, help="seconds for the whole check")
+    commands.add_parser(
+        "bench",
+        help="benchmarks against the raw clients and FastStream (source checkout, [bench] extra)",
+        add_help=False,
+    )
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["bench"]:
+        return _bench(argv[1:])  # its own options: see ``trio-bus bench --help``
     args = parser.parse_args(argv)
     if args.command == "demo":
         from .demo import run
@@ -29,6 +39,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         trio.run(lambda: run(orders=args.orders, throughput_messages=args.messages))
         return 0
     return trio.run(_check, args.url, args.timeout)
+
+
+def _bench(argv: list[str]) -> int:
+    # The suite lives in the repository's benchmarks/ package (it needs the
+    # brokers, FastStream and matplotlib), not in the installed library:
+    # run it from the top of a source checkout.
+    if Path("benchmarks", "cli.py").is_file() and "" not in sys.path:
+        sys.path.insert(0, "")
+    try:
+        from benchmarks.cli import main as bench_main
+    except ImportError as exc:
+        print(
+            f"trio-bus bench runs from a source checkout ({exc}): "
+            'pip install -e ".[bench]" and run it at the top of the repository'
+        )
+        return 2
+    bench_main.main(args=argv, prog_name="trio-bus bench", standalone_mode=False)
+    return 0
 
 
 async def _check(url: str, seconds: float) -> int:
@@ -51,3 +79,7 @@ async def _check(url: str, seconds: float) -> int:
     except (BusError, OSError, trio.TooSlowError) as exc:
         print(f"cannot reach {url}: {type(exc).__name__}: {exc}")
         return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
