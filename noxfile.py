@@ -43,4 +43,9 @@ def typing(session: nox.Session) -> None:
 def bench(session: nox.Session) -> None:
     """Benchmarks (not part of the test suite)."""
     install(session)
-    session.run("python", "benchmarks/memory_e2e.py", *session.posargs)
+    session.run(
+        "python",
+        "-m",
+        "benchmarks",
+        *(session.posargs or ["--transport", "all", "--start-brokers"]),
+    )
