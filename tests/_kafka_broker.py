@@ -19,7 +19,7 @@ from typing import Self
 import attrs
 import pytest
 
-from trio_bus.testing import free_port, run_tansu, tansu_binary
+from trio_bus.testing import TansuBroker, free_port, run_tansu, tansu_binary
 
 __all__ = ["KAFKA_TEST_PARAMS", "ApiVersionsShim", "KafkaBroker", "free_port", "run_tansu"]
 
@@ -32,25 +32,8 @@ KAFKA_TEST_PARAMS = (
 
 
 @attrs.frozen
-class KafkaBroker:
-    """A running broker, with the trio_bus URL tests use.
-
-    Attributes:
-        host: Listener host (loopback).
-        port: Port clients connect to.
-        pid: The broker process id.
-        log: Path of the broker's log file.
-    """
-
-    host: str
-    port: int
-    pid: int
-    log: Path
-
-    @property
-    def bootstrap(self) -> str:
-        """``host:port`` for Kafka clients."""
-        return f"{self.host}:{self.port}"
+class KafkaBroker(TansuBroker):
+    """A running broker, with the trio_bus URL tests use."""
 
     @property
     def url(self) -> str:
