@@ -60,6 +60,18 @@ def at_least(minimum: float, *, integer: bool = False) -> Any:
     return check
 
 
+def positive(_: object, attribute: attrs.Attribute[Any], value: object) -> None:
+    """An attrs validator raising :class:`ConfigError` unless the value is a
+    finite number > 0."""
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        or not math.isfinite(value)
+        or value <= 0
+    ):
+        raise ConfigError(f"{attribute.name} must be a positive number, got {value!r}")
+
+
 @attrs.frozen(kw_only=True)
 class RetryPolicy:
     """How a failing handler call is retried in place before dead-lettering.

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import ssl
 import time
 from collections import deque
@@ -55,6 +54,7 @@ except ImportError as exc:  # pragma: no cover - depends on the install
         f'the kafka transport needs aiokafka: pip install "trio-bus[kafka]" ({exc})'
     ) from exc
 
+from .._config import positive as _positive
 from .._exceptions import unwrap_lone_exception
 from .._message import OutgoingMessage, Record
 from ..errors import (
@@ -118,16 +118,6 @@ DEFAULT_CLOSE_TIMEOUT = 5.0
 # Broker error codes seen in admin responses.
 _TOPIC_ALREADY_EXISTS = 36
 _UNKNOWN_TOPIC = 3
-
-
-def _positive(_: object, attribute: attrs.Attribute[Any], value: object) -> None:
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, int | float)
-        or not math.isfinite(value)
-        or value <= 0
-    ):
-        raise ConfigError(f"{attribute.name} must be a positive number, got {value!r}")
 
 
 def _non_negative(_: object, attribute: attrs.Attribute[Any], value: object) -> None:

@@ -35,7 +35,6 @@ import collections
 import contextlib
 import json
 import logging
-import math
 import ssl
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
@@ -45,6 +44,7 @@ from typing import Any, Literal
 import attrs
 import trio
 
+from .._config import positive as _positive
 from .._exceptions import unwrap_lone_exception
 from .._message import OutgoingMessage, Record
 from .._names import AGGREGATE_ID_HEADER
@@ -123,16 +123,6 @@ MismatchAction = Literal["warn", "fail"]
 
 
 # ----------------------------------------------------------------- options
-
-
-def _positive(_: object, attribute: attrs.Attribute[Any], value: object) -> None:
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, int | float)
-        or not math.isfinite(value)
-        or value <= 0
-    ):
-        raise ConfigError(f"{attribute.name} must be a positive number, got {value!r}")
 
 
 def _optional_positive(_: object, attribute: attrs.Attribute[Any], value: object) -> None:
