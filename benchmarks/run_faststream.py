@@ -32,7 +32,12 @@ import attrs
 
 from ._proto import POOL, RunSpec, emit
 from .metrics import ProducerFigures
-from .run_raw import AsyncioHarness, create_kafka_topics, ensure_nats_streams
+from .run_raw import (
+    AsyncioHarness,
+    assignment_listener,
+    create_kafka_topics,
+    ensure_nats_streams,
+)
 from .workloads import AGGREGATE_HEADER
 
 __all__ = ["consume", "produce"]
@@ -49,22 +54,11 @@ def _logger_options() -> dict[str, Any]:
 
 
 async def _consume_kafka(spec: RunSpec, harness: AsyncioHarness) -> None:
-    from aiokafka.abc import ConsumerRebalanceListener
     from faststream.kafka import KafkaBroker, KafkaMessage
 
     await create_kafka_topics(spec)
     wanted = spec.workload.partitions * len(spec.topics)
-    assigned: set[Any] = set()
-    joined = asyncio.Event()
-
-    class Listener(ConsumerRebalanceListener):  # type: ignore[misc]
-        async def on_partitions_revoked(self, revoked: Any) -> None:
-            pass
-
-        async def on_partitions_assigned(self, new: Any) -> None:
-            assigned.update(new)
-            if len(assigned) >= wanted:
-                joined.set()
+    listener, joined = assignment_listener(wanted)
 
     broker = KafkaBroker(spec.address, **_logger_options())
     recorder = harness.recorder
@@ -75,7 +69,7 @@ async def _consume_kafka(spec: RunSpec, harness: AsyncioHarness) -> None:
         auto_offset_reset="earliest",
         session_timeout_ms=spec.kafka_setting("session_timeout_ms"),
         heartbeat_interval_ms=spec.kafka_setting("heartbeat_interval_ms"),
-        listener=Listener(),
+        listener=listener,
         max_workers=POOL if concurrent else None,
     )
 

@@ -211,6 +211,26 @@ async def _put(queue: asyncio.Queue[Any], item: Any) -> None:
 # -------------------------------------------------------------------- Kafka
 
 
+def assignment_listener(wanted: int) -> tuple[Any, asyncio.Event]:
+    """An aiokafka rebalance listener and an event set once *wanted*
+    partitions are assigned (every runner waits for its group to join)."""
+    from aiokafka.abc import ConsumerRebalanceListener
+
+    assigned: set[Any] = set()
+    joined = asyncio.Event()
+
+    class Listener(ConsumerRebalanceListener):  # type: ignore[misc]
+        async def on_partitions_revoked(self, revoked: Any) -> None:
+            pass
+
+        async def on_partitions_assigned(self, new: Any) -> None:
+            assigned.update(new)
+            if len(assigned) >= wanted:
+                joined.set()
+
+    return Listener(), joined
+
+
 async def create_kafka_topics(spec: RunSpec) -> None:
     """Create the run's topics with the workload's partition count."""
     from aiokafka.admin import AIOKafkaAdminClient, NewTopic
@@ -264,21 +284,10 @@ async def consume_kafka(spec: RunSpec, harness: AsyncioHarness, ready: Callable[
     """The raw aiokafka consumer; returns once every message was handled
     or the harness was told to stop."""
     from aiokafka import AIOKafkaConsumer
-    from aiokafka.abc import ConsumerRebalanceListener
 
     await create_kafka_topics(spec)
     wanted = spec.workload.partitions * len(spec.topics)
-    assigned: set[Any] = set()
-    joined = asyncio.Event()
-
-    class Listener(ConsumerRebalanceListener):  # type: ignore[misc]
-        async def on_partitions_revoked(self, revoked: Any) -> None:
-            pass
-
-        async def on_partitions_assigned(self, new: Any) -> None:
-            assigned.update(new)
-            if len(assigned) >= wanted:
-                joined.set()
+    listener, joined = assignment_listener(wanted)
 
     consumer = AIOKafkaConsumer(
         bootstrap_servers=spec.address,
@@ -290,7 +299,7 @@ async def consume_kafka(spec: RunSpec, harness: AsyncioHarness, ready: Callable[
         session_timeout_ms=spec.kafka_setting("session_timeout_ms"),
         heartbeat_interval_ms=spec.kafka_setting("heartbeat_interval_ms"),
     )
-    consumer.subscribe(topics=spec.topics, listener=Listener())
+    consumer.subscribe(topics=spec.topics, listener=listener)
     await consumer.start()
     marks = Watermarks()
     try:
