@@ -1,11 +1,13 @@
 """Testing tools for trio_bus and for users' own tests.
 
+* :class:`FaultProxy`: a TCP proxy that resets or blackholes connections.
 * Real brokers on free loopback ports, started as processes and stopped by
   PID (:class:`NatsServer`, :func:`run_tansu`, ...).
 """
 
 from __future__ import annotations
 
+from ._proxy import FaultProxy as FaultProxy
 from ._servers import NatsServer as NatsServer
 from ._servers import TansuBroker as TansuBroker
 from ._servers import find_nats_server as find_nats_server
@@ -16,6 +18,7 @@ from ._servers import tansu_binary as tansu_binary
 from ._servers import wait_for_port as wait_for_port
 
 __all__ = [
+    "FaultProxy",
     "NatsServer",
     "TansuBroker",
     "find_nats_server",
