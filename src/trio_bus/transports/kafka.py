@@ -1293,7 +1293,7 @@ async def open_transport(settings: TransportSettings) -> AsyncIterator[KafkaTran
 async def _open(
     settings: TransportSettings, options: KafkaOptions
 ) -> AsyncIterator[KafkaTransport]:
-    async with open_bridge() as bridge:
+    async with open_bridge("kafka") as bridge:
         transport = KafkaTransport(settings, options, bridge)
         try:
             await bridge.call(transport._aio_start)

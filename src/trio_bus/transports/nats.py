@@ -1657,7 +1657,7 @@ async def _open_transport(settings: TransportSettings) -> AsyncIterator[NatsTran
     servers = _servers(settings)
     if not servers:
         raise ConfigError("a nats:// URL needs at least one host:port")
-    async with open_bridge() as bridge:
+    async with open_bridge("nats") as bridge:
         conn = _Conn(options)
         try:
             await bridge.call(conn.connect, servers, settings.client_id)
