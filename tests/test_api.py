@@ -168,3 +168,34 @@ async def test_current_message_outside_handler() -> None:
     with pytest.raises(LookupError):
         trio_bus.current_message()
     await trio.lowlevel.checkpoint()
+
+
+async def test_a_plain_function_handler_is_refused_at_subscribe(memory_bus_url: str) -> None:
+    def not_async(message: trio_bus.Message) -> None:
+        pass
+
+    async with trio_bus.open_bus(memory_bus_url) as bus:
+        with pytest.raises(TypeError, match="async def"):
+            await bus.subscribe("t", not_async)  # type: ignore[arg-type]
+        assert bus.statistics().subscriptions == 0
+
+
+async def test_statistics_repr_is_readable(memory_bus_url: str) -> None:
+    async with trio_bus.open_bus(memory_bus_url, pool_size=256) as bus:
+        text = repr(bus.statistics())
+    assert "inbox_depths" not in text
+    assert "max_inbox_depth=0" in text
+    assert len(text) < 400
+
+
+async def test_probe_publishes_stay_out_of_the_result_stream(memory_bus_url: str) -> None:
+    async with trio_bus.open_bus(memory_bus_url) as bus:
+        results = bus.open_publish_results()
+        for _ in range(3):
+            await bus.probe()
+        await bus.publish("t", b"x")
+        with trio.fail_after(5):
+            result = await results.receive()
+        assert result.topic == "t"
+        with pytest.raises(trio.WouldBlock):
+            results.receive_nowait()

@@ -14,9 +14,10 @@ NATS JetStream or an embedded in-memory transport::
             await bus.publish("orders", b'{"total": 5}', key="order-1")
 
 Layers, each importing only from those above it: ``errors`` -> ``_names``,
-``_envelope``, ``_message``, ``_config`` -> ``transports._base`` ->
-``_pool``, ``_publish`` -> ``_bus``. Concrete transports are imported
-lazily by URL scheme.
+``_envelope``, ``_message``, ``_config``, ``_stats`` -> ``transports._base``
+-> ``_pool``, ``_publisher`` -> ``_subscription`` -> ``health``, ``metrics``
+-> ``_bus`` -> ``_open``. Concrete transports are imported lazily by URL
+scheme; only they and ``transports._bridge`` import trio-asyncio.
 """
 
 from __future__ import annotations
@@ -26,17 +27,19 @@ import logging as _logging
 from . import errors as errors
 from . import metrics as metrics
 from ._bus import Bus as Bus
-from ._bus import BusStatistics as BusStatistics
-from ._bus import Subscription as Subscription
-from ._bus import open_bus as open_bus
 from ._config import RetryPolicy as RetryPolicy
 from ._envelope import Envelope as Envelope
 from ._envelope import decode_envelope as decode_envelope
 from ._envelope import encode_envelope as encode_envelope
 from ._message import Message as Message
 from ._message import OutgoingMessage as OutgoingMessage
+from ._open import open_bus as open_bus
 from ._pool import current_message as current_message
 from ._results import PublishResult as PublishResult
+from ._stats import BusStatistics as BusStatistics
+from ._stats import RunningHandler as RunningHandler
+from ._stats import TopicStatistics as TopicStatistics
+from ._subscription import Subscription as Subscription
 from .health import BacklogEvent as BacklogEvent
 from .health import HealthReport as HealthReport
 from .health import Monitoring as Monitoring
@@ -53,8 +56,10 @@ __all__ = [
     "OutgoingMessage",
     "PublishResult",
     "RetryPolicy",
+    "RunningHandler",
     "Stall",
     "Subscription",
+    "TopicStatistics",
     "current_message",
     "decode_envelope",
     "encode_envelope",

@@ -1,228 +1,42 @@
-"""``open_bus`` and the :class:`Bus`: the public front of trio_bus."""
+"""The :class:`Bus`: the public front of trio_bus.
+
+The bus is a facade over three parts, each in its own module: the publish
+pipeline (:mod:`._publisher`), the subscriptions and their fetch tasks
+(:mod:`._subscription`) and the actor pool (:mod:`._pool`); the monitor
+(:mod:`.health`) and the metrics collector (:mod:`.metrics`) observe it
+through :meth:`Bus.statistics` and :meth:`Bus.subscriptions` only.
+:func:`open_bus` (:mod:`._open`) wires them together and owns their tasks.
+"""
 
 from __future__ import annotations
 
-import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
-from contextlib import asynccontextmanager
-from typing import Self, TypeVar, cast
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 
-import attrs
 import trio
-from opentelemetry.trace import Tracer, TracerProvider
+from opentelemetry.trace import Tracer
 
-from ._config import (
-    CANCEL_FLUSH_TIMEOUT,
-    DEFAULT_CLIENT_ID,
-    DEFAULT_DEAD_LETTER,
-    DEFAULT_HANDLER_TIMEOUT,
-    DEFAULT_INBOX_SIZE,
-    DEFAULT_MAX_MESSAGE_BYTES,
-    DEFAULT_MAX_RESTARTS,
-    DEFAULT_POOL_SIZE,
-    DEFAULT_RESTART_WINDOW,
-    DEFAULT_SHUTDOWN_GRACE,
-    RetryPolicy,
-    at_least,
-)
-from ._envelope import Envelope, encode_envelope
-from ._exceptions import lone_exception, raise_as_is
+from ._config import BusConfig, check_timeout
+from ._envelope import Envelope
 from ._message import Message, OutgoingMessage
-from ._names import validate_aggregate_id, validate_headers, validate_topic
-from ._pool import ActorPool, EnvelopeHandler, Handler, Route
-from ._publish import Coalescer, raise_first_failure
-from ._results import FullPolicy, PublishResult, PublishResultStream, ResultStreams
-from ._stats import TopicStats
-from ._tracing import publish_span, traced_handler, tracer_for
-from .errors import BusClosedError, ConfigError, InvalidInputError, PayloadTooLargeError
+from ._names import validate_topic
+from ._pool import ActorPool, Handler
+from ._publisher import Publisher
+from ._results import FullPolicy, PublishResult, PublishResultStream
+from ._stats import BusStatistics, TopicStats
+from ._subscription import Subscription, Subscriptions
+from .errors import BusClosedError, InvalidInputError
 from .health import HealthReport, Monitor, Monitoring
 from .metrics import registry_for
-from .transports import parse_url, resolve
-from .transports._base import ConsumerSpec, StartPosition, Transport, TransportSettings
+from .transports._base import StartPosition, Transport
 
-__all__ = ["Bus", "BusStatistics", "Subscription", "open_bus"]
+__all__ = ["Bus", "BusStatistics", "Subscription"]
 
-logger = logging.getLogger("trio_bus")
-
-T = TypeVar("T")
 _UNSET: object = object()
-#: Largest batch handed to a transport in one call (one bridge crossing).
-PUBLISH_BATCH = 1000
-#: Largest batch fetched in one call.
-FETCH_BATCH = 500
-DEFAULT_MONITORING = Monitoring()
 
 
 def _dead_letter_name(spec: str | Callable[[str], str], topic: str) -> str:
     name = spec(topic) if callable(spec) else spec.format(topic=topic)
     return validate_topic(name)
-
-
-def _check_timeout(value: object) -> float | None:
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
-        raise ConfigError(f"handler_timeout must be a positive number or None, not {value!r}")
-    return float(value)
-
-
-def _optional_timeout(_: object, __: object, value: float | None) -> None:
-    _check_timeout(value)
-
-
-@attrs.frozen(kw_only=True)
-class _Config:
-    client_id: str = attrs.field()
-    pool_size: int = attrs.field(validator=at_least(1, integer=True))
-    inbox_size: int = attrs.field(validator=at_least(1, integer=True))
-    max_restarts: int = attrs.field(validator=at_least(0, integer=True))
-    restart_window: float = attrs.field(validator=at_least(0))
-    handler_timeout: float | None = attrs.field(validator=_optional_timeout)
-    retry: RetryPolicy = attrs.field()
-    dead_letter: str | Callable[[str], str] = attrs.field()
-    shutdown_grace: float = attrs.field(validator=at_least(0))
-    max_message_bytes: int = attrs.field(validator=at_least(1, integer=True))
-
-    @client_id.validator
-    def _check_client_id(self, _: object, value: object) -> None:
-        if not isinstance(value, str):
-            raise ConfigError("client_id must be a str")
-        validate_topic(value)  # used as group and stream-consumer name
-
-    @retry.validator
-    def _check_retry(self, _: object, value: object) -> None:
-        if not isinstance(value, RetryPolicy):
-            raise ConfigError(f"retry must be a RetryPolicy, not {type(value).__name__}")
-
-    @dead_letter.validator
-    def _check_dead_letter(self, _: object, value: object) -> None:
-        if not (callable(value) or (isinstance(value, str) and "{topic}" in value)):
-            raise ConfigError("dead_letter must be a template containing {topic} or a callable")
-
-
-@attrs.frozen(kw_only=True)
-class BusStatistics:
-    """A snapshot of a bus's activity, from :meth:`Bus.statistics`.
-
-    Attributes:
-        pool_size: Actors in the pool.
-        subscriptions: Live subscriptions.
-        in_flight: Messages dispatched to actors and not yet acked/released.
-        queued: Messages waiting in actor inboxes (sum of ``inbox_depths``).
-        inbox_depths: Messages waiting per actor, by actor index.
-        published: Messages the transport accepted.
-        handled: Handler calls that succeeded.
-        failed: Handler calls that failed or timed out (each attempt counts).
-        retried: Attempts scheduled again after a failure.
-        dead_lettered: Messages parked in a dead-letter topic.
-        restarts: Actor restarts after a crash of the actor's own loop.
-    """
-
-    pool_size: int
-    subscriptions: int
-    in_flight: int
-    queued: int
-    inbox_depths: tuple[int, ...]
-    published: int
-    handled: int
-    failed: int
-    retried: int
-    dead_lettered: int
-    restarts: int
-
-
-class Subscription:
-    """A live subscription, returned by :meth:`Bus.subscribe`.
-
-    Close it with :meth:`close` (or ``async with``); closing the bus closes
-    it too.
-    """
-
-    def __init__(self, bus: Bus, route: Route) -> None:
-        self._bus = bus
-        self._route = route
-        self._scope = trio.CancelScope()
-        self._fetch_done = trio.Event()
-        self._live = False
-        self._closed = False
-
-    @property
-    def topic(self) -> str:
-        """The subscribed topic."""
-        return self._route.topic
-
-    @property
-    def group(self) -> str:
-        """The consumer group."""
-        return self._route.group
-
-    @property
-    def in_flight(self) -> int:
-        """Messages of this subscription dispatched and not yet settled."""
-        return self._route.in_flight
-
-    @property
-    def live(self) -> bool:
-        """Whether the subscription is fetching."""
-        return self._live
-
-    async def _run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        consumer, pool, route = self._route.consumer, self._bus._pool, self._route
-        try:
-            with self._scope:
-                self._live = True
-                task_status.started()
-                while True:
-                    records = await consumer.fetch(FETCH_BATCH)
-                    await pool.dispatch(route, records)
-        finally:
-            self._live = False
-            self._fetch_done.set()
-
-    def _stop_fetching(self) -> None:
-        self._route.closing = True
-        self._scope.cancel()
-
-    async def _drain(self, grace: float) -> None:
-        """Stop fetching; give in-flight handlers *grace* seconds."""
-        self._stop_fetching()
-        await self._fetch_done.wait()
-        with trio.move_on_after(grace):
-            await self._route.wait_idle()
-
-    async def _close_consumer(self) -> None:
-        try:
-            await self._route.consumer.aclose()
-        except Exception:
-            logger.exception("closing the consumer of %s failed", self.topic)
-
-    async def close(self) -> None:
-        """Stop this subscription.
-
-        Fetching stops; handlers already running get the bus's
-        ``shutdown_grace`` to finish; messages not started are released
-        (delivered again to the group). Idempotent.
-        """
-        if self._closed:
-            await trio.lowlevel.checkpoint()
-            return
-        self._closed = True
-        self._bus._subscriptions.discard(self)
-        try:
-            await self._drain(self._bus._config.shutdown_grace)
-        finally:
-            with trio.CancelScope(shield=True):
-                if self._route.in_flight:
-                    self._bus._pool.abandon_route(self._route)
-                    with trio.move_on_after(CANCEL_FLUSH_TIMEOUT):
-                        await self._route.wait_idle()
-                await self._close_consumer()
-
-    async def __aenter__(self) -> Self:
-        return self
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        await self.close()
 
 
 class Bus:
@@ -233,7 +47,7 @@ class Bus:
 
     def __init__(
         self,
-        config: _Config,
+        config: BusConfig,
         transport: Transport,
         nursery: trio.Nursery,
         *,
@@ -242,12 +56,14 @@ class Bus:
     ) -> None:
         self._config = config
         self._transport = transport
-        self._nursery = nursery
         self._tracer = tracer
         self._topic_stats: dict[str, TopicStats] = {}
-        self._results = ResultStreams()
-        #: Messages handed to the transport and not yet answered for.
-        self._publish_backlog = 0
+        self._publisher = Publisher(
+            transport,
+            max_message_bytes=config.max_message_bytes,
+            tracer=tracer,
+            topic_stats=self._stats_for,
+        )
         self._pool = ActorPool(
             size=config.pool_size,
             inbox_size=config.inbox_size,
@@ -256,15 +72,20 @@ class Bus:
             restart_window=config.restart_window,
             publish=self._publish_dead_letter,
         )
-        self._coalescer = (
-            Coalescer(transport, max_batch=PUBLISH_BATCH) if transport.coalesce_publishes else None
+        self._subscriptions = Subscriptions(
+            transport=transport,
+            pool=self._pool,
+            nursery=nursery,
+            tracer=tracer,
+            shutdown_grace=config.shutdown_grace,
         )
-        self._subscriptions: set[Subscription] = set()
-        self._published = 0
-        self._closing = False
-        self._closed = False
-        self._monitor = Monitor(self, monitoring)
-        self.metrics_registry = registry_for(self)
+        self._monitor = Monitor(
+            self,
+            monitoring,
+            subscribe_probe=self._subscribe_probe,
+            publish_probe=self._publish_probe,
+        )
+        self.metrics_registry = registry_for(self, self._monitor)
         """This bus's own Prometheus registry (see :mod:`trio_bus.metrics`)."""
 
     # ------------------------------------------------------------ properties
@@ -285,109 +106,36 @@ class Bus:
             stats = self._topic_stats[topic] = TopicStats()
         return stats
 
+    def subscriptions(self) -> tuple[Subscription, ...]:
+        """The live subscriptions (the monitor's private probe included)."""
+        return tuple(self._subscriptions.live)
+
     def statistics(self) -> BusStatistics:
-        """A frozen snapshot of counters and queue depths."""
-        depths = self._pool.inbox_depths()
-        stats = self._pool.stats
+        """A frozen snapshot of counters, queue depths and running handlers."""
+        pool = self._pool
+        depths = pool.inbox_depths()
+        stats = pool.stats
         return BusStatistics(
-            pool_size=self._pool.size,
-            subscriptions=len(self._subscriptions),
-            in_flight=sum(s._route.in_flight for s in self._subscriptions),
+            pool_size=pool.size,
+            actors_alive=pool.actors_alive(),
+            subscriptions=len(self._subscriptions.live),
+            in_flight=self._subscriptions.in_flight(),
             queued=sum(depths),
+            max_inbox_depth=max(depths, default=0),
             inbox_depths=depths,
-            published=self._published,
+            published=self._publisher.published,
             handled=stats.handled,
             failed=stats.failed,
             retried=stats.retried,
             dead_lettered=stats.dead_lettered,
             restarts=stats.restarts,
+            publish_backlog=self._publisher.backlog,
+            publish_results_dropped=self._publisher.results.dropped,
+            running=tuple(pool.running()),
+            topics=tuple(s.snapshot(t) for t, s in sorted(self._topic_stats.items())),
         )
 
     # ---------------------------------------------------------------- publish
-
-    def _outgoing(
-        self,
-        topic: str,
-        value: bytes,
-        key: str | None,
-        headers: Mapping[str, str] | None,
-        message_id: str | None = None,
-    ) -> OutgoingMessage:
-        validate_topic(topic)
-        if not isinstance(value, bytes | bytearray | memoryview):
-            raise InvalidInputError(f"value must be bytes, not {type(value).__name__}")
-        value = bytes(value)
-        if len(value) > self._config.max_message_bytes:
-            raise PayloadTooLargeError(
-                f"message of {len(value)} bytes exceeds max_message_bytes="
-                f"{self._config.max_message_bytes}"
-            )
-        if key is not None:
-            key = validate_aggregate_id(key)
-        return OutgoingMessage(
-            topic=topic,
-            value=value,
-            key=key,
-            headers=validate_headers(headers),
-            message_id=message_id,
-        )
-
-    def _check_open(self) -> None:
-        if self._closed:
-            raise BusClosedError("the bus is closed")
-
-    async def _send(
-        self, records: list[OutgoingMessage], *, report: bool = True
-    ) -> Sequence[BaseException | None]:
-        """Hand *records* to the transport (merged with concurrent publishes
-        where the transport wants it); count, time and report the outcomes."""
-        self._check_open()
-        if self._tracer is not None:
-            with publish_span(self._tracer, self._transport.name, records) as traced:
-                return await self._send_traced(traced, report)
-        return await self._send_traced(records, report)
-
-    async def _send_traced(
-        self, records: list[OutgoingMessage], report: bool
-    ) -> Sequence[BaseException | None]:
-        started = trio.current_time()
-        self._publish_backlog += len(records)
-        outcomes: Sequence[BaseException | None]
-        try:
-            if self._coalescer is not None and len(records) == 1:
-                try:
-                    await self._coalescer.publish(records[0])
-                    outcomes = [None]
-                except (BusClosedError, trio.Cancelled) as exc:
-                    outcomes = [exc]
-                    raise
-                except Exception as exc:
-                    outcomes = [exc]
-            else:
-                outcomes = await self._transport.publish_batch(records)
-        except BaseException as exc:
-            outcomes = [exc] * len(records)
-            raise
-        finally:
-            self._publish_backlog -= len(records)
-            elapsed = trio.current_time() - started
-            for record, outcome in zip(records, outcomes, strict=True):
-                stats = self._stats_for(record.topic)
-                if outcome is None:
-                    stats.published += 1
-                    stats.publish_latency.observe(elapsed)
-                else:
-                    stats.publish_failed += 1
-            self._published += sum(1 for o in outcomes if o is None)
-            if report and self._results.streams:
-                await self._results.emit(records, outcomes)
-        return outcomes
-
-    async def _publish_dead_letter(self, record: OutgoingMessage) -> None:
-        raise_first_failure(await self._send([record], report=False))
-
-    async def _send_one(self, record: OutgoingMessage) -> None:
-        raise_first_failure(await self._send([record]))
 
     async def publish(
         self,
@@ -413,24 +161,14 @@ class Bus:
                 PublishOutcomeUnknownError: no answer in time.
             BusClosedError: the bus is closed.
         """
-        await self._send_one(self._outgoing(topic, value, key, headers))
+        await self._publisher.send_one(self._publisher.outgoing(topic, value, key, headers))
 
     async def publish_envelope(
         self, topic: str, envelope: Envelope, *, headers: Mapping[str, str] | None = None
     ) -> None:
         """Publish an :class:`Envelope` as the seed system's JSON, keyed by its
         aggregate ID, with its metadata in headers (``X-Event-ID``...)."""
-        await self._send_one(self._envelope_record(topic, envelope, headers))
-
-    def _envelope_record(
-        self, topic: str, envelope: Envelope, headers: Mapping[str, str] | None
-    ) -> OutgoingMessage:
-        if not isinstance(envelope, Envelope):
-            raise InvalidInputError(f"expected an Envelope, not {type(envelope).__name__}")
-        merged = {**(headers or {}), **envelope.headers()}
-        return self._outgoing(
-            topic, encode_envelope(envelope), envelope.aggregate_id, merged, envelope.event_id
-        )
+        await self._publisher.send_one(self._publisher.envelope_record(topic, envelope, headers))
 
     async def publish_many(
         self, messages: Iterable[OutgoingMessage | tuple[str, Envelope]]
@@ -446,19 +184,15 @@ class Bus:
             PublishError: the first failure; a note says how many others
                 failed. Messages without a failure were stored.
         """
-        records = [
-            self._envelope_record(m[0], m[1], None)
-            if isinstance(m, tuple)
-            else self._outgoing(m.topic, m.value, m.key, m.headers, m.message_id)
-            for m in messages
-        ]
-        self._check_open()
-        outcomes: list[BaseException | None] = []
-        for start in range(0, len(records), PUBLISH_BATCH):
-            outcomes.extend(await self._send(records[start : start + PUBLISH_BATCH]))
-        raise_first_failure(outcomes)
-        if not records:
-            await trio.lowlevel.checkpoint()
+        publisher = self._publisher
+        await publisher.send_many(publisher.records(messages))
+
+    async def _publish_dead_letter(self, record: OutgoingMessage) -> None:
+        await self._publisher.send_one(record, report=False)
+
+    async def _publish_probe(self, topic: str, value: bytes, headers: Mapping[str, str]) -> None:
+        publisher = self._publisher
+        await publisher.send_one(publisher.outgoing(topic, value, None, headers), report=False)
 
     # -------------------------------------------------------------- subscribe
 
@@ -474,44 +208,37 @@ class Bus:
         ephemeral: bool = False,
     ) -> Subscription:
         validate_topic(topic)
-        if not callable(handler):
-            raise InvalidInputError("handler must be an async callable")
-        # The public methods pair wants_envelope with the handler's type.
-        invoke = cast(
-            Handler,
-            _envelope_adapter(cast(EnvelopeHandler, handler)) if wants_envelope else handler,
-        )
         group = self._config.client_id if group is None else validate_topic(group)
         if start not in ("latest", "earliest"):
             raise InvalidInputError(f"start must be 'latest' or 'earliest', not {start!r}")
         if handler_timeout is _UNSET:
             timeout = self._config.handler_timeout
         else:
-            timeout = _check_timeout(handler_timeout)
-        dead_letter = _dead_letter_name(self._config.dead_letter, topic)
-        if self._closing:
-            raise BusClosedError("the bus is closing")
-        if self._tracer is not None:
-            invoke = traced_handler(self._tracer, self._transport.name, topic, invoke)
-        consumer = await self._transport.open_consumer(
-            ConsumerSpec(
-                topic=topic, group=group, start=start, max_batch=FETCH_BATCH, ephemeral=ephemeral
-            )
-        )
-        route = Route(
-            topic=topic,
+            timeout = check_timeout(handler_timeout)
+        return await self._subscriptions.open(
+            topic,
+            handler,
             group=group,
-            consumer=consumer,
-            invoke=invoke,
+            start=start,
             handler_timeout=timeout,
-            dead_letter_topic=dead_letter,
+            dead_letter_topic=_dead_letter_name(self._config.dead_letter, topic),
             wants_envelope=wants_envelope,
             stats=self._stats_for(topic),
+            ephemeral=ephemeral,
         )
-        subscription = Subscription(self, route)
-        self._subscriptions.add(subscription)
-        await self._nursery.start(subscription._run, name=f"trio_bus.subscription-{topic}")
-        return subscription
+
+    async def _subscribe_probe(
+        self, topic: str, handler: Callable[[Message], Awaitable[None]], group: str
+    ) -> Subscription:
+        return await self._subscribe(
+            topic,
+            handler,
+            group=group,
+            handler_timeout=None,
+            start="latest",
+            wants_envelope=False,
+            ephemeral=True,
+        )
 
     async def subscribe(
         self,
@@ -632,211 +359,9 @@ class Bus:
             raise InvalidInputError(f"when_full must be 'wait' or 'drop', not {when_full!r}")
         if not isinstance(buffer, int) or buffer < 0:
             raise InvalidInputError(f"buffer must be an int >= 0, not {buffer!r}")
-        self._check_open()
-        stream: PublishResultStream = self._results.open(
+        if self._publisher.closed:
+            raise BusClosedError("the bus is closed")
+        stream: PublishResultStream = self._publisher.results.open(
             tenant_id=tenant_id, buffer=buffer, policy=when_full
         )
         return stream.receive
-
-    # ---------------------------------------------------------------- closing
-
-    async def _drain(self) -> None:
-        """The graceful part of closing: stop fetching and give in-flight
-        handlers ``shutdown_grace`` seconds, all subscriptions at once."""
-        grace = self._config.shutdown_grace
-        for sub in self._subscriptions:
-            # Before any checkpoint: no queued message may start from here on.
-            sub._stop_fetching()
-        async with trio.open_nursery() as nursery:
-            for sub in list(self._subscriptions):
-                nursery.start_soon(sub._drain, grace)
-
-    async def _shutdown(self, pool_scope: trio.CancelScope, pool_done: trio.Event) -> None:
-        """The bounded, shielded part: stop the actors, release what they
-        held, flush and close every consumer, stop the publisher."""
-        with trio.CancelScope(shield=True) as scope:
-            scope.deadline = trio.current_time() + CANCEL_FLUSH_TIMEOUT
-            for sub in self._subscriptions:
-                sub._stop_fetching()
-            pool_scope.cancel()
-            await pool_done.wait()
-            self._pool.release_queued()
-            async with trio.open_nursery() as nursery:
-                for sub in self._subscriptions:
-                    sub._closed = True
-                    nursery.start_soon(sub._close_consumer)
-            self._subscriptions.clear()
-            self._closed = True
-            self._results.close()
-
-
-def _envelope_adapter(handler: EnvelopeHandler) -> Handler:
-    async def invoke(message: Message) -> None:
-        assert message.envelope is not None  # the dispatcher rejected the rest
-        await handler(message.envelope)
-
-    return invoke
-
-
-async def _run_scoped(
-    fn: Callable[..., Awaitable[None]],
-    scope: trio.CancelScope,
-    done: trio.Event,
-    *,
-    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
-) -> None:
-    try:
-        with scope:
-            await fn(task_status=task_status)
-    finally:
-        done.set()
-
-
-def _is_cancellation(exc: BaseException | None) -> bool:
-    if isinstance(exc, trio.Cancelled):
-        return True
-    if isinstance(exc, BaseExceptionGroup):
-        rest = exc.split(trio.Cancelled)[1]
-        return rest is None
-    return False
-
-
-def _collapse(
-    group: BaseExceptionGroup[BaseException], user_exc: BaseException | None
-) -> BaseException:
-    """Pick the one exception ``open_bus`` should raise out of *group*."""
-    if user_exc is not None and not _is_cancellation(user_exc):
-        if isinstance(user_exc, BaseExceptionGroup):
-            return user_exc
-        matched, _ = group.split(lambda e: e is user_exc)
-        if matched is not None:
-            return user_exc
-    _, rest = group.split(trio.Cancelled)
-    if rest is None:
-        return group
-    return lone_exception(rest) or rest
-
-
-@asynccontextmanager
-async def open_bus(
-    url: str = "memory://",
-    *,
-    client_id: str = DEFAULT_CLIENT_ID,
-    pool_size: int = DEFAULT_POOL_SIZE,
-    inbox_size: int = DEFAULT_INBOX_SIZE,
-    max_restarts: int = DEFAULT_MAX_RESTARTS,
-    restart_window: float = DEFAULT_RESTART_WINDOW,
-    handler_timeout: float | None = DEFAULT_HANDLER_TIMEOUT,
-    retry: RetryPolicy | None = None,
-    dead_letter: str | Callable[[str], str] = DEFAULT_DEAD_LETTER,
-    shutdown_grace: float = DEFAULT_SHUTDOWN_GRACE,
-    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
-    transport_options: object | None = None,
-    monitoring: Monitoring | None = DEFAULT_MONITORING,
-    tracing: bool | TracerProvider | None = None,
-) -> AsyncIterator[Bus]:
-    """Open an event bus for the duration of an ``async with`` block.
-
-    The URL scheme picks the transport: ``memory://`` (embedded, the
-    default; ``memory://name`` for a separate broker), ``kafka://h:p[,h:p]``,
-    ``nats://h:p[,h:p]``::
-
-        async with trio_bus.open_bus("memory://") as bus:
-            await bus.subscribe("orders", handle)
-            await bus.publish("orders", b"{}", key="order-1")
-
-    Leaving the block stops fetching, gives in-flight handlers
-    ``shutdown_grace`` seconds, acks what finished and leaves the rest for
-    redelivery; on cancellation handlers stop at once and only the acks of
-    finished messages are flushed (shielded, bounded). Nothing the bus
-    started outlives the block.
-
-    Args:
-        url: Transport URL.
-        client_id: Client name; the default consumer group.
-        pool_size: Actors in the global pool (concurrency across aggregates).
-        inbox_size: Bounded inbox per actor; dispatch waits when full.
-        max_restarts: Restarts of one actor allowed within
-            ``restart_window`` seconds after its own loop crashed; one more
-            and the error leaves ``open_bus``.
-        restart_window: See ``max_restarts``.
-        handler_timeout: Default seconds per handler call (None: no limit).
-        retry: Retry policy for failing handler calls.
-        dead_letter: Dead-letter topic template (``"{topic}.dlq"``) or a
-            function of the topic.
-        shutdown_grace: Seconds in-flight handlers get on a normal close.
-        max_message_bytes: Largest accepted body.
-        transport_options: Transport-specific options object (e.g.
-            ``KafkaOptions``, ``NatsOptions``).
-        monitoring: Settings of the monitor task (lag, backlog, stalls,
-            probe); None: no monitor task (``health()`` still works).
-        tracing: OpenTelemetry spans and trace context in headers; None:
-            on when an OpenTelemetry SDK tracer provider is installed; a
-            ``TracerProvider``: use that one.
-
-    Raises:
-        ConfigError, UnsupportedURLError: bad configuration.
-        MissingExtraError: the transport's client library is not installed.
-        TransportError: the transport could not connect.
-        ActorCrashedError: an actor crashed past ``max_restarts``.
-    """
-    if monitoring is not None and not isinstance(monitoring, Monitoring):
-        raise ConfigError(f"monitoring must be a Monitoring, not {type(monitoring).__name__}")
-    config = _Config(
-        client_id=client_id,
-        pool_size=pool_size,
-        inbox_size=inbox_size,
-        max_restarts=max_restarts,
-        restart_window=restart_window,
-        handler_timeout=handler_timeout,
-        retry=RetryPolicy() if retry is None else retry,
-        dead_letter=dead_letter,
-        shutdown_grace=shutdown_grace,
-        max_message_bytes=max_message_bytes,
-    )
-    scheme, hosts = parse_url(url)
-    factory = resolve(scheme)
-    settings = TransportSettings(
-        url=url,
-        hosts=hosts,
-        client_id=client_id,
-        options=transport_options,
-        max_message_bytes=max_message_bytes,
-    )
-    user_exc: BaseException | None = None
-    try:
-        async with factory(settings) as transport, trio.open_nursery() as nursery:
-            bus = Bus(
-                config,
-                transport,
-                nursery,
-                monitoring=monitoring or Monitoring(),
-                tracer=tracer_for(tracing),
-            )
-            pool_scope, pool_done = trio.CancelScope(), trio.Event()
-            await nursery.start(_run_scoped, bus._pool.run, pool_scope, pool_done)
-            publisher_scope = trio.CancelScope()
-            if bus._coalescer is not None:
-                await nursery.start(_run_scoped, bus._coalescer.run, publisher_scope, trio.Event())
-            monitor_scope = trio.CancelScope()
-            if monitoring is not None:
-                await nursery.start(_run_scoped, bus._monitor.run, monitor_scope, trio.Event())
-            try:
-                yield bus
-            except BaseException as exc:
-                user_exc = exc
-                raise
-            finally:
-                bus._closing = True
-                monitor_scope.cancel()
-                try:
-                    if not _is_cancellation(user_exc) and not pool_done.is_set():
-                        await bus._drain()
-                finally:
-                    await bus._shutdown(pool_scope, pool_done)
-                    publisher_scope.cancel()
-    except BaseExceptionGroup as group:
-        chosen = _collapse(group, user_exc)
-        if chosen is group:
-            raise
-        raise_as_is(chosen)

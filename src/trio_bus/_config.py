@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import attrs
 
+from ._names import validate_topic
 from .errors import ConfigError
 
 __all__ = [
@@ -19,6 +21,7 @@ __all__ = [
     "DEFAULT_POOL_SIZE",
     "DEFAULT_RESTART_WINDOW",
     "DEFAULT_SHUTDOWN_GRACE",
+    "BusConfig",
     "RetryPolicy",
 ]
 
@@ -95,3 +98,48 @@ class RetryPolicy:
     def delay(self, attempt: int) -> float:
         """Seconds to wait after failed attempt *attempt* (1-based)."""
         return float(min(self.max_backoff, self.backoff * self.multiplier ** (attempt - 1)))
+
+
+def check_timeout(value: object) -> float | None:
+    """A handler timeout: a positive number of seconds, or None."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
+        raise ConfigError(f"handler_timeout must be a positive number or None, not {value!r}")
+    return float(value)
+
+
+def _optional_timeout(_: object, __: attrs.Attribute[Any], value: float | None) -> None:
+    check_timeout(value)
+
+
+@attrs.frozen(kw_only=True)
+class BusConfig:
+    """The validated settings of one bus (built by :func:`open_bus`)."""
+
+    client_id: str = attrs.field()
+    pool_size: int = attrs.field(validator=at_least(1, integer=True))
+    inbox_size: int = attrs.field(validator=at_least(1, integer=True))
+    max_restarts: int = attrs.field(validator=at_least(0, integer=True))
+    restart_window: float = attrs.field(validator=at_least(0))
+    handler_timeout: float | None = attrs.field(validator=_optional_timeout)
+    retry: RetryPolicy = attrs.field()
+    dead_letter: str | Callable[[str], str] = attrs.field()
+    shutdown_grace: float = attrs.field(validator=at_least(0))
+    max_message_bytes: int = attrs.field(validator=at_least(1, integer=True))
+
+    @client_id.validator
+    def _check_client_id(self, _: object, value: object) -> None:
+        if not isinstance(value, str):
+            raise ConfigError("client_id must be a str")
+        validate_topic(value)  # used as group and stream-consumer name
+
+    @retry.validator
+    def _check_retry(self, _: object, value: object) -> None:
+        if not isinstance(value, RetryPolicy):
+            raise ConfigError(f"retry must be a RetryPolicy, not {type(value).__name__}")
+
+    @dead_letter.validator
+    def _check_dead_letter(self, _: object, value: object) -> None:
+        if not (callable(value) or (isinstance(value, str) and "{topic}" in value)):
+            raise ConfigError("dead_letter must be a template containing {topic} or a callable")

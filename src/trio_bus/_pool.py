@@ -35,7 +35,7 @@ from ._config import RetryPolicy
 from ._envelope import Envelope, decode_envelope
 from ._message import Message, OutgoingMessage, Record
 from ._names import AGGREGATE_ID_HEADER, header_lookup, normalize_aggregate_id, stable_hash
-from ._stats import TopicStats
+from ._stats import RunningHandler, TopicStats
 from .errors import ActorCrashedError, EnvelopeError, HandlerTimeout, InvalidAggregateIDError
 from .transports._base import Consumer
 
@@ -236,16 +236,21 @@ class ActorPool:
     def in_flight(self) -> int:
         return sum(1 for a in self._actors if a.current is not None)
 
-    def busy_actors(self) -> list[tuple[str, float]]:
-        """``(description, start time)`` of every message being handled."""
+    def running(self) -> list[RunningHandler]:
+        """Every handler call in progress."""
         out = []
         for a in self._actors:
             work, since = a.current, a.busy_since
             if work is not None and since is not None:
-                where = f"actor {a.index}: {work.record.topic} offset {work.record.offset}"
-                if work.message.aggregate_id is not None:
-                    where += f" aggregate {work.message.aggregate_id}"
-                out.append((where, since))
+                out.append(
+                    RunningHandler(
+                        actor=a.index,
+                        topic=work.record.topic,
+                        offset=work.record.offset,
+                        aggregate_id=work.message.aggregate_id,
+                        since=since,
+                    )
+                )
         return out
 
     def actors_alive(self) -> int:

@@ -19,18 +19,17 @@ from __future__ import annotations
 
 import logging
 import uuid
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Literal
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from typing import Literal, Protocol
 
 import attrs
 import trio
 
 from ._config import at_least
 from ._message import Message
-from .transports._base import LaneState
-
-if TYPE_CHECKING:
-    from ._bus import Bus, Subscription
+from ._stats import BusStatistics
+from ._subscription import Subscription
+from .transports._base import LaneState, Transport
 
 __all__ = [
     "BacklogEvent",
@@ -212,12 +211,44 @@ def _severity(value: int, warning: int, critical: int) -> Severity:
     return "ok"
 
 
-class Monitor:
-    """Samples a bus's lanes and backlogs; runs the probe."""
+class Observed(Protocol):
+    """What the monitor reads of a bus: public snapshots only."""
 
-    def __init__(self, bus: Bus, settings: Monitoring) -> None:
+    @property
+    def client_id(self) -> str: ...
+
+    @property
+    def transport(self) -> Transport: ...
+
+    def statistics(self) -> BusStatistics: ...
+
+    def subscriptions(self) -> Sequence[Subscription]: ...
+
+
+SubscribeProbe = Callable[[str, Callable[[Message], Awaitable[None]], str], Awaitable[Subscription]]
+PublishProbe = Callable[[str, bytes, Mapping[str, str]], Awaitable[None]]
+
+
+class Monitor:
+    """Samples a bus's lanes and backlogs; runs the probe.
+
+    The probe subscribes with a group private to the bus and publishes
+    without reporting to the bus's publish-result streams (the two
+    callables the bus gives it).
+    """
+
+    def __init__(
+        self,
+        bus: Observed,
+        settings: Monitoring,
+        *,
+        subscribe_probe: SubscribeProbe,
+        publish_probe: PublishProbe,
+    ) -> None:
         self.bus = bus
         self.settings = settings
+        self._subscribe_probe = subscribe_probe
+        self._publish_probe = publish_probe
         self.lanes: dict[tuple[str, str, int | None], LaneState] = {}
         # lane -> (committed position, time it last moved or had no work)
         self._progress: dict[tuple[str, str, int | None], tuple[int | None, float]] = {}
@@ -236,9 +267,9 @@ class Monitor:
         """Ask every consumer for its lanes; update stalls and backlogs."""
         now = trio.current_time()
         seen: set[tuple[str, str, int | None]] = set()
-        for sub in list(self.bus._subscriptions):
+        for sub in self.bus.subscriptions():
             try:
-                states = await sub._route.consumer.lanes()
+                states = await sub.lanes()
             except Exception:
                 logger.warning("sampling lanes of %s failed", sub.topic, exc_info=True)
                 continue
@@ -264,7 +295,7 @@ class Monitor:
         self._check(
             ("publish_backlog", None, None),
             None,
-            self.bus._publish_backlog,
+            self.bus.statistics().publish_backlog,
             self.settings.publish_backlog_warning,
             self.settings.publish_backlog_critical,
         )
@@ -305,9 +336,9 @@ class Monitor:
         now = trio.current_time()
         limit = self.settings.stall_after
         out = [
-            Stall(kind="handler", where=where, seconds=now - since)
-            for where, since in self.bus._pool.busy_actors()
-            if now - since >= limit
+            Stall(kind="handler", where=running.describe(), seconds=now - running.since)
+            for running in self.bus.statistics().running
+            if now - running.since >= limit
         ]
         for (topic, group, partition), (_, since) in self._progress.items():
             if now - since >= limit:
@@ -325,14 +356,10 @@ class Monitor:
     async def start_probe(self) -> None:
         """Subscribe to the probe topic with a group private to this bus."""
         if self._probe_subscription is None:
-            self._probe_subscription = await self.bus._subscribe(
+            self._probe_subscription = await self._subscribe_probe(
                 self.settings.probe_topic,
                 self._on_probe,
-                group=f"{self.bus.client_id}.probe.{uuid.uuid4().hex[:12]}",
-                handler_timeout=None,
-                start="latest",
-                wants_envelope=False,
-                ephemeral=True,
+                f"{self.bus.client_id}.probe.{uuid.uuid4().hex[:12]}",
             )
 
     async def _on_probe(self, message: Message) -> None:
@@ -351,8 +378,8 @@ class Monitor:
         start = trio.current_time()
         try:
             with trio.fail_after(self.settings.probe_timeout):
-                await self.bus.publish(
-                    self.settings.probe_topic, probe_id.encode(), headers={PROBE_HEADER: probe_id}
+                await self._publish_probe(
+                    self.settings.probe_topic, probe_id.encode(), {PROBE_HEADER: probe_id}
                 )
                 await arrived.wait()
         except BaseException:
@@ -413,18 +440,19 @@ class Monitor:
     def report(self) -> HealthReport:
         bus = self.bus
         subs = tuple(
-            SubscriptionHealth(topic=s.topic, group=s.group, live=s._live, in_flight=s.in_flight)
-            for s in sorted(bus._subscriptions, key=lambda s: (s.topic, s.group))
+            SubscriptionHealth(topic=s.topic, group=s.group, live=s.live, in_flight=s.in_flight)
+            for s in sorted(bus.subscriptions(), key=lambda s: (s.topic, s.group))
             if s is not self._probe_subscription
         )
         stalls = tuple(self.stalls())
         connected = bus.transport.connected
-        alive = bus._pool.actors_alive()
+        statistics = bus.statistics()
+        alive = statistics.actors_alive
         now = trio.current_time()
         healthy = (
             connected
             and all(s.live for s in subs)
-            and alive == bus._pool.size
+            and alive == statistics.pool_size
             and not stalls
             and self.probe_healthy
         )
@@ -434,7 +462,7 @@ class Monitor:
             connected=connected,
             subscriptions=subs,
             actors_alive=alive,
-            pool_size=bus._pool.size,
+            pool_size=statistics.pool_size,
             last_round_trip=None if self.last_round_trip is None else now - self.last_round_trip,
             round_trip_latency=self.round_trip_latency,
             probe_failures=self.probe_failures,

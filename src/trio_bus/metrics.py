@@ -44,7 +44,6 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
 
 import trio
 from prometheus_client import CollectorRegistry, generate_latest
@@ -57,9 +56,7 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 
 from ._stats import Histogram
-
-if TYPE_CHECKING:
-    from ._bus import Bus
+from .health import Monitor, Observed
 
 __all__ = ["metric_namespace", "serve_metrics"]
 
@@ -91,53 +88,52 @@ _HISTOGRAMS = (
 class BusCollector(Collector):
     """Reads a bus's counters into metric families at scrape time."""
 
-    def __init__(self, bus: Bus) -> None:
+    def __init__(self, bus: Observed, monitor: Monitor) -> None:
         self._bus = bus
+        self._monitor = monitor
         self._ns = metric_namespace(bus.transport.name, bus.client_id)
 
     def collect(self) -> Iterator[Metric]:
-        bus, ns = self._bus, self._ns
-        topics = sorted(bus._topic_stats.items())
+        ns = self._ns
+        statistics = self._bus.statistics()
+        topics = statistics.topics
         for name, attr, doc in _COUNTERS:
             family = CounterMetricFamily(f"{ns}_{name}", doc, labels=["topic"])
-            for topic, stats in topics:
-                family.add_metric([topic], getattr(stats, attr))
+            for stats in topics:
+                family.add_metric([stats.topic], getattr(stats, attr))
             yield family
         for name, attr, doc in _HISTOGRAMS:
             hist = HistogramMetricFamily(f"{ns}_{name}", doc, labels=["topic"])
-            for topic, stats in topics:
+            for stats in topics:
                 h: Histogram = getattr(stats, attr)
                 if h.count:
-                    hist.add_metric([topic], h.cumulative(), h.sum)
+                    hist.add_metric([stats.topic], h.cumulative(), h.sum)
             yield hist
-        statistics = bus.statistics()
         yield _gauge(
             f"{ns}_in_flight_messages", "Dispatched, not yet settled.", statistics.in_flight
         )
         yield _gauge(f"{ns}_inbox_depth_messages", "Queued in actor inboxes.", statistics.queued)
         yield _gauge(
-            f"{ns}_inbox_depth_messages_max",
-            "Deepest actor inbox.",
-            max(statistics.inbox_depths, default=0),
+            f"{ns}_inbox_depth_messages_max", "Deepest actor inbox.", statistics.max_inbox_depth
         )
-        yield _gauge(f"{ns}_actors_busy", "Actors running a handler.", len(bus._pool.busy_actors()))
+        yield _gauge(f"{ns}_actors_busy", "Actors running a handler.", len(statistics.running))
         restarts = CounterMetricFamily(f"{ns}_actor_restarts", "Actor restarts.")
         restarts.add_metric([], statistics.restarts)
         yield restarts
         yield _gauge(
             f"{ns}_publish_backlog_messages",
             "Messages awaiting a broker acknowledgement.",
-            bus._publish_backlog,
+            statistics.publish_backlog,
         )
         dropped = CounterMetricFamily(
             f"{ns}_publish_results_dropped", "Publish results dropped (reader behind)."
         )
-        dropped.add_metric([], bus._results.dropped)
+        dropped.add_metric([], statistics.publish_results_dropped)
         yield dropped
         yield from self._lanes()
 
     def _lanes(self) -> Iterator[Metric]:
-        ns, monitor = self._ns, self._bus._monitor
+        ns, monitor = self._ns, self._monitor
         labels = ["topic", "group", "partition"]
         lag = GaugeMetricFamily(f"{ns}_consumer_lag_messages", "Consumer lag.", labels=labels)
         committed = GaugeMetricFamily(
@@ -173,10 +169,11 @@ def _gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
     return GaugeMetricFamily(name, doc, value=value)
 
 
-def registry_for(bus: Bus) -> CollectorRegistry:
-    """A fresh registry holding only *bus*'s metrics."""
+def registry_for(bus: Observed, monitor: Monitor) -> CollectorRegistry:
+    """A fresh registry holding only *bus*'s metrics (lanes as *monitor*
+    last sampled them)."""
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(BusCollector(bus))
+    registry.register(BusCollector(bus, monitor))
     return registry
 
 
