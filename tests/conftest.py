@@ -7,7 +7,11 @@ own pytest plugin, :mod:`trio_bus.testing.plugin`)."""
 from __future__ import annotations
 
 import importlib.metadata
+import subprocess
+import sys
 import uuid
+import venv
+from pathlib import Path
 
 import pytest
 
@@ -49,3 +53,29 @@ def bus_url(request: pytest.FixtureRequest) -> str:
 def topic() -> str:
     """A topic name no other test uses."""
     return f"t-{uuid.uuid4().hex[:12]}"
+
+
+#: The repository's top directory.
+ROOT = Path(__file__).parent.parent
+
+
+@pytest.fixture(scope="session")
+def installed_wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A fresh virtualenv with the wheel built from this checkout installed
+    with ``[test,nats,kafka]``, as a user gets it; returns its ``bin/``.
+
+    Dependencies come from the index pip is configured with, trio-bus only
+    from the wheel just built.
+    """
+    tmp = tmp_path_factory.mktemp("wheel")
+    pip = [sys.executable, "-m", "pip"]
+    subprocess.run([*pip, "wheel", "-q", "--no-deps", "-w", tmp / "dist", ROOT], check=True)
+    (wheel,) = (tmp / "dist").glob("trio_bus-*.whl")
+    venv.create(tmp / "venv", with_pip=True)
+    bin_dir = tmp / "venv" / "bin"
+    subprocess.run(
+        [bin_dir / "python", "-m", "pip", "install", "-q", f"{wheel}[test,nats,kafka]"],
+        check=True,
+        timeout=600,
+    )
+    return bin_dir

