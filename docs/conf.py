@@ -49,11 +49,6 @@ myst_heading_anchors = 3
 html_theme = "furo"
 html_title = f"trio_bus {release}"
 
-# The existing pages link to repository files outside docs/ (benchmarks/,
-# src/...): myst cannot resolve those as documents.
-suppress_warnings = ["myst.xref_missing"]
-
-
 def _inventory(name: str, project: str) -> str:
     """Compile docs/_inventories/<name>.txt into an objects.inv for
     intersphinx to fall back on when the site is offline (CI sandboxes)."""
