@@ -136,3 +136,15 @@ async def test_e09_graceful_shutdown_on_sigterm() -> None:
     }
     assert started
     assert finished_after_signal == started
+
+
+def test_readme_usage_runs(tmp_path: Path) -> None:
+    # The first Python block of the README is a complete program.
+    readme = (EXAMPLES.parent / "README.md").read_text()
+    code = readme.split("```python\n", 1)[1].split("```", 1)[0]
+    (tmp_path / "usage.py").write_text(code)
+    done = subprocess.run(
+        [sys.executable, str(tmp_path / "usage.py")], capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == "order-42 OrderPlaced {'total': 5}\n"
