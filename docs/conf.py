@@ -41,7 +41,9 @@ napoleon_numpy_docstring = False
 napoleon_use_ivar = True
 autodoc_member_order = "bysource"
 autodoc_typehints = "description"
-autodoc_default_options = {"members": True, "show-inheritance": True}
+# attrs classes list their fields under "Attributes": no second, bare list.
+autodoc_typehints_description_target = "documented"
+autodoc_default_options = {"members": True}
 
 myst_enable_extensions = ["colon_fence", "deflist"]
 myst_heading_anchors = 3

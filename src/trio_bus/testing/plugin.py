@@ -51,7 +51,7 @@ __all__ = [
     "trio_bus_tansu_binary",
 ]
 
-#: Kafka URL parameters for tests against Tansu: it holds a new member's
+#: Kafka URL parameters for tests against Tansu. Tansu holds a new member's
 #: JoinGroup for about half the session timeout, so a short session keeps
 #: group joins near one second; frequent commits and short close/rebalance
 #: bounds keep each test's bus quick to leave.
