@@ -51,6 +51,7 @@ myst_heading_anchors = 3
 html_theme = "furo"
 html_title = f"trio_bus {release}"
 
+
 def _inventory(name: str, project: str) -> str:
     """Compile docs/_inventories/<name>.txt into an objects.inv for
     intersphinx to fall back on when the site is offline (CI sandboxes)."""
