@@ -1,5 +1,5 @@
 """Developer tasks: ``nox -s tests``, ``nox -s lint``, ``nox -s typing``,
-``nox -s bench``. One helper installs the project for every session."""
+``nox -s docs``, ``nox -s bench``. One helper installs the project for every session."""
 
 from __future__ import annotations
 
@@ -37,6 +37,17 @@ def typing(session: nox.Session) -> None:
     install(session)
     session.install("mypy")
     session.run("mypy")
+
+
+@nox.session
+def docs(session: nox.Session) -> None:
+    """The documentation site into build/docs/html (warnings are errors),
+    then the doctest blocks of its pages."""
+    install(session, "docs")
+    for builder in ("html", "doctest"):
+        session.run(
+            "sphinx-build", "-W", "--keep-going", "-b", builder, "docs", f"build/docs/{builder}"
+        )
 
 
 @nox.session

