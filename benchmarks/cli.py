@@ -1,4 +1,4 @@
-"""``bench``: run the suite and write JSON, Markdown and a PNG plot.
+"""Run the benchmark suite and write JSON, Markdown and a PNG plot.
 
 Examples::
 
