@@ -36,6 +36,8 @@ from ._envelope import encode_envelope as encode_envelope
 from ._message import Message as Message
 from ._message import OutgoingMessage as OutgoingMessage
 from ._pool import current_message as current_message
+from ._router import EventRoute as EventRoute
+from ._router import Router as Router
 from ._results import PublishResult as PublishResult
 from .health import BacklogEvent as BacklogEvent
 from .health import HealthReport as HealthReport
@@ -47,12 +49,14 @@ __all__ = [
     "Bus",
     "BusStatistics",
     "Envelope",
+    "EventRoute",
     "HealthReport",
     "Message",
     "Monitoring",
     "OutgoingMessage",
     "PublishResult",
     "RetryPolicy",
+    "Router",
     "Stall",
     "Subscription",
     "current_message",

@@ -5,12 +5,13 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
-from typing import Self, TypeVar, cast
+from typing import Any, Self, TypeVar, cast
 
 import attrs
 import trio
 from opentelemetry.trace import Tracer, TracerProvider
 
+from ._batch import DEFAULT_MAX_BATCH, DEFAULT_MAX_WAIT, BatchHandler, Batching
 from ._config import (
     CANCEL_FLUSH_TIMEOUT,
     DEFAULT_CLIENT_ID,
@@ -34,6 +35,7 @@ from ._publish import Coalescer, raise_first_failure
 from ._results import FullPolicy, PublishResult, PublishResultStream, ResultStreams
 from ._stats import TopicStats
 from ._tracing import publish_span, traced_handler, tracer_for
+from .asyncapi import Publication, build_document
 from .errors import BusClosedError, ConfigError, InvalidInputError, PayloadTooLargeError
 from .health import HealthReport, Monitor, Monitoring
 from .metrics import registry_for
@@ -251,7 +253,6 @@ class Bus:
         self._pool = ActorPool(
             size=config.pool_size,
             inbox_size=config.inbox_size,
-            retry=config.retry,
             max_restarts=config.max_restarts,
             restart_window=config.restart_window,
             publish=self._publish_dead_letter,
@@ -260,6 +261,7 @@ class Bus:
             Coalescer(transport, max_batch=PUBLISH_BATCH) if transport.coalesce_publishes else None
         )
         self._subscriptions: set[Subscription] = set()
+        self._publications: list[Publication] = []
         self._published = 0
         self._closing = False
         self._closed = False
@@ -472,6 +474,9 @@ class Bus:
         start: StartPosition,
         wants_envelope: bool,
         ephemeral: bool = False,
+        retry: RetryPolicy | object = _UNSET,
+        dead_letter: str | Callable[[str], str] | object = _UNSET,
+        batch: Batching | None = None,
     ) -> Subscription:
         validate_topic(topic)
         if not callable(handler):
@@ -484,11 +489,13 @@ class Bus:
         group = self._config.client_id if group is None else validate_topic(group)
         if start not in ("latest", "earliest"):
             raise InvalidInputError(f"start must be 'latest' or 'earliest', not {start!r}")
-        if handler_timeout is _UNSET:
-            timeout = self._config.handler_timeout
-        else:
-            timeout = _check_timeout(handler_timeout)
-        dead_letter = _dead_letter_name(self._config.dead_letter, topic)
+        # Per-subscription options: the bus's config with them swapped in,
+        # checked by the same validators.
+        given = {"handler_timeout": handler_timeout, "retry": retry, "dead_letter": dead_letter}
+        overrides: dict[str, Any] = {k: v for k, v in given.items() if v is not _UNSET}
+        options = attrs.evolve(self._config, **overrides) if overrides else self._config
+        timeout = options.handler_timeout
+        dead_letter_topic = _dead_letter_name(options.dead_letter, topic)
         if self._closing:
             raise BusClosedError("the bus is closing")
         if self._tracer is not None:
@@ -504,8 +511,11 @@ class Bus:
             consumer=consumer,
             invoke=invoke,
             handler_timeout=timeout,
-            dead_letter_topic=dead_letter,
+            dead_letter_topic=dead_letter_topic,
             wants_envelope=wants_envelope,
+            retry=options.retry,
+            batch=batch,
+            source=handler if batch is None else batch.invoke,
             stats=self._stats_for(topic),
         )
         subscription = Subscription(self, route)
@@ -521,6 +531,8 @@ class Bus:
         group: str | None = None,
         handler_timeout: float | object | None = _UNSET,
         start: StartPosition = "latest",
+        retry: RetryPolicy | object = _UNSET,
+        dead_letter: str | Callable[[str], str] | object = _UNSET,
     ) -> Subscription:
         """Subscribe *handler* to *topic*; return once the subscription is live.
 
@@ -545,6 +557,16 @@ class Bus:
             start: Where a *new* group starts: ``"latest"`` (only messages
                 published from now on) or ``"earliest"`` (replay). An existing
                 group resumes where it acked.
+            retry: This subscription's :class:`RetryPolicy`; default the
+                bus's.
+            dead_letter: This subscription's dead-letter topic template
+                (``"{topic}.dlq"``) or function of the topic; default the
+                bus's.
+
+        Raising :class:`~trio_bus.errors.NonRetryableError` (or raising
+        from it) dead-letters the message at once. A handler that returns
+        after its deadline fired (it swallowed ``trio.Cancelled``) has
+        timed out all the same; it is logged once at WARNING.
         """
         return await self._subscribe(
             topic,
@@ -553,6 +575,8 @@ class Bus:
             handler_timeout=handler_timeout,
             start=start,
             wants_envelope=False,
+            retry=retry,
+            dead_letter=dead_letter,
         )
 
     async def subscribe_envelope(
@@ -563,12 +587,17 @@ class Bus:
         group: str | None = None,
         handler_timeout: float | object | None = _UNSET,
         start: StartPosition = "latest",
+        retry: RetryPolicy | object = _UNSET,
+        dead_letter: str | Callable[[str], str] | object = _UNSET,
     ) -> Subscription:
         """Like :meth:`subscribe`, but the handler receives the decoded and
         validated :class:`Envelope` (:func:`trio_bus.current_message` gives
         the :class:`Message` behind it). A body that is not a valid envelope
         is dead-lettered at once, without retries, with the decode error in
-        the ``X-DLQ-Error-Message`` header."""
+        the ``X-DLQ-Error-Message`` header.
+
+        *handler* may be a :class:`~trio_bus.Router`, which calls a typed
+        handler per ``event_type`` (see docs/handlers.md)."""
         return await self._subscribe(
             topic,
             handler,
@@ -576,6 +605,104 @@ class Bus:
             handler_timeout=handler_timeout,
             start=start,
             wants_envelope=True,
+            retry=retry,
+            dead_letter=dead_letter,
+        )
+
+    async def subscribe_batch(
+        self,
+        topic: str,
+        handler: BatchHandler,
+        *,
+        max_batch: int = DEFAULT_MAX_BATCH,
+        max_wait: float = DEFAULT_MAX_WAIT,
+        group: str | None = None,
+        handler_timeout: float | object | None = _UNSET,
+        start: StartPosition = "latest",
+        retry: RetryPolicy | object = _UNSET,
+        dead_letter: str | Callable[[str], str] | object = _UNSET,
+    ) -> Subscription:
+        """Subscribe a handler that takes a sequence of messages at a time.
+
+        ``async def handler(messages: Sequence[Message]) -> None``. Batches
+        form per actor: an actor collects up to *max_batch* messages of this
+        subscription from its own inbox, waiting up to *max_wait* seconds
+        for more. So an aggregate's messages in a batch are in delivery
+        order, and no other batch holds that aggregate meanwhile: handle a
+        batch in sequence order (or per aggregate) and order holds.
+
+        Returning acks every message of the batch. Raising (or running past
+        *handler_timeout*, which bounds the whole call) retries the whole
+        batch in place; past ``max_attempts`` (or at once for
+        :class:`~trio_bus.errors.NonRetryableError`) each message is
+        dead-lettered. Other arguments as for :meth:`subscribe`.
+
+        Args:
+            topic: The topic.
+            handler: The async callable.
+            max_batch: Messages in one call at most.
+            max_wait: Seconds to wait for a batch to fill (0: take what is
+                already queued; batches grow with the backlog).
+            group: As for :meth:`subscribe`.
+            handler_timeout: Seconds per batch call; default the bus's.
+            start: As for :meth:`subscribe`.
+            retry: As for :meth:`subscribe`.
+            dead_letter: As for :meth:`subscribe`.
+        """
+        if not callable(handler):
+            raise InvalidInputError("handler must be an async callable")
+        batching = Batching(invoke=handler, max_batch=max_batch, max_wait=max_wait)
+        return await self._subscribe(
+            topic,
+            batching.one,
+            group=group,
+            handler_timeout=handler_timeout,
+            start=start,
+            wants_envelope=False,
+            retry=retry,
+            dead_letter=dead_letter,
+            batch=batching,
+        )
+
+    # --------------------------------------------------------------- AsyncAPI
+
+    def declare_publication(
+        self,
+        topic: str,
+        *,
+        event_type: str,
+        payload: type[Any] | None = None,
+        event_version: int | None = None,
+        description: str | None = None,
+    ) -> None:
+        """Declare that this service publishes envelopes of *event_type*
+        (payload *payload*, any JSON when None) on *topic*, for
+        :meth:`asyncapi`. Declaring changes nothing else."""
+        self._publications.append(
+            Publication.new(
+                validate_topic(topic),
+                event_type=event_type,
+                payload=payload,
+                event_version=event_version,
+                description=description,
+            )
+        )
+
+    def asyncapi(self, *, title: str | None = None, version: str = "0.0.0") -> dict[str, Any]:
+        """An AsyncAPI 3.0 document (a JSON-ready dict) of this bus's live
+        subscriptions (receive operations), their dead-letter topics and the
+        publications declared with :meth:`declare_publication` (send
+        operations). Routed payload types appear as JSON schemas.
+
+        Args:
+            title: ``info.title``; default the bus's ``client_id``.
+            version: ``info.version`` (the application's version).
+        """
+        return build_document(
+            title=title or self.client_id,
+            version=version,
+            routes=[sub._route for sub in self._subscriptions],
+            publications=self._publications,
         )
 
     # ------------------------------------------------------- health, results
