@@ -18,7 +18,7 @@ import trio
 
 import trio_bus
 from trio_bus import RetryPolicy
-from trio_bus.errors import ActorCrashedError, HandlerTimeout
+from trio_bus.errors import ActorCrashedError, ConfigError, HandlerTimeout, NonRetryableError
 
 from .helpers import Recorder, collect, task_count
 
@@ -396,3 +396,125 @@ async def test_groups_share_and_fan_out(bus_url: str, topic: str) -> None:
         await billing.wait_for_count(30)
     assert sorted(int(m.value) for m in billing.items) == list(range(30))
     assert sorted(int(m.value) for m in audit.items) == list(range(30))
+
+
+# ------------------------------------------------------- handlers (issue 13)
+
+
+async def test_non_retryable_error_dead_letters_at_once(bus_url: str, topic: str) -> None:
+    calls: Recorder[bytes] = Recorder()
+    dlq: Recorder[trio_bus.Message] = Recorder()
+
+    def refuse() -> None:
+        raise NonRetryableError("inner")
+
+    async def handler(message: trio_bus.Message) -> None:
+        calls.add(message.value)
+        if message.value == b"direct":
+            raise NonRetryableError("order is cancelled") from ValueError("status=cancelled")
+        if message.value == b"chained":
+            try:
+                refuse()
+            except NonRetryableError:
+                raise RuntimeError("while handling") from None
+        if message.value == b"context":
+            try:
+                refuse()
+            except NonRetryableError:
+                raise KeyError("missing") from ValueError("x")
+
+    retry = RetryPolicy(max_attempts=5, backoff=0.01)
+    async with open_test_bus(bus_url, retry=retry) as bus:
+        await bus.subscribe(topic, handler)
+        await bus.subscribe(f"{topic}.dlq", collect(dlq))
+        for value in (b"direct", b"chained", b"context", b"ok"):
+            await bus.publish(topic, value, key="k")
+        await dlq.wait_for_count(3)
+        await calls.wait_until(lambda: b"ok" in calls.items)
+        stats = bus.statistics()
+    # "raise ... from None" hides the context: "chained" is retried.
+    assert calls.items == [b"direct"] + [b"chained"] * 5 + [b"context", b"ok"]
+    by_value = {m.value: m.headers for m in dlq.items}
+    assert by_value[b"chained"]["X-DLQ-Attempts"] == "5"
+    direct = by_value[b"direct"]
+    assert direct["X-DLQ-Error-Type"] == "NonRetryableError"
+    assert direct["X-DLQ-Error-Message"] == "order is cancelled"
+    assert direct["X-DLQ-Cause-Type"] == "ValueError"
+    assert direct["X-DLQ-Cause-Message"] == "status=cancelled"
+    assert direct["X-DLQ-Attempts"] == "1"
+    assert by_value[b"context"]["X-DLQ-Error-Type"] == "KeyError"
+    assert by_value[b"context"]["X-DLQ-Attempts"] == "1"
+    assert stats.dead_lettered == 3
+
+
+async def test_handler_that_swallows_cancellation_times_out(
+    bus_url: str, topic: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    dlq: Recorder[trio_bus.Message] = Recorder()
+    calls: Recorder[int] = Recorder()
+
+    async def swallower(message: trio_bus.Message) -> None:
+        calls.add(message.attempt)
+        try:
+            await trio.sleep_forever()
+        except trio.Cancelled:  # the bug under test: never do this
+            return
+
+    retry = RetryPolicy(max_attempts=2, backoff=0.01)
+    async with open_test_bus(bus_url, retry=retry, handler_timeout=0.2) as bus:
+        await bus.subscribe(topic, swallower)
+        await bus.subscribe(f"{topic}.dlq", collect(dlq))
+        await bus.publish(topic, b"1", key="a")
+        await bus.publish(topic, b"2", key="a")
+        await dlq.wait_for_count(2)
+        stats = bus.statistics()
+    assert calls.items == [1, 2, 1, 2]
+    assert [m.value for m in dlq.items] == [b"1", b"2"]
+    assert {m.headers["X-DLQ-Error-Type"] for m in dlq.items} == {"HandlerTimeout"}
+    assert {m.headers["X-DLQ-Attempts"] for m in dlq.items} == {"2"}
+    # Handled: only the two dead letters, by the DLQ subscription.
+    assert (stats.handled, stats.failed, stats.dead_lettered) == (2, 4, 2)
+    warnings = [r for r in caplog.records if "swallows trio.Cancelled" in r.getMessage()]
+    assert len(warnings) == 1
+    assert warnings[0].levelname == "WARNING"
+    assert topic in warnings[0].getMessage()
+
+
+async def test_per_subscription_retry_dead_letter_and_timeout(bus_url: str, topic: str) -> None:
+    strict_calls: Recorder[int] = Recorder()
+    default_calls: Recorder[int] = Recorder()
+    parked: Recorder[trio_bus.Message] = Recorder()
+    default_parked: Recorder[trio_bus.Message] = Recorder()
+
+    async def strict(message: trio_bus.Message) -> None:
+        strict_calls.add(message.attempt)
+        await trio.sleep(0.3)  # past its own timeout, within the bus's
+
+    async def failing(message: trio_bus.Message) -> None:
+        default_calls.add(message.attempt)
+        raise RuntimeError("always")
+
+    async with open_test_bus(bus_url) as bus:  # bus: 3 attempts, 10 s, {topic}.dlq
+        with pytest.raises(ConfigError):
+            await bus.subscribe(topic, strict, retry="twice")
+        with pytest.raises(ConfigError):
+            await bus.subscribe(topic, strict, dead_letter="no-placeholder")
+        await bus.subscribe(
+            topic,
+            strict,
+            group="strict",
+            retry=RetryPolicy(max_attempts=2, backoff=0.01),
+            dead_letter="{topic}-strict",
+            handler_timeout=0.1,
+        )
+        await bus.subscribe(topic, failing, group="default")
+        await bus.subscribe(f"{topic}-strict", collect(parked))
+        await bus.subscribe(f"{topic}.dlq", collect(default_parked))
+        await bus.publish(topic, b"x", key="k")
+        await parked.wait_for_count(1)
+        await default_parked.wait_for_count(1)
+    assert strict_calls.items == [1, 2]
+    assert parked.items[0].headers["X-DLQ-Error-Type"] == "HandlerTimeout"
+    assert parked.items[0].headers["X-DLQ-Attempts"] == "2"
+    assert default_calls.items == [1, 2, 3]
+    assert default_parked.items[0].headers["X-DLQ-Attempts"] == "3"

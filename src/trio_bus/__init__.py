@@ -36,9 +36,9 @@ from ._envelope import encode_envelope as encode_envelope
 from ._message import Message as Message
 from ._message import OutgoingMessage as OutgoingMessage
 from ._pool import current_message as current_message
+from ._results import PublishResult as PublishResult
 from ._router import EventRoute as EventRoute
 from ._router import Router as Router
-from ._results import PublishResult as PublishResult
 from .health import BacklogEvent as BacklogEvent
 from .health import HealthReport as HealthReport
 from .health import Monitoring as Monitoring

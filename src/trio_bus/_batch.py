@@ -69,7 +69,11 @@ async def _collect(actor: Actor, scope: trio.CancelScope, batching: Batching) ->
             if batching.max_wait <= 0 or route.closing:
                 return
             with trio.move_on_at(until) as waited:
-                work = await receive.receive()
+                route.collecting.add(waited)  # closing the route cancels it
+                try:
+                    work = await receive.receive()
+                finally:
+                    route.collecting.discard(waited)
             if waited.cancelled_caught:
                 return
         if work.route is not route or work.rejection is not None:

@@ -36,7 +36,8 @@ _MAX_ERROR_MESSAGE = 1000
 
 def is_non_retryable(exc: BaseException) -> bool:
     """Whether *exc* is, or was raised from or while handling, a
-    :class:`NonRetryableError` (the whole cause/context graph is searched)."""
+    :class:`NonRetryableError`: the cause/context graph is searched, except
+    a context hidden by ``raise ... from None``."""
     todo: list[BaseException] = [exc]
     seen: set[int] = set()
     while todo:
@@ -46,7 +47,12 @@ def is_non_retryable(exc: BaseException) -> bool:
         if id(current) in seen:
             continue
         seen.add(id(current))
-        todo.extend(e for e in (current.__cause__, current.__context__) if e is not None)
+        if current.__cause__ is not None:
+            todo.append(current.__cause__)
+        # Only "raise ... from None" (suppressed, no cause) disowns the context.
+        hidden = current.__suppress_context__ and current.__cause__ is None
+        if current.__context__ is not None and not hidden:
+            todo.append(current.__context__)
     return False
 
 

@@ -45,7 +45,7 @@ def _decoder(payload: type[Any]) -> Callable[[bytes], Any]:
         return payload.model_validate_json  # type: ignore[no-any-return]
     try:
         return msgspec.json.Decoder(payload).decode
-    except TypeError as exc:
+    except (TypeError, NameError) as exc:  # NameError: unresolvable annotations
         raise ConfigError(f"msgspec cannot decode into {payload!r}: {exc}") from None
 
 

@@ -61,13 +61,27 @@ class Route:
     stats: TopicStats = attrs.field(factory=TopicStats)
     #: A handler that swallowed a cancellation has been logged once.
     warned_swallow: bool = False
-    #: Set when the subscription stops: queued messages are released unrun.
-    closing: bool = False
+    _closing: bool = attrs.field(default=False, alias="closing")
+    #: Scopes of actors waiting for a batch of this route to fill.
+    collecting: set[trio.CancelScope] = attrs.field(factory=set)
     in_flight: int = 0
     _idle: trio.Event = attrs.field(factory=trio.Event, alias="idle")
 
     def __attrs_post_init__(self) -> None:
         self._idle.set()
+
+    @property
+    def closing(self) -> bool:
+        """Set when the subscription stops: queued messages are released
+        unrun, and batches still filling stop waiting."""
+        return self._closing
+
+    @closing.setter
+    def closing(self, value: bool) -> None:
+        self._closing = value
+        if value:
+            for scope in self.collecting:
+                scope.cancel(reason="subscription closing")
 
     def _dispatched(self) -> None:
         self.in_flight += 1
