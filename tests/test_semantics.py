@@ -7,12 +7,14 @@ sleep to synchronise.
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from collections import defaultdict
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from contextlib import AbstractAsyncContextManager
 from typing import Any
 
+import msgspec
 import pytest
 import trio
 
@@ -518,3 +520,97 @@ async def test_per_subscription_retry_dead_letter_and_timeout(bus_url: str, topi
     assert parked.items[0].headers["X-DLQ-Attempts"] == "2"
     assert default_calls.items == [1, 2, 3]
     assert default_parked.items[0].headers["X-DLQ-Attempts"] == "3"
+
+
+class Placed(msgspec.Struct):
+    total: int
+
+
+@dataclasses.dataclass
+class Paid:
+    amount: float
+
+
+async def test_router_routes_typed_events_in_order_and_dead_letters_bad_ones(
+    bus_url: str, topic: str
+) -> None:
+    router = trio_bus.Router()
+    seen: Recorder[tuple[str, str]] = Recorder()
+    dlq: Recorder[trio_bus.Message] = Recorder()
+
+    @router.on("Placed")
+    async def placed(event: Placed, envelope: trio_bus.Envelope) -> None:
+        assert isinstance(event, Placed)
+        await trio.sleep(0.002)
+        seen.add((envelope.aggregate_id, f"placed:{event.total}"))
+
+    @router.on("Paid")
+    async def paid(event: Paid, envelope: trio_bus.Envelope) -> None:
+        seen.add((envelope.aggregate_id, f"paid:{event.amount:g}"))
+
+    def env(agg: str, event_type: str, payload: object) -> trio_bus.Envelope:
+        return trio_bus.Envelope.new(aggregate_id=agg, event_type=event_type, payload=payload)
+
+    async with open_test_bus(bus_url) as bus:
+        await bus.subscribe_envelope(topic, router)
+        await bus.subscribe(f"{topic}.dlq", collect(dlq))
+        for i in range(5):
+            await bus.publish_envelope(topic, env(f"o{i}", "Placed", {"total": i}))
+            await bus.publish_envelope(topic, env(f"o{i}", "Paid", {"amount": i}))
+        await bus.publish_envelope(topic, env("o0", "Refunded", {"amount": 1}))
+        await bus.publish_envelope(topic, env("o1", "Paid", {"amount": "all of it"}))
+        await seen.wait_for_count(10)
+        await dlq.wait_for_count(2)
+    for i in range(5):
+        assert [kind for agg, kind in seen.items if agg == f"o{i}"] == [f"placed:{i}", f"paid:{i}"]
+    errors = {m.headers["X-DLQ-Error-Type"]: m.headers for m in dlq.items}
+    assert set(errors) == {"UnknownEventTypeError", "PayloadDecodeError"}
+    assert "'Refunded'" in errors["UnknownEventTypeError"]["X-DLQ-Error-Message"]
+    assert "Expected `float`" in errors["PayloadDecodeError"]["X-DLQ-Error-Message"]
+    assert {h["X-DLQ-Attempts"] for h in errors.values()} == {"1"}
+
+
+async def test_batch_subscription_keeps_order_and_dead_letters(bus_url: str, topic: str) -> None:
+    """Batches never overlap on an aggregate and keep its order; a
+    non-retryable failure parks the whole batch at once."""
+    aggregates = [f"agg-{i}" for i in range(6)]
+    plan = [(aggregates[i % 6], i) for i in range(60)]
+    active: set[str] = set()
+    overlaps: list[str] = []
+    handled: Recorder[tuple[str, int]] = Recorder()
+    dlq: Recorder[trio_bus.Message] = Recorder()
+    poisoned: list[list[int]] = []
+
+    async def handler(messages: Sequence[trio_bus.Message]) -> None:
+        aggs = {m.aggregate_id or "" for m in messages}
+        overlaps.extend(aggs & active)
+        active.update(aggs)
+        try:
+            await trio.sleep(0.002)
+            values = [int(m.value) for m in messages]
+            if 17 in values:
+                poisoned.append(values)
+                raise NonRetryableError("17 is cursed")
+        finally:
+            active.difference_update(aggs)
+        for m in messages:
+            handled.add((m.aggregate_id or "", int(m.value)))
+
+    async def on_dead(message: trio_bus.Message) -> None:
+        dlq.add(message)
+        handled.notify()
+
+    async with open_test_bus(bus_url, pool_size=4) as bus:
+        await bus.subscribe_batch(topic, handler, max_batch=8, max_wait=0.05)
+        await bus.subscribe(f"{topic}.dlq", on_dead)
+        await bus.publish_many(
+            trio_bus.OutgoingMessage(topic=topic, value=b"%d" % seq, key=agg) for agg, seq in plan
+        )
+        await handled.wait_until(lambda: len(handled) + len(dlq) >= len(plan))
+    assert overlaps == []
+    (bad,) = poisoned
+    assert sorted(int(m.value) for m in dlq.items) == sorted(bad)
+    assert {m.headers["X-DLQ-Attempts"] for m in dlq.items} == {"1"}
+    for agg in aggregates:
+        expected = [seq for a, seq in plan if a == agg and seq not in bad]
+        assert [seq for a, seq in handled.items if a == agg] == expected
