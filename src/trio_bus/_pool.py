@@ -336,8 +336,9 @@ class ActorPool:
             route.warned_swallow = True
             logger.warning(
                 "a handler of %s (group %s) returned normally after its cancel scope was "
-                "cancelled: it swallows trio.Cancelled (catch Exception, not BaseException, "
-                "and re-raise Cancelled). Counted as a timeout; logged once per subscription.",
+                "cancelled: it swallows trio.Cancelled (catch Exception, not BaseException), "
+                "or finished in the very tick its deadline fired. Counted as a timeout; "
+                "logged once per subscription.",
                 route.topic,
                 route.group,
             )
