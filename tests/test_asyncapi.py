@@ -188,6 +188,17 @@ async def test_the_document_follows_live_subscriptions(memory_bus_url: str) -> N
     assert document["channels"] == {}
 
 
+async def test_bad_declarations_fail_at_the_call(memory_bus_url: str) -> None:
+    async with trio_bus.open_bus(memory_bus_url) as bus:
+        with pytest.raises(trio_bus.errors.ConfigError):
+            bus.declare_publication("t", event_type=" ")
+        with pytest.raises(trio_bus.errors.ConfigError):
+            bus.declare_publication("t", event_type="A", event_version=0)
+        with pytest.raises(trio_bus.errors.InvalidTopicError):
+            bus.declare_publication("bad topic", event_type="A")
+        assert bus.asyncapi()["operations"] == {}
+
+
 DOCUMENT = {"asyncapi": "3.0.0", "info": {"title": "static", "version": "1"}}
 
 

@@ -679,8 +679,8 @@ class Bus:
         (payload *payload*, any JSON when None) on *topic*, for
         :meth:`asyncapi`. Declaring changes nothing else."""
         self._publications.append(
-            Publication.new(
-                validate_topic(topic),
+            Publication(
+                topic=validate_topic(topic),
                 event_type=event_type,
                 payload=payload,
                 event_version=event_version,

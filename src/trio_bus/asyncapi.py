@@ -33,6 +33,7 @@ import trio
 
 from ._envelope import ENVELOPE_HEADERS
 from ._router import Router, _is_pydantic
+from .errors import ConfigError
 
 if TYPE_CHECKING:
     from ._bus import Bus
@@ -45,37 +46,26 @@ _SCHEMAS = "#/components/schemas/"
 _ID_UNSAFE = re.compile(r"[^\w.\-]")
 
 
+def _check_event_type(_: object, __: object, value: Any) -> None:
+    if not isinstance(value, str) or not value.strip():
+        raise ConfigError("event_type must be a non-blank str")
+
+
+def _check_version(_: object, __: object, value: Any) -> None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        raise ConfigError(f"event_version must be a positive int or None, not {value!r}")
+
+
 @attrs.frozen(kw_only=True)
 class Publication:
-    """An envelope type this service publishes on a topic."""
+    """An envelope type this service publishes on a topic
+    (:meth:`Bus.declare_publication`)."""
 
     topic: str
-    event_type: str
-    payload: type[Any] | None
-    event_version: int | None
-    description: str | None
-
-    @classmethod
-    def new(
-        cls,
-        topic: str,
-        *,
-        event_type: str,
-        payload: type[Any] | None,
-        event_version: int | None,
-        description: str | None,
-    ) -> Publication:
-        from .errors import ConfigError
-
-        if not isinstance(event_type, str) or not event_type.strip():
-            raise ConfigError("event_type must be a non-blank str")
-        return cls(
-            topic=topic,
-            event_type=event_type,
-            payload=payload,
-            event_version=event_version,
-            description=description,
-        )
+    event_type: str = attrs.field(validator=_check_event_type)
+    payload: type[Any] | None = None
+    event_version: int | None = attrs.field(default=None, validator=_check_version)
+    description: str | None = None
 
 
 def _safe(text: str) -> str:
