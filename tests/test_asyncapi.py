@@ -188,6 +188,32 @@ async def test_the_document_follows_live_subscriptions(memory_bus_url: str) -> N
     assert document["channels"] == {}
 
 
+async def test_same_names_on_different_topics_stay_apart(memory_bus_url: str) -> None:
+    class OrderPlaced(msgspec.Struct):  # same name, other shape
+        legacy_id: int
+
+    legacy = trio_bus.Router()
+    legacy.add("OrderPlaced", orders_router().routes[0].handler, payload=OrderPlaced)
+    async with trio_bus.open_bus(memory_bus_url) as bus:
+        await bus.subscribe_envelope("orders", orders_router())
+        await bus.subscribe_envelope("legacy", legacy)
+        document = bus.asyncapi()
+    validate(document)
+    messages = document["components"]["messages"]
+    schemas = document["components"]["schemas"]
+
+    def payload_schema(channel: str) -> Any:
+        (key,) = [k for k in document["channels"][channel]["messages"] if "OrderPlaced" in k]
+        ref = messages[key]["payload"]["properties"]["payload"]["$ref"]
+        return key, schemas[ref.rsplit("/", 1)[1]]
+
+    legacy_key, legacy_schema = payload_schema("legacy")
+    orders_key, orders_schema = payload_schema("orders")
+    assert {legacy_key, orders_key} == {"OrderPlaced", "OrderPlaced-2"}
+    assert list(legacy_schema["properties"]) == ["legacy_id"]
+    assert "total" in orders_schema["properties"]
+
+
 async def test_bad_declarations_fail_at_the_call(memory_bus_url: str) -> None:
     async with trio_bus.open_bus(memory_bus_url) as bus:
         with pytest.raises(trio_bus.errors.ConfigError):

@@ -122,25 +122,29 @@ _DEAD_LETTER_HEADERS_SCHEMA: dict[str, Any] = {
 
 
 class _Builder:
-    def __init__(self) -> None:
+    def __init__(self, payloads: Iterable[type[Any]]) -> None:
         self.channels: dict[str, dict[str, Any]] = {}
         self.operations: dict[str, dict[str, Any]] = {}
         self.messages: dict[str, dict[str, Any]] = {}
         self.schemas: dict[str, Any] = {}
+        self._refs: dict[type[Any], dict[str, Any]] = {}
+        # One msgspec call for every type, so same-named classes of
+        # different modules get distinct component names.
+        plain = [t for t in dict.fromkeys(payloads) if not _is_pydantic(t)]
+        refs, components = msgspec.json.schema_components(plain, ref_template=_SCHEMAS + "{name}")
+        self._refs.update(zip(plain, refs, strict=True))
+        self.schemas.update(components)
 
     def payload_schema(self, payload: type[Any] | None) -> dict[str, Any]:
         if payload is None:
             return {}
-        if _is_pydantic(payload):
+        ref = self._refs.get(payload)
+        if ref is None:  # a pydantic model
             schema = payload.model_json_schema(ref_template=_SCHEMAS + "{model}")
             self.schemas.update(schema.pop("$defs", {}))
             name = _safe(schema.get("title", payload.__name__))
             self.schemas[name] = schema
-            return {"$ref": _SCHEMAS + name}
-        (ref,), components = msgspec.json.schema_components(
-            [payload], ref_template=_SCHEMAS + "{name}"
-        )
-        self.schemas.update(components)
+            ref = self._refs[payload] = {"$ref": _SCHEMAS + name}
         return ref
 
     def message(
@@ -161,7 +165,10 @@ class _Builder:
         }
         if summary:
             message["summary"] = summary
-        self.messages[key] = message
+        # Two channels may carry different messages of one name.
+        base, n = key, 2
+        while self.messages.setdefault(key, message) != message:
+            key, n = f"{base}-{n}", n + 1
         return key
 
     def envelope_message(
@@ -240,8 +247,14 @@ def build_document(
 ) -> dict[str, Any]:
     """The AsyncAPI 3.0 document for *routes* (receive) and *publications*
     (send). :meth:`Bus.asyncapi` calls it with the bus's own."""
-    builder = _Builder()
-    for route in sorted(routes, key=lambda r: (r.topic, r.group)):
+    routes = sorted(routes, key=lambda r: (r.topic, r.group))
+    publications = list(publications)
+    payloads = [p.payload for p in publications if p.payload is not None]
+    for route in routes:
+        if isinstance(route.source, Router):
+            payloads.extend(r.payload for r in route.source.routes)
+    builder = _Builder(payloads)
+    for route in routes:
         builder.subscription(route)
     for pub in publications:
         key = builder.envelope_message(pub.event_type, pub.event_version, pub.payload)
