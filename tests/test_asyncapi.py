@@ -241,5 +241,7 @@ def test_command_prints_yaml_and_json(capsys: pytest.CaptureFixture[str]) -> Non
 
     assert asyncapi.main(["tests.test_asyncapi:DOCUMENT", "--format", "json"]) == 0
     assert json.loads(capsys.readouterr().out) == DOCUMENT
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit, match="MODULE:ATTR"):
         asyncapi.main(["no-colon"])
+    with pytest.raises(SystemExit, match=r"cannot load tests\.test_asyncapi:nothing"):
+        asyncapi.main(["tests.test_asyncapi:nothing"])
