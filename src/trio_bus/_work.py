@@ -81,7 +81,7 @@ class Route:
         self._closing = value
         if value:
             for scope in self.collecting:
-                scope.cancel(reason="subscription closing")
+                scope.cancel()
 
     def _dispatched(self) -> None:
         self.in_flight += 1
