@@ -189,3 +189,27 @@ async def test_closing_releases_a_collecting_batch(memory_bus_url: str) -> None:
         await bus.subscribe_batch("b", recording(again), max_batch=5)
         await again.wait_for_count(1)
     assert again.items == [[b"1"]]
+
+
+async def test_a_batch_handler_that_swallows_cancellation_times_out(
+    memory_bus_url: str, autojump_clock: object, caplog: pytest.LogCaptureFixture
+) -> None:
+    dlq: Recorder[trio_bus.Message] = Recorder()
+    calls: list[int] = []
+
+    async def swallower(messages: Sequence[trio_bus.Message]) -> None:
+        calls.append(messages[0].attempt)
+        try:
+            await trio.sleep_forever()
+        except trio.Cancelled:  # the bug under test
+            return
+
+    retry = RetryPolicy(max_attempts=2, backoff=0.01)
+    async with trio_bus.open_bus(memory_bus_url, pool_size=1, retry=retry) as bus:
+        await bus.subscribe("b.dlq", collect(dlq))
+        await bus.subscribe_batch("b", swallower, handler_timeout=1.0)
+        await bus.publish("b", b"x", key="k")
+        await dlq.wait_for_count(1)
+    assert calls == [1, 2]
+    assert dlq.items[0].headers["X-DLQ-Error-Type"] == "HandlerTimeout"
+    assert sum("swallows trio.Cancelled" in r.getMessage() for r in caplog.records) == 1

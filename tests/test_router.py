@@ -187,3 +187,28 @@ async def test_router_on_a_bus_keeps_order_across_types(memory_bus_url: str) -> 
     assert dead.headers["X-DLQ-Error-Type"] == "PayloadDecodeError"
     assert dead.headers["X-DLQ-Cause-Type"] == "ValidationError"
     assert dead.headers["X-DLQ-Attempts"] == "1"
+
+
+async def test_skip_policy_acks_unknown_types_on_a_bus(memory_bus_url: str) -> None:
+    router = trio_bus.Router(on_unknown="skip")
+    seen: Recorder[str] = Recorder()
+
+    @router.on("OrderPlaced")
+    async def placed(event: OrderPlaced, env: trio_bus.Envelope) -> None:
+        seen.add(event.order_id)
+
+    async with trio_bus.open_bus(memory_bus_url, client_id="svc") as bus:
+        sub = await bus.subscribe_envelope("orders", router)
+        await bus.publish_envelope("orders", envelope("Audited", {"by": "x"}))
+        await bus.publish_envelope("orders", envelope("OrderPlaced", {"order_id": "o", "total": 1}))
+        await seen.wait_for_count(1)
+        await sub.close()
+        stats = bus.statistics()
+    assert (stats.handled, stats.failed, stats.dead_lettered) == (2, 0, 0)
+    # Both were acked: the group gets nothing again.
+    async with trio_bus.open_bus(memory_bus_url, client_id="svc") as bus:
+        again: Recorder[trio_bus.Message] = Recorder()
+        await bus.subscribe("orders", collect(again))
+        await bus.publish("orders", b"marker", key="m")
+        await again.wait_for_count(1)
+    assert [m.value for m in again.items] == [b"marker"]
