@@ -37,11 +37,19 @@ import trio
 
 from ._batch import attempt_batch
 from ._dead_letter import PublishOne, is_non_retryable, park
-from ._envelope import Envelope
 from ._message import Message, Record
 from ._names import stable_hash
 from ._routing import classify
-from ._work import Actor, Handler, Route, Work, _current_message, current_message
+from ._work import (
+    Actor,
+    EnvelopeHandler,
+    Handler,
+    PoolStats,
+    Route,
+    Work,
+    _current_message,
+    current_message,
+)
 from .errors import ActorCrashedError, HandlerTimeout
 
 __all__ = ["ActorPool", "EnvelopeHandler", "Handler", "Route", "current_message"]
@@ -49,8 +57,6 @@ __all__ = ["ActorPool", "EnvelopeHandler", "Handler", "Route", "current_message"
 logger = logging.getLogger("trio_bus.pool")
 
 T = TypeVar("T")
-
-EnvelopeHandler = Callable[[Envelope], Awaitable[None]]
 
 #: A handler timeout fires between ``timeout`` and ``timeout * (1 + slack)``
 #: (at most MAX_TIMEOUT_SLACK seconds late): the price of moving a cancel
@@ -60,15 +66,6 @@ MAX_TIMEOUT_SLACK = 1.0
 
 #: Messages an actor handles back to back before it yields to the scheduler.
 _BATCH_BEFORE_CHECKPOINT = 16
-
-
-@attrs.define(eq=False)
-class PoolStats:
-    handled: int = 0
-    failed: int = 0
-    retried: int = 0
-    dead_lettered: int = 0
-    restarts: int = 0
 
 
 class ActorPool:

@@ -12,6 +12,7 @@ import attrs
 import trio
 
 from ._config import RetryPolicy
+from ._envelope import Envelope
 from ._message import Message, Record
 from ._stats import TopicStats
 from .transports._base import Consumer
@@ -19,9 +20,10 @@ from .transports._base import Consumer
 if TYPE_CHECKING:
     from ._batch import Batching
 
-__all__ = ["Handler", "Route", "current_message"]
+__all__ = ["EnvelopeHandler", "Handler", "PoolStats", "Route", "current_message"]
 
 Handler = Callable[[Message], Awaitable[None]]
+EnvelopeHandler = Callable[[Envelope], Awaitable[None]]
 
 _current_message: contextvars.ContextVar[Message] = contextvars.ContextVar(
     "trio_bus_current_message"
@@ -126,3 +128,14 @@ class Actor:
     pending_failure: Exception | None = None
     restarts: deque[float] = attrs.Factory(deque)
     busy_since: float | None = None
+
+
+@attrs.define(eq=False)
+class PoolStats:
+    """The pool's counters (see :class:`trio_bus.BusStatistics`)."""
+
+    handled: int = 0
+    failed: int = 0
+    retried: int = 0
+    dead_lettered: int = 0
+    restarts: int = 0
