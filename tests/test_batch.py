@@ -95,6 +95,38 @@ async def test_failing_batch_is_retried_whole_then_dead_lettered(memory_bus_url:
     assert {m.headers["X-DLQ-Error-Message"] for m in dlq.items} == {"poisoned batch"}
 
 
+async def test_bisect_dead_letters_only_what_fails_alone(memory_bus_url: str) -> None:
+    batches: Recorder[Batch] = Recorder()
+    dlq: Recorder[trio_bus.Message] = Recorder()
+    attempts: list[Batch] = []
+
+    def poison(values: Batch) -> Exception | None:
+        attempts.append(values)
+        return RuntimeError("poisoned") if b"poison" in values else None
+
+    retry = RetryPolicy(max_attempts=2, backoff=0.01)
+    values = [b"0", b"1", b"poison", b"3", b"4", b"5"]
+    async with trio_bus.open_bus(memory_bus_url, pool_size=1, retry=retry) as bus:
+        await bus.publish_many(
+            trio_bus.OutgoingMessage(topic="b", value=v, key="k") for v in values
+        )
+        await bus.subscribe("b.dlq", collect(dlq))
+        await bus.subscribe_batch(
+            "b", recording(batches, poison), max_batch=6, start="earliest", bisect=True
+        )
+        await dlq.wait_for_count(1)
+        await batches.wait_until(lambda: sum(map(len, batches.items)) == 5)
+    first, rest = values[:3], values[3:]
+    pair = [b"1", b"poison"]
+    # Each batch gets max_attempts, then splits: 6 -> 3 + 3 -> 1 + 2 -> 1 + 1.
+    assert attempts[:7] == [values, values, first, first, [b"0"], pair, pair]
+    assert attempts[7:] == [[b"1"], [b"poison"], [b"poison"], rest]
+    # Order holds: each half runs before the later messages.
+    assert batches.items == [[b"0"], [b"1"], rest]
+    assert [m.value for m in dlq.items] == [b"poison"]
+    assert dlq.items[0].headers["X-DLQ-Attempts"] == "2"
+
+
 async def test_non_retryable_batch_is_dead_lettered_at_once(memory_bus_url: str) -> None:
     dlq: Recorder[trio_bus.Message] = Recorder()
     calls: list[Batch] = []
@@ -170,6 +202,8 @@ async def test_bad_batch_options_fail_at_the_call(memory_bus_url: str) -> None:
             await bus.subscribe_batch("b", handler, max_wait=-1)
         with pytest.raises(ConfigError):
             await bus.subscribe_batch("b", handler, retry=3)
+        with pytest.raises(ConfigError):
+            await bus.subscribe_batch("b", handler, bisect="yes")  # type: ignore[arg-type]
         assert bus.statistics().subscriptions == 0
 
 

@@ -8,9 +8,11 @@ their delivery order. Collecting stops at ``max_batch`` messages, when
 malformed one): that message is the actor's *stash* and runs right after
 the batch, so order across topics holds too.
 
-A failing batch is retried whole, in place, per the route's retry policy;
-what keeps failing (or raises :class:`~trio_bus.errors.NonRetryableError`)
-is dead-lettered message by message, then acked.
+A failing batch is retried whole, in place, per the route's retry policy.
+When it keeps failing (or raises :class:`~trio_bus.errors.NonRetryableError`)
+every message in it is dead-lettered, then acked; with ``bisect`` the batch
+is split in two instead, and each half goes through the same cycle, first
+half first, so only what fails alone is dead-lettered.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import trio
 
 from ._config import at_least
 from ._message import Message
+from .errors import ConfigError
 
 if TYPE_CHECKING:
     from ._pool import ActorPool
@@ -41,6 +44,11 @@ DEFAULT_MAX_BATCH = 100
 DEFAULT_MAX_WAIT = 0.0
 
 
+def _is_bool(_: object, attribute: attrs.Attribute[bool], value: object) -> None:
+    if not isinstance(value, bool):
+        raise ConfigError(f"{attribute.name} must be a bool, not {value!r}")
+
+
 @attrs.frozen(kw_only=True)
 class Batching:
     """A batch route's handler and limits."""
@@ -48,6 +56,7 @@ class Batching:
     invoke: BatchHandler
     max_batch: int = attrs.field(default=DEFAULT_MAX_BATCH, validator=at_least(1, integer=True))
     max_wait: float = attrs.field(default=DEFAULT_MAX_WAIT, validator=at_least(0))
+    bisect: bool = attrs.field(default=False, validator=_is_bool)
 
     async def one(self, message: Message) -> None:
         """The route's single-message handler: a batch of one."""
@@ -80,6 +89,32 @@ async def _collect(actor: Actor, scope: trio.CancelScope, batching: Batching) ->
             actor.stash = work
             return
         batch.append(work)
+
+
+def bisect(actor: Actor) -> bool:
+    """Split the actor's failed batch when its route bisects: the first half
+    runs next, the second after it. False when it cannot be split."""
+    batch = actor.batch
+    batching = batch[0].route.batch
+    if batching is None or not batching.bisect or len(batch) < 2:
+        return False
+    half = len(batch) // 2
+    actor.halves.append(batch[half:])
+    del batch[half:]
+    actor.attempt = 1
+    return True
+
+
+def after_batch(actor: Actor) -> None:
+    """After a batch is settled: go on with the next bisected half, else
+    with the stash."""
+    if actor.halves:
+        actor.batch.extend(actor.halves.pop())
+        actor.current = actor.batch[0]
+        actor.busy_since = trio.current_time()
+    elif actor.stash is not None:
+        actor.current, actor.stash = actor.stash, None
+    actor.attempt = 1
 
 
 async def attempt_batch(

@@ -621,6 +621,7 @@ class Bus:
         start: StartPosition = "latest",
         retry: RetryPolicy | object = _UNSET,
         dead_letter: str | Callable[[str], str] | object = _UNSET,
+        bisect: bool = False,
     ) -> Subscription:
         """Subscribe a handler that takes a sequence of messages at a time.
 
@@ -635,7 +636,9 @@ class Bus:
         *handler_timeout*, which bounds the whole call) retries the whole
         batch in place; past ``max_attempts`` (or at once for
         :class:`~trio_bus.errors.NonRetryableError`) each message is
-        dead-lettered. Other arguments as for :meth:`subscribe`.
+        dead-lettered — or, with *bisect*, the batch is split in two and
+        each half retried the same way, so only messages that fail alone
+        are dead-lettered. Other arguments as for :meth:`subscribe`.
 
         Args:
             topic: The topic.
@@ -648,10 +651,12 @@ class Bus:
             start: As for :meth:`subscribe`.
             retry: As for :meth:`subscribe`.
             dead_letter: As for :meth:`subscribe`.
+            bisect: Split a batch that keeps failing instead of
+                dead-lettering all of it.
         """
         if not callable(handler):
             raise InvalidInputError("handler must be an async callable")
-        batching = Batching(invoke=handler, max_batch=max_batch, max_wait=max_wait)
+        batching = Batching(invoke=handler, max_batch=max_batch, max_wait=max_wait, bisect=bisect)
         return await self._subscribe(
             topic,
             batching.one,

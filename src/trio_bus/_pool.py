@@ -35,7 +35,7 @@ from typing import TypeVar
 import attrs
 import trio
 
-from ._batch import attempt_batch
+from ._batch import after_batch, attempt_batch, bisect
 from ._dead_letter import PublishOne, is_non_retryable, park
 from ._message import Message, Record
 from ._names import stable_hash
@@ -359,6 +359,10 @@ class ActorPool:
         self.stats.failed += 1
         route.stats.failed += 1
         if actor.attempt >= route.retry.max_attempts or is_non_retryable(exc):
+            if actor.batch and bisect(actor):
+                self.stats.retried += 1
+                route.stats.retried += 1
+                return
             for each in actor.batch or (work,):
                 await self._dead_letter(each, exc, attempts=actor.attempt)
             self.finish(actor)
@@ -376,8 +380,8 @@ class ActorPool:
         actor.attempt += 1
 
     def finish(self, actor: Actor, *, release: bool = False) -> None:
-        """Settle what the actor holds (one message or a batch) and go on
-        with the stash, if any."""
+        """Settle what the actor holds (one message or a batch); after a
+        batch, go on with what was set aside (see ``after_batch``)."""
         work = actor.current
         assert work is not None
         actor.current = None
@@ -387,9 +391,7 @@ class ActorPool:
             for each in actor.batch:
                 settle(each)
             actor.batch.clear()
-            if actor.stash is not None:
-                actor.current, actor.stash = actor.stash, None
-                actor.attempt = 1
+            after_batch(actor)
         else:
             settle(work)
 

@@ -121,6 +121,9 @@ class Actor:
     #: Taken from the inbox while collecting a batch but not part of it:
     #: it is handled right after the batch.
     stash: Work | None = None
+    #: Second halves of bisected batches, to run after ``batch`` (a stack:
+    #: the earliest half is last).
+    halves: list[list[Work]] = attrs.Factory(list)
     attempt: int = 1
     #: The current handler call is being cancelled because its route closed.
     abandoned: bool = False
