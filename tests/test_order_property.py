@@ -96,6 +96,7 @@ def test_order_holds_under_random_delays_and_failures(
     inbox_size=st.integers(1, 4),
     max_batch=st.integers(1, 7),
     max_wait=st.sampled_from([0.0, 0.005, 0.05]),
+    bisect=st.booleans(),
 )
 def test_batch_order_holds_under_random_sizes_delays_and_failures(
     plan: list[tuple[int, float, int]],
@@ -103,10 +104,11 @@ def test_batch_order_holds_under_random_sizes_delays_and_failures(
     inbox_size: int,
     max_batch: int,
     max_wait: float,
+    bisect: bool,
 ) -> None:
     """A batch fails while any of its messages has planned failures left
     (counted per attempt of the batch) and sleeps for its slowest message;
-    the whole batch is retried, then parked."""
+    the whole batch is retried, then parked or (bisect) split."""
     active: set[str] = set()
     overlaps: list[str] = []
     sizes: list[int] = []
@@ -140,7 +142,9 @@ def test_batch_order_holds_under_random_sizes_delays_and_failures(
         async with trio_bus.open_bus(
             url, pool_size=pool_size, inbox_size=inbox_size, retry=retry, handler_timeout=0.1
         ) as bus:
-            await bus.subscribe_batch("p", handler, max_batch=max_batch, max_wait=max_wait)
+            await bus.subscribe_batch(
+                "p", handler, max_batch=max_batch, max_wait=max_wait, bisect=bisect
+            )
             await bus.subscribe("p.dlq", on_dead)
             await bus.publish_many(
                 trio_bus.OutgoingMessage(topic="p", value=b"%d" % i, key=f"a{agg}")
@@ -152,14 +156,11 @@ def test_batch_order_holds_under_random_sizes_delays_and_failures(
 
     assert overlaps == []
     assert max(sizes) <= max_batch
-    # A batch is parked whole when one of its messages always fails or is
-    # slower than the timeout.
-    doomed = {
-        s
-        for batch in first_attempts
-        if any(plan[i][2] >= 3 or plan[i][1] > 0.1 for i in batch)
-        for s in batch
-    }
+    # A message is doomed when it always fails or is slower than the
+    # timeout; without bisecting, its whole batch is parked with it.
+    doomed = {i for i, (_, delay, failures) in enumerate(plan) if failures >= 3 or delay > 0.1}
+    if not bisect:
+        doomed = {s for batch in first_attempts if doomed.intersection(batch) for s in batch}
     assert sorted(seq for agg, seq in done.items if agg is None) == sorted(doomed)
     assert sorted(seq for _, seq in done.items) == list(range(len(plan)))
     order: dict[str, list[int]] = defaultdict(list)
