@@ -89,12 +89,21 @@ def test_order_holds_under_random_delays_and_failures(
         assert seqs == expected
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+# Fewer aggregates and bigger inboxes than above: batches of several
+# messages of one aggregate, where order inside and across batches matters.
+batched_message = st.tuples(
+    st.integers(0, 3),  # aggregate
+    st.sampled_from([0.0, 0.001, 0.01, 0.2]),  # handler delay (0.2 > timeout)
+    st.integers(0, 3),  # failures before success (3 = always fails)
+)
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
-    plan=st.lists(message, min_size=1, max_size=80),
-    pool_size=st.integers(1, 6),
-    inbox_size=st.integers(1, 4),
-    max_batch=st.integers(1, 7),
+    plan=st.lists(batched_message, min_size=1, max_size=80),
+    pool_size=st.integers(1, 4),
+    inbox_size=st.integers(1, 8),
+    max_batch=st.integers(1, 8),
     max_wait=st.sampled_from([0.0, 0.005, 0.05]),
     bisect=st.booleans(),
 )
