@@ -570,9 +570,13 @@ async def test_router_routes_typed_events_in_order_and_dead_letters_bad_ones(
     assert {h["X-DLQ-Attempts"] for h in errors.values()} == {"1"}
 
 
-async def test_batch_subscription_keeps_order_and_dead_letters(bus_url: str, topic: str) -> None:
+@pytest.mark.parametrize("bisect", [False, True])
+async def test_batch_subscription_keeps_order_and_dead_letters(
+    bus_url: str, topic: str, bisect: bool
+) -> None:
     """Batches never overlap on an aggregate and keep its order; a
-    non-retryable failure parks the whole batch at once."""
+    non-retryable failure parks the whole batch at once, or (bisect) only
+    the message that fails alone."""
     aggregates = [f"agg-{i}" for i in range(6)]
     plan = [(aggregates[i % 6], i) for i in range(60)]
     active: set[str] = set()
@@ -601,14 +605,18 @@ async def test_batch_subscription_keeps_order_and_dead_letters(bus_url: str, top
         handled.notify()
 
     async with open_test_bus(bus_url, pool_size=4) as bus:
-        await bus.subscribe_batch(topic, handler, max_batch=8, max_wait=0.05)
+        await bus.subscribe_batch(topic, handler, max_batch=8, max_wait=0.05, bisect=bisect)
         await bus.subscribe(f"{topic}.dlq", on_dead)
         await bus.publish_many(
             trio_bus.OutgoingMessage(topic=topic, value=b"%d" % seq, key=agg) for agg, seq in plan
         )
         await handled.wait_until(lambda: len(handled) + len(dlq) >= len(plan))
     assert overlaps == []
-    (bad,) = poisoned
+    if bisect:
+        assert poisoned[-1] == [17]  # split down to the culprit
+        bad = [17]
+    else:
+        (bad,) = poisoned
     assert sorted(int(m.value) for m in dlq.items) == sorted(bad)
     assert {m.headers["X-DLQ-Attempts"] for m in dlq.items} == {"1"}
     for agg in aggregates:
