@@ -419,6 +419,10 @@ async def test_non_retryable_error_dead_letters_at_once(bus_url: str, topic: str
                 refuse()
             except NonRetryableError:
                 raise RuntimeError("while handling") from None
+        if message.value == b"group":
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(trio.sleep_forever)
+                refuse()  # the nursery raises an ExceptionGroup holding it
         if message.value == b"context":
             try:
                 refuse()
@@ -429,13 +433,13 @@ async def test_non_retryable_error_dead_letters_at_once(bus_url: str, topic: str
     async with open_test_bus(bus_url, retry=retry) as bus:
         await bus.subscribe(topic, handler)
         await bus.subscribe(f"{topic}.dlq", collect(dlq))
-        for value in (b"direct", b"chained", b"context", b"ok"):
+        for value in (b"direct", b"chained", b"group", b"context", b"ok"):
             await bus.publish(topic, value, key="k")
-        await dlq.wait_for_count(3)
+        await dlq.wait_for_count(4)
         await calls.wait_until(lambda: b"ok" in calls.items)
         stats = bus.statistics()
     # "raise ... from None" hides the context: "chained" is retried.
-    assert calls.items == [b"direct"] + [b"chained"] * 5 + [b"context", b"ok"]
+    assert calls.items == [b"direct"] + [b"chained"] * 5 + [b"group", b"context", b"ok"]
     by_value = {m.value: m.headers for m in dlq.items}
     assert by_value[b"chained"]["X-DLQ-Attempts"] == "5"
     direct = by_value[b"direct"]
@@ -446,7 +450,9 @@ async def test_non_retryable_error_dead_letters_at_once(bus_url: str, topic: str
     assert direct["X-DLQ-Attempts"] == "1"
     assert by_value[b"context"]["X-DLQ-Error-Type"] == "KeyError"
     assert by_value[b"context"]["X-DLQ-Attempts"] == "1"
-    assert stats.dead_lettered == 3
+    assert by_value[b"group"]["X-DLQ-Error-Type"] == "ExceptionGroup"
+    assert by_value[b"group"]["X-DLQ-Attempts"] == "1"
+    assert stats.dead_lettered == 4
 
 
 async def test_handler_that_swallows_cancellation_times_out(

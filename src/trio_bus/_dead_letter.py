@@ -35,7 +35,8 @@ _MAX_ERROR_MESSAGE = 1000
 
 
 def is_non_retryable(exc: BaseException) -> bool:
-    """Whether *exc* is, or was raised from or while handling, a
+    """Whether *exc* is, contains (an exception group, e.g. from a nursery
+    in the handler) or was raised from or while handling a
     :class:`NonRetryableError`: the cause/context graph is searched, except
     a context hidden by ``raise ... from None``."""
     todo: list[BaseException] = [exc]
@@ -47,6 +48,8 @@ def is_non_retryable(exc: BaseException) -> bool:
         if id(current) in seen:
             continue
         seen.add(id(current))
+        if isinstance(current, BaseExceptionGroup):
+            todo.extend(current.exceptions)
         if current.__cause__ is not None:
             todo.append(current.__cause__)
         # Only "raise ... from None" (suppressed, no cause) disowns the context.
