@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import uuid
 from collections import defaultdict
+from collections.abc import Sequence
 
 import trio
 import trio.testing
@@ -79,6 +80,98 @@ def test_order_holds_under_random_delays_and_failures(
     # A message fails for good when it always fails or always times out.
     doomed = {i for i, (_, delay, failures) in enumerate(plan) if failures >= 3 or delay > 0.1}
     assert {seq for agg, seq in done.items if agg is None} == doomed
+    order: dict[str, list[int]] = defaultdict(list)
+    for agg, seq in done.items:
+        if agg is not None:
+            order[agg].append(seq)
+    for agg, seqs in order.items():
+        expected = [i for i, (a, _, _) in enumerate(plan) if f"a{a}" == agg and i not in doomed]
+        assert seqs == expected
+
+
+# Fewer aggregates and bigger inboxes than above: batches of several
+# messages of one aggregate, where order inside and across batches matters.
+batched_message = st.tuples(
+    st.integers(0, 3),  # aggregate
+    st.sampled_from([0.0, 0.001, 0.01, 0.2]),  # handler delay (0.2 > timeout)
+    st.integers(0, 3),  # failures before success (3 = always fails)
+)
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    plan=st.lists(batched_message, min_size=1, max_size=80),
+    pool_size=st.integers(1, 4),
+    inbox_size=st.integers(1, 8),
+    max_batch=st.integers(1, 8),
+    max_wait=st.sampled_from([0.0, 0.005, 0.05]),
+    bisect=st.booleans(),
+)
+def test_batch_order_holds_under_random_sizes_delays_and_failures(
+    plan: list[tuple[int, float, int]],
+    pool_size: int,
+    inbox_size: int,
+    max_batch: int,
+    max_wait: float,
+    bisect: bool,
+) -> None:
+    """A batch fails while any of its messages has planned failures left
+    (counted per attempt of the batch) and sleeps for its slowest message;
+    the whole batch is retried, then parked or (bisect) split."""
+    active: set[str] = set()
+    overlaps: list[str] = []
+    sizes: list[int] = []
+    first_attempts: list[list[int]] = []
+    done: Recorder[tuple[str | None, int]] = Recorder()  # (aggregate, seq); None: parked
+    retry = trio_bus.RetryPolicy(max_attempts=3, backoff=0.01)
+
+    async def handler(batch: Sequence[trio_bus.Message]) -> None:
+        seqs = [int(m.value) for m in batch]
+        aggs = {m.aggregate_id or "" for m in batch}
+        overlaps.extend(aggs & active)
+        active.update(aggs)
+        attempt = batch[0].attempt
+        sizes.append(len(batch))
+        if attempt == 1:
+            first_attempts.append(seqs)
+        try:
+            await trio.sleep(max(plan[s][1] for s in seqs))
+            if any(attempt <= plan[s][2] for s in seqs):
+                raise RuntimeError("planned")
+        finally:
+            active.difference_update(aggs)
+        for m in batch:
+            done.add((m.aggregate_id, int(m.value)))
+
+    async def on_dead(msg: trio_bus.Message) -> None:
+        done.add((None, int(msg.value)))
+
+    async def scenario() -> None:
+        url = f"memory://prop-{uuid.uuid4().hex}"
+        async with trio_bus.open_bus(
+            url, pool_size=pool_size, inbox_size=inbox_size, retry=retry, handler_timeout=0.1
+        ) as bus:
+            await bus.subscribe_batch(
+                "p", handler, max_batch=max_batch, max_wait=max_wait, bisect=bisect
+            )
+            await bus.subscribe("p.dlq", on_dead)
+            await bus.publish_many(
+                trio_bus.OutgoingMessage(topic="p", value=b"%d" % i, key=f"a{agg}")
+                for i, (agg, _, _) in enumerate(plan)
+            )
+            await done.wait_for_count(len(plan))
+
+    trio.run(scenario, clock=trio.testing.MockClock(autojump_threshold=0))
+
+    assert overlaps == []
+    assert max(sizes) <= max_batch
+    # A message is doomed when it always fails or is slower than the
+    # timeout; without bisecting, its whole batch is parked with it.
+    doomed = {i for i, (_, delay, failures) in enumerate(plan) if failures >= 3 or delay > 0.1}
+    if not bisect:
+        doomed = {s for batch in first_attempts if doomed.intersection(batch) for s in batch}
+    assert sorted(seq for agg, seq in done.items if agg is None) == sorted(doomed)
+    assert sorted(seq for _, seq in done.items) == list(range(len(plan)))
     order: dict[str, list[int]] = defaultdict(list)
     for agg, seq in done.items:
         if agg is not None:

@@ -7,18 +7,20 @@ sleep to synchronise.
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from collections import defaultdict
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from contextlib import AbstractAsyncContextManager
 from typing import Any
 
+import msgspec
 import pytest
 import trio
 
 import trio_bus
 from trio_bus import RetryPolicy
-from trio_bus.errors import ActorCrashedError, HandlerTimeout
+from trio_bus.errors import ActorCrashedError, ConfigError, HandlerTimeout, NonRetryableError
 
 from .helpers import Recorder, collect, task_count
 
@@ -396,3 +398,233 @@ async def test_groups_share_and_fan_out(bus_url: str, topic: str) -> None:
         await billing.wait_for_count(30)
     assert sorted(int(m.value) for m in billing.items) == list(range(30))
     assert sorted(int(m.value) for m in audit.items) == list(range(30))
+
+
+# ------------------------------------------------------- handlers (issue 13)
+
+
+async def test_non_retryable_error_dead_letters_at_once(bus_url: str, topic: str) -> None:
+    calls: Recorder[bytes] = Recorder()
+    dlq: Recorder[trio_bus.Message] = Recorder()
+
+    def refuse() -> None:
+        raise NonRetryableError("inner")
+
+    async def handler(message: trio_bus.Message) -> None:
+        calls.add(message.value)
+        if message.value == b"direct":
+            raise NonRetryableError("order is cancelled") from ValueError("status=cancelled")
+        if message.value == b"chained":
+            try:
+                refuse()
+            except NonRetryableError:
+                raise RuntimeError("while handling") from None
+        if message.value == b"group":
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(trio.sleep_forever)
+                refuse()  # the nursery raises an ExceptionGroup holding it
+        if message.value == b"context":
+            try:
+                refuse()
+            except NonRetryableError:
+                raise KeyError("missing") from ValueError("x")
+
+    retry = RetryPolicy(max_attempts=5, backoff=0.01)
+    async with open_test_bus(bus_url, retry=retry) as bus:
+        await bus.subscribe(topic, handler)
+        await bus.subscribe(f"{topic}.dlq", collect(dlq))
+        for value in (b"direct", b"chained", b"group", b"context", b"ok"):
+            await bus.publish(topic, value, key="k")
+        await dlq.wait_for_count(4)
+        await calls.wait_until(lambda: b"ok" in calls.items)
+        stats = bus.statistics()
+    # "raise ... from None" hides the context: "chained" is retried.
+    assert calls.items == [b"direct"] + [b"chained"] * 5 + [b"group", b"context", b"ok"]
+    by_value = {m.value: m.headers for m in dlq.items}
+    assert by_value[b"chained"]["X-DLQ-Attempts"] == "5"
+    direct = by_value[b"direct"]
+    assert direct["X-DLQ-Error-Type"] == "NonRetryableError"
+    assert direct["X-DLQ-Error-Message"] == "order is cancelled"
+    assert direct["X-DLQ-Cause-Type"] == "ValueError"
+    assert direct["X-DLQ-Cause-Message"] == "status=cancelled"
+    assert direct["X-DLQ-Attempts"] == "1"
+    assert by_value[b"context"]["X-DLQ-Error-Type"] == "KeyError"
+    assert by_value[b"context"]["X-DLQ-Attempts"] == "1"
+    assert by_value[b"group"]["X-DLQ-Error-Type"] == "ExceptionGroup"
+    assert by_value[b"group"]["X-DLQ-Attempts"] == "1"
+    assert stats.dead_lettered == 4
+
+
+async def test_handler_that_swallows_cancellation_times_out(
+    bus_url: str, topic: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    dlq: Recorder[trio_bus.Message] = Recorder()
+    calls: Recorder[int] = Recorder()
+
+    async def swallower(message: trio_bus.Message) -> None:
+        calls.add(message.attempt)
+        try:
+            await trio.sleep_forever()
+        except trio.Cancelled:  # the bug under test: never do this
+            return
+
+    retry = RetryPolicy(max_attempts=2, backoff=0.01)
+    async with open_test_bus(bus_url, retry=retry, handler_timeout=0.2) as bus:
+        await bus.subscribe(topic, swallower)
+        await bus.subscribe(f"{topic}.dlq", collect(dlq))
+        await bus.publish(topic, b"1", key="a")
+        await bus.publish(topic, b"2", key="a")
+        await dlq.wait_for_count(2)
+        stats = bus.statistics()
+    assert calls.items == [1, 2, 1, 2]
+    assert [m.value for m in dlq.items] == [b"1", b"2"]
+    assert {m.headers["X-DLQ-Error-Type"] for m in dlq.items} == {"HandlerTimeout"}
+    assert {m.headers["X-DLQ-Attempts"] for m in dlq.items} == {"2"}
+    # Handled: only the two dead letters, by the DLQ subscription.
+    assert (stats.handled, stats.failed, stats.dead_lettered) == (2, 4, 2)
+    warnings = [r for r in caplog.records if "swallows trio.Cancelled" in r.getMessage()]
+    assert len(warnings) == 1
+    assert warnings[0].levelname == "WARNING"
+    assert topic in warnings[0].getMessage()
+
+
+async def test_per_subscription_retry_dead_letter_and_timeout(bus_url: str, topic: str) -> None:
+    strict_calls: Recorder[int] = Recorder()
+    default_calls: Recorder[int] = Recorder()
+    parked: Recorder[trio_bus.Message] = Recorder()
+    default_parked: Recorder[trio_bus.Message] = Recorder()
+
+    async def strict(message: trio_bus.Message) -> None:
+        strict_calls.add(message.attempt)
+        await trio.sleep(0.3)  # past its own timeout, within the bus's
+
+    async def failing(message: trio_bus.Message) -> None:
+        default_calls.add(message.attempt)
+        raise RuntimeError("always")
+
+    async with open_test_bus(bus_url) as bus:  # bus: 3 attempts, 10 s, {topic}.dlq
+        with pytest.raises(ConfigError):
+            await bus.subscribe(topic, strict, retry="twice")
+        with pytest.raises(ConfigError):
+            await bus.subscribe(topic, strict, dead_letter="no-placeholder")
+        await bus.subscribe(
+            topic,
+            strict,
+            group="strict",
+            retry=RetryPolicy(max_attempts=2, backoff=0.01),
+            dead_letter="{topic}-strict",
+            handler_timeout=0.1,
+        )
+        await bus.subscribe(topic, failing, group="default")
+        await bus.subscribe(f"{topic}-strict", collect(parked))
+        await bus.subscribe(f"{topic}.dlq", collect(default_parked))
+        await bus.publish(topic, b"x", key="k")
+        await parked.wait_for_count(1)
+        await default_parked.wait_for_count(1)
+    assert strict_calls.items == [1, 2]
+    assert parked.items[0].headers["X-DLQ-Error-Type"] == "HandlerTimeout"
+    assert parked.items[0].headers["X-DLQ-Attempts"] == "2"
+    assert default_calls.items == [1, 2, 3]
+    assert default_parked.items[0].headers["X-DLQ-Attempts"] == "3"
+
+
+class Placed(msgspec.Struct):
+    total: int
+
+
+@dataclasses.dataclass
+class Paid:
+    amount: float
+
+
+async def test_router_routes_typed_events_in_order_and_dead_letters_bad_ones(
+    bus_url: str, topic: str
+) -> None:
+    router = trio_bus.Router()
+    seen: Recorder[tuple[str, str]] = Recorder()
+    dlq: Recorder[trio_bus.Message] = Recorder()
+
+    @router.on("Placed")
+    async def placed(event: Placed, envelope: trio_bus.Envelope) -> None:
+        assert isinstance(event, Placed)
+        await trio.sleep(0.002)
+        seen.add((envelope.aggregate_id, f"placed:{event.total}"))
+
+    @router.on("Paid")
+    async def paid(event: Paid, envelope: trio_bus.Envelope) -> None:
+        seen.add((envelope.aggregate_id, f"paid:{event.amount:g}"))
+
+    def env(agg: str, event_type: str, payload: object) -> trio_bus.Envelope:
+        return trio_bus.Envelope.new(aggregate_id=agg, event_type=event_type, payload=payload)
+
+    async with open_test_bus(bus_url) as bus:
+        await bus.subscribe_envelope(topic, router)
+        await bus.subscribe(f"{topic}.dlq", collect(dlq))
+        for i in range(5):
+            await bus.publish_envelope(topic, env(f"o{i}", "Placed", {"total": i}))
+            await bus.publish_envelope(topic, env(f"o{i}", "Paid", {"amount": i}))
+        await bus.publish_envelope(topic, env("o0", "Refunded", {"amount": 1}))
+        await bus.publish_envelope(topic, env("o1", "Paid", {"amount": "all of it"}))
+        await seen.wait_for_count(10)
+        await dlq.wait_for_count(2)
+    for i in range(5):
+        assert [kind for agg, kind in seen.items if agg == f"o{i}"] == [f"placed:{i}", f"paid:{i}"]
+    errors = {m.headers["X-DLQ-Error-Type"]: m.headers for m in dlq.items}
+    assert set(errors) == {"UnknownEventTypeError", "PayloadDecodeError"}
+    assert "'Refunded'" in errors["UnknownEventTypeError"]["X-DLQ-Error-Message"]
+    assert "Expected `float`" in errors["PayloadDecodeError"]["X-DLQ-Error-Message"]
+    assert {h["X-DLQ-Attempts"] for h in errors.values()} == {"1"}
+
+
+@pytest.mark.parametrize("bisect", [False, True])
+async def test_batch_subscription_keeps_order_and_dead_letters(
+    bus_url: str, topic: str, bisect: bool
+) -> None:
+    """Batches never overlap on an aggregate and keep its order; a
+    non-retryable failure parks the whole batch at once, or (bisect) only
+    the message that fails alone."""
+    aggregates = [f"agg-{i}" for i in range(6)]
+    plan = [(aggregates[i % 6], i) for i in range(60)]
+    active: set[str] = set()
+    overlaps: list[str] = []
+    handled: Recorder[tuple[str, int]] = Recorder()
+    dlq: Recorder[trio_bus.Message] = Recorder()
+    poisoned: list[list[int]] = []
+
+    async def handler(messages: Sequence[trio_bus.Message]) -> None:
+        aggs = {m.aggregate_id or "" for m in messages}
+        overlaps.extend(aggs & active)
+        active.update(aggs)
+        try:
+            await trio.sleep(0.002)
+            values = [int(m.value) for m in messages]
+            if 17 in values:
+                poisoned.append(values)
+                raise NonRetryableError("17 is cursed")
+        finally:
+            active.difference_update(aggs)
+        for m in messages:
+            handled.add((m.aggregate_id or "", int(m.value)))
+
+    async def on_dead(message: trio_bus.Message) -> None:
+        dlq.add(message)
+        handled.notify()
+
+    async with open_test_bus(bus_url, pool_size=4) as bus:
+        await bus.subscribe_batch(topic, handler, max_batch=8, max_wait=0.05, bisect=bisect)
+        await bus.subscribe(f"{topic}.dlq", on_dead)
+        await bus.publish_many(
+            trio_bus.OutgoingMessage(topic=topic, value=b"%d" % seq, key=agg) for agg, seq in plan
+        )
+        await handled.wait_until(lambda: len(handled) + len(dlq) >= len(plan))
+    assert overlaps == []
+    if bisect:
+        assert poisoned[-1] == [17]  # split down to the culprit
+        bad = [17]
+    else:
+        (bad,) = poisoned
+    assert sorted(int(m.value) for m in dlq.items) == sorted(bad)
+    assert {m.headers["X-DLQ-Attempts"] for m in dlq.items} == {"1"}
+    for agg in aggregates:
+        expected = [seq for a, seq in plan if a == agg and seq not in bad]
+        assert [seq for a, seq in handled.items if a == agg] == expected

@@ -36,6 +36,8 @@ from ._message import OutgoingMessage as OutgoingMessage
 from ._open import open_bus as open_bus
 from ._pool import current_message as current_message
 from ._results import PublishResult as PublishResult
+from ._router import EventRoute as EventRoute
+from ._router import Router as Router
 from ._stats import BusStatistics as BusStatistics
 from ._stats import RunningHandler as RunningHandler
 from ._stats import TopicStatistics as TopicStatistics
@@ -50,12 +52,14 @@ __all__ = [
     "Bus",
     "BusStatistics",
     "Envelope",
+    "EventRoute",
     "HealthReport",
     "Message",
     "Monitoring",
     "OutgoingMessage",
     "PublishResult",
     "RetryPolicy",
+    "Router",
     "RunningHandler",
     "Stall",
     "Subscription",

@@ -21,6 +21,7 @@ EPILOG = """\
 examples:
   trio-bus demo                          the orders demo, no server needed
   trio-bus check nats://127.0.0.1:4222   is this broker usable right now?
+  trio-bus asyncapi app:setup            the AsyncAPI document of a service
   trio-bus bench --help                  benchmark options (source checkout)
 
 Run "trio-bus COMMAND --help" for a command's options."""
@@ -46,6 +47,8 @@ exit status:
 examples:
   trio-bus check kafka://127.0.0.1:9092
   trio-bus check nats://127.0.0.1:4222 --timeout 5"""
+
+ASYNCAPI_HELP = "print the AsyncAPI 3.0 document of a service (MODULE:ATTR)"
 
 BENCH_HELP = "benchmark trio_bus against the raw clients and FastStream (source checkout)"
 
@@ -113,6 +116,8 @@ def _parser() -> argparse.ArgumentParser:
     )
     # Its options belong to the benchmark suite: "trio-bus bench --help".
     commands.add_parser("bench", help=BENCH_HELP, add_help=False)
+    # Its options: "trio-bus asyncapi --help".
+    commands.add_parser("asyncapi", help=ASYNCAPI_HELP, add_help=False)
     return parser
 
 
@@ -122,6 +127,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["bench"]:
         return _bench(argv[1:])
+    if argv[:1] == ["asyncapi"]:
+        from .asyncapi import main as asyncapi_main
+
+        return asyncapi_main(argv[1:])
     args = _parser().parse_args(argv)
     if args.command == "demo":
         from .demo import run

@@ -11,11 +11,14 @@ through :meth:`Bus.statistics` and :meth:`Bus.subscriptions` only.
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Iterable, Mapping
+from typing import Any
 
+import attrs
 import trio
 from opentelemetry.trace import Tracer
 
-from ._config import BusConfig, check_timeout
+from ._batch import DEFAULT_MAX_BATCH, DEFAULT_MAX_WAIT, BatchHandler, Batching
+from ._config import BusConfig, RetryPolicy
 from ._envelope import Envelope
 from ._message import Message, OutgoingMessage
 from ._names import validate_topic
@@ -24,6 +27,7 @@ from ._publisher import Publisher
 from ._results import FullPolicy, PublishResult, PublishResultStream
 from ._stats import BusStatistics, TopicStats
 from ._subscription import Subscription, Subscriptions
+from .asyncapi import Publication, build_document
 from .errors import BusClosedError, InvalidInputError
 from .health import HealthReport, Monitor, Monitoring
 from .metrics import registry_for
@@ -67,7 +71,6 @@ class Bus:
         self._pool = ActorPool(
             size=config.pool_size,
             inbox_size=config.inbox_size,
-            retry=config.retry,
             max_restarts=config.max_restarts,
             restart_window=config.restart_window,
             publish=self._publish_dead_letter,
@@ -85,6 +88,7 @@ class Bus:
             subscribe_probe=self._subscribe_probe,
             publish_probe=self._publish_probe,
         )
+        self._publications: list[Publication] = []
         self.metrics_registry = registry_for(self, self._monitor)
         """This bus's own Prometheus registry (see :mod:`trio_bus.metrics`)."""
 
@@ -205,24 +209,30 @@ class Bus:
         handler_timeout: float | object | None,
         start: StartPosition,
         wants_envelope: bool,
+        retry: RetryPolicy | object = _UNSET,
+        dead_letter: str | Callable[[str], str] | object = _UNSET,
+        batch: Batching | None = None,
         ephemeral: bool = False,
     ) -> Subscription:
         validate_topic(topic)
         group = self._config.client_id if group is None else validate_topic(group)
         if start not in ("latest", "earliest"):
             raise InvalidInputError(f"start must be 'latest' or 'earliest', not {start!r}")
-        if handler_timeout is _UNSET:
-            timeout = self._config.handler_timeout
-        else:
-            timeout = check_timeout(handler_timeout)
+        # Per-subscription options: the bus's config with them swapped in,
+        # checked by the same validators.
+        given = {"handler_timeout": handler_timeout, "retry": retry, "dead_letter": dead_letter}
+        overrides: dict[str, Any] = {k: v for k, v in given.items() if v is not _UNSET}
+        options = attrs.evolve(self._config, **overrides) if overrides else self._config
         return await self._subscriptions.open(
             topic,
             handler,
             group=group,
             start=start,
-            handler_timeout=timeout,
-            dead_letter_topic=_dead_letter_name(self._config.dead_letter, topic),
+            handler_timeout=options.handler_timeout,
+            dead_letter_topic=_dead_letter_name(options.dead_letter, topic),
             wants_envelope=wants_envelope,
+            retry=options.retry,
+            batch=batch,
             stats=self._stats_for(topic),
             ephemeral=ephemeral,
         )
@@ -248,6 +258,8 @@ class Bus:
         group: str | None = None,
         handler_timeout: float | object | None = _UNSET,
         start: StartPosition = "latest",
+        retry: RetryPolicy | object = _UNSET,
+        dead_letter: str | Callable[[str], str] | object = _UNSET,
     ) -> Subscription:
         """Subscribe *handler* to *topic*; return once the subscription is live.
 
@@ -272,6 +284,16 @@ class Bus:
             start: Where a *new* group starts: ``"latest"`` (only messages
                 published from now on) or ``"earliest"`` (replay). An existing
                 group resumes where it acked.
+            retry: This subscription's :class:`RetryPolicy`; default the
+                bus's.
+            dead_letter: This subscription's dead-letter topic template
+                (``"{topic}.dlq"``) or function of the topic; default the
+                bus's.
+
+        Raising :class:`~trio_bus.errors.NonRetryableError` (or raising
+        from it) dead-letters the message at once. A handler that returns
+        after its deadline fired (it swallowed ``trio.Cancelled``) has
+        timed out all the same; it is logged once at WARNING.
         """
         return await self._subscribe(
             topic,
@@ -280,6 +302,8 @@ class Bus:
             handler_timeout=handler_timeout,
             start=start,
             wants_envelope=False,
+            retry=retry,
+            dead_letter=dead_letter,
         )
 
     async def subscribe_envelope(
@@ -290,12 +314,17 @@ class Bus:
         group: str | None = None,
         handler_timeout: float | object | None = _UNSET,
         start: StartPosition = "latest",
+        retry: RetryPolicy | object = _UNSET,
+        dead_letter: str | Callable[[str], str] | object = _UNSET,
     ) -> Subscription:
         """Like :meth:`subscribe`, but the handler receives the decoded and
         validated :class:`Envelope` (:func:`trio_bus.current_message` gives
         the :class:`Message` behind it). A body that is not a valid envelope
         is dead-lettered at once, without retries, with the decode error in
-        the ``X-DLQ-Error-Message`` header."""
+        the ``X-DLQ-Error-Message`` header.
+
+        *handler* may be a :class:`~trio_bus.Router`, which calls a typed
+        handler per ``event_type`` (see docs/handlers.md)."""
         return await self._subscribe(
             topic,
             handler,
@@ -303,6 +332,109 @@ class Bus:
             handler_timeout=handler_timeout,
             start=start,
             wants_envelope=True,
+            retry=retry,
+            dead_letter=dead_letter,
+        )
+
+    async def subscribe_batch(
+        self,
+        topic: str,
+        handler: BatchHandler,
+        *,
+        max_batch: int = DEFAULT_MAX_BATCH,
+        max_wait: float = DEFAULT_MAX_WAIT,
+        group: str | None = None,
+        handler_timeout: float | object | None = _UNSET,
+        start: StartPosition = "latest",
+        retry: RetryPolicy | object = _UNSET,
+        dead_letter: str | Callable[[str], str] | object = _UNSET,
+        bisect: bool = False,
+    ) -> Subscription:
+        """Subscribe a handler that takes a sequence of messages at a time.
+
+        ``async def handler(messages: Sequence[Message]) -> None``. Batches
+        form per actor: an actor collects up to *max_batch* messages of this
+        subscription from its own inbox, waiting up to *max_wait* seconds
+        for more. So an aggregate's messages in a batch are in delivery
+        order, and no other batch holds that aggregate meanwhile: handle a
+        batch in sequence order (or per aggregate) and order holds.
+
+        Returning acks every message of the batch. Raising (or running past
+        *handler_timeout*, which bounds the whole call) retries the whole
+        batch in place; past ``max_attempts`` (or at once for
+        :class:`~trio_bus.errors.NonRetryableError`) each message is
+        dead-lettered — or, with *bisect*, the batch is split in two and
+        each half retried the same way, so only messages that fail alone
+        are dead-lettered. Other arguments as for :meth:`subscribe`.
+
+        Args:
+            topic: The topic.
+            handler: The async callable.
+            max_batch: Messages in one call at most.
+            max_wait: Seconds to wait for a batch to fill (0: take what is
+                already queued; batches grow with the backlog).
+            group: As for :meth:`subscribe`.
+            handler_timeout: Seconds per batch call; default the bus's.
+            start: As for :meth:`subscribe`.
+            retry: As for :meth:`subscribe`.
+            dead_letter: As for :meth:`subscribe`.
+            bisect: Split a batch that keeps failing instead of
+                dead-lettering all of it.
+        """
+        if not callable(handler):
+            raise InvalidInputError("handler must be an async callable")
+        batching = Batching(invoke=handler, max_batch=max_batch, max_wait=max_wait, bisect=bisect)
+        return await self._subscribe(
+            topic,
+            batching.one,
+            group=group,
+            handler_timeout=handler_timeout,
+            start=start,
+            wants_envelope=False,
+            retry=retry,
+            dead_letter=dead_letter,
+            batch=batching,
+        )
+
+    # --------------------------------------------------------------- AsyncAPI
+
+    def declare_publication(
+        self,
+        topic: str,
+        *,
+        event_type: str,
+        payload: type[Any] | None = None,
+        event_version: int | None = None,
+        description: str | None = None,
+    ) -> None:
+        """Declare that this service publishes envelopes of *event_type*
+        (payload *payload*, any JSON when None) on *topic*, for
+        :meth:`asyncapi`. Declaring changes nothing else."""
+        self._publications.append(
+            Publication(
+                topic=validate_topic(topic),
+                event_type=event_type,
+                payload=payload,
+                event_version=event_version,
+                description=description,
+            )
+        )
+
+    def asyncapi(self, *, title: str | None = None, version: str = "0.0.0") -> dict[str, Any]:
+        """An AsyncAPI 3.0 document (a JSON-ready dict) of this bus's live
+        subscriptions (receive operations), their dead-letter topics and the
+        publications declared with :meth:`declare_publication` (send
+        operations). Routed payload types appear as JSON schemas.
+
+        Args:
+            title: ``info.title``; default the bus's ``client_id``.
+            version: ``info.version`` (the application's version).
+        """
+        return build_document(
+            title=title or self.client_id,
+            version=version,
+            routes=[sub._route for sub in self._subscriptions.live],
+            publications=self._publications,
         )
 
     # ------------------------------------------------------- health, results

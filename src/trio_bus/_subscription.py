@@ -18,7 +18,8 @@ from typing import Self, cast
 import trio
 from opentelemetry.trace import Tracer
 
-from ._config import CANCEL_FLUSH_TIMEOUT
+from ._batch import Batching
+from ._config import CANCEL_FLUSH_TIMEOUT, RetryPolicy
 from ._envelope import Envelope
 from ._message import Message
 from ._pool import ActorPool, EnvelopeHandler, Handler, Route
@@ -186,7 +187,9 @@ class Subscriptions:
         handler_timeout: float | None,
         dead_letter_topic: str,
         wants_envelope: bool,
+        retry: RetryPolicy,
         stats: TopicStats,
+        batch: Batching | None = None,
         ephemeral: bool = False,
     ) -> Subscription:
         """Open a consumer and start fetching; return once live."""
@@ -213,6 +216,10 @@ class Subscriptions:
             handler_timeout=handler_timeout,
             dead_letter_topic=dead_letter_topic,
             wants_envelope=wants_envelope,
+            retry=retry,
+            batch=batch,
+            # The handler as the user gave it (Bus.asyncapi reads routers).
+            source=handler if batch is None else batch.invoke,
             stats=stats,
         )
         subscription = Subscription(self, route)

@@ -21,12 +21,15 @@ __all__ = [
     "InvalidInputError",
     "InvalidTopicError",
     "MissingExtraError",
+    "NonRetryableError",
+    "PayloadDecodeError",
     "PayloadTooLargeError",
     "PublishError",
     "PublishOutcomeUnknownError",
     "TopicConfigError",
     "TransportError",
     "TransportUnavailableError",
+    "UnknownEventTypeError",
     "UnsupportedURLError",
 ]
 
@@ -77,6 +80,32 @@ class HandlerTimeout(BusError, TimeoutError):  # noqa: N818 - reads as an event,
 
     Counted as a failure like any other: retried, then dead-lettered.
     """
+
+
+class NonRetryableError(BusError):
+    """A handler failure that retrying cannot fix.
+
+    Raise it (or raise any exception *from* it, or while handling it: the
+    ``__cause__``/``__context__`` chain is searched) in a handler and the
+    message goes to the dead-letter topic at once, without further attempts,
+    with the error and its cause in the ``X-DLQ-*`` headers::
+
+        async def handle(message: Message) -> None:
+            try:
+                order = parse(message.value)
+            except ValueError as exc:
+                raise NonRetryableError("not an order") from exc
+    """
+
+
+class PayloadDecodeError(NonRetryableError):
+    """A typed handler's payload did not decode into its type (the decoder's
+    error is the ``__cause__``)."""
+
+
+class UnknownEventTypeError(NonRetryableError):
+    """A :class:`~trio_bus.Router` has no handler for an envelope's
+    ``event_type`` (and ``event_version``)."""
 
 
 class ActorCrashedError(BusError):

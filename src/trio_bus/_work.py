@@ -1,0 +1,144 @@
+"""What the actor pool works on: routes (one per subscription), work
+items (one per delivery) and the per-actor state that survives a restart."""
+
+from __future__ import annotations
+
+import contextvars
+from collections import deque
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING
+
+import attrs
+import trio
+
+from ._config import RetryPolicy
+from ._envelope import Envelope
+from ._message import Message, Record
+from ._stats import TopicStats
+from .transports._base import Consumer
+
+if TYPE_CHECKING:
+    from ._batch import Batching
+
+__all__ = ["EnvelopeHandler", "Handler", "PoolStats", "Route", "current_message"]
+
+Handler = Callable[[Message], Awaitable[None]]
+EnvelopeHandler = Callable[[Envelope], Awaitable[None]]
+
+_current_message: contextvars.ContextVar[Message] = contextvars.ContextVar(
+    "trio_bus_current_message"
+)
+
+
+def current_message() -> Message:
+    """The :class:`Message` whose handler is running in this task.
+
+    Envelope handlers receive the decoded :class:`Envelope`; this reaches
+    the transport-level message (headers, position, attempt) behind it.
+
+    Raises:
+        LookupError: called outside a handler.
+    """
+    return _current_message.get()
+
+
+@attrs.define(eq=False)
+class Route:
+    """The core side of one subscription: where its messages go and how
+    they are settled."""
+
+    topic: str
+    group: str
+    consumer: Consumer
+    #: Calls the user's handler (envelope adapter and tracing included).
+    invoke: Handler
+    handler_timeout: float | None
+    dead_letter_topic: str
+    wants_envelope: bool
+    retry: RetryPolicy
+    #: Set for a batch subscription: the pool calls ``batch.invoke``, not ``invoke``.
+    batch: Batching | None = None
+    #: The handler as the user gave it (``Bus.asyncapi`` reads routers from it).
+    source: object = None
+    stats: TopicStats = attrs.field(factory=TopicStats)
+    #: A handler that swallowed a cancellation has been logged once.
+    warned_swallow: bool = False
+    _closing: bool = attrs.field(default=False, alias="closing")
+    #: Scopes of actors waiting for a batch of this route to fill.
+    collecting: set[trio.CancelScope] = attrs.field(factory=set)
+    in_flight: int = 0
+    _idle: trio.Event = attrs.field(factory=trio.Event, alias="idle")
+
+    def __attrs_post_init__(self) -> None:
+        self._idle.set()
+
+    @property
+    def closing(self) -> bool:
+        """Set when the subscription stops: queued messages are released
+        unrun, and batches still filling stop waiting."""
+        return self._closing
+
+    @closing.setter
+    def closing(self, value: bool) -> None:
+        self._closing = value
+        if value:
+            for scope in self.collecting:
+                scope.cancel()
+
+    def _dispatched(self) -> None:
+        self.in_flight += 1
+        if self.in_flight == 1:
+            self._idle = trio.Event()
+
+    def _settled(self) -> None:
+        self.in_flight -= 1
+        if self.in_flight == 0:
+            self._idle.set()
+
+    async def wait_idle(self) -> None:
+        """Wait until every dispatched message of this route is settled."""
+        await self._idle.wait()
+
+
+@attrs.define(slots=True, eq=False)
+class Work:
+    route: Route
+    record: Record
+    message: Message
+    #: Why the message is malformed (dead-lettered at once), or None.
+    rejection: Exception | None = None
+
+
+@attrs.define(eq=False)
+class Actor:
+    index: int
+    send: trio.MemorySendChannel[Work]
+    receive: trio.MemoryReceiveChannel[Work]
+    scope: trio.CancelScope | None = None
+    current: Work | None = None
+    #: The running batch (``current`` first) of a batch route, else empty.
+    batch: list[Work] = attrs.Factory(list)
+    #: Taken from the inbox while collecting a batch but not part of it:
+    #: it is handled right after the batch.
+    stash: Work | None = None
+    #: Second halves of bisected batches, to run after ``batch`` (a stack:
+    #: the earliest half is last).
+    halves: list[list[Work]] = attrs.Factory(list)
+    attempt: int = 1
+    #: The current handler call is being cancelled because its route closed.
+    abandoned: bool = False
+    #: A failure whose handling must wait for a fresh cancel scope.
+    pending_failure: Exception | None = None
+    restarts: deque[float] = attrs.Factory(deque)
+    busy_since: float | None = None
+
+
+@attrs.define(eq=False)
+class PoolStats:
+    """The pool's counters (see :class:`trio_bus.BusStatistics`)."""
+
+    handled: int = 0
+    failed: int = 0
+    retried: int = 0
+    dead_lettered: int = 0
+    restarts: int = 0
