@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import random
+import time
 from collections import defaultdict
 from collections.abc import Awaitable, Callable, Sequence
 from contextlib import AbstractAsyncContextManager
@@ -628,3 +629,18 @@ async def test_batch_subscription_keeps_order_and_dead_letters(
     for agg in aggregates:
         expected = [seq for a, seq in plan if a == agg and seq not in bad]
         assert [seq for a, seq in handled.items if a == agg] == expected
+
+
+async def test_message_carries_the_broker_timestamp(bus_url: str, topic: str) -> None:
+    """``Message.timestamp``: when the broker stored the message (seconds
+    since the epoch), on every transport."""
+    got: Recorder[trio_bus.Message] = Recorder()
+    async with open_test_bus(bus_url) as bus:
+        await bus.subscribe(topic, collect(got))
+        before = time.time()
+        await bus.publish(topic, b"x", key="a")
+        after = time.time()
+        await got.wait_for_count(1)
+    stamp = got.items[0].timestamp
+    assert stamp is not None
+    assert before - 1.0 <= stamp <= after + 1.0

@@ -68,6 +68,9 @@ class Message:
         offset: Kafka offset, NATS stream sequence, or memory log index.
         delivery_count: Broker delivery count where the broker tracks it
             (NATS, memory; ``> 1`` means redelivered), else None.
+        timestamp: When the broker stored it (seconds since the epoch:
+            Kafka record timestamp, JetStream publish time, memory append
+            time), or None where the broker does not say.
     """
 
     topic: str
@@ -80,6 +83,7 @@ class Message:
     partition: int | None
     offset: int
     delivery_count: int | None
+    timestamp: float | None = None
     _envelope: Envelope | None = attrs.field(default=None, alias="envelope", repr=False)
 
     @property

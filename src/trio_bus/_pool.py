@@ -147,6 +147,7 @@ class ActorPool:
                 partition=record.partition,
                 offset=record.offset,
                 delivery_count=record.delivery_count,
+                timestamp=record.timestamp,
                 envelope=envelope,
             )
             if aggregate is not None:
