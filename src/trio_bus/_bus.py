@@ -118,7 +118,8 @@ class Bus:
         """A frozen snapshot of counters, queue depths and running handlers."""
         pool = self._pool
         depths = pool.inbox_depths()
-        stats = pool.stats
+        # Each counter is kept once, per topic; the bus-wide ones are sums.
+        topics = tuple(s.snapshot(t) for t, s in sorted(self._topic_stats.items()))
         return BusStatistics(
             pool_size=pool.size,
             actors_alive=pool.actors_alive(),
@@ -128,15 +129,15 @@ class Bus:
             max_inbox_depth=max(depths, default=0),
             inbox_depths=depths,
             published=self._publisher.published,
-            handled=stats.handled,
-            failed=stats.failed,
-            retried=stats.retried,
-            dead_lettered=stats.dead_lettered,
-            restarts=stats.restarts,
+            handled=sum(t.handled for t in topics),
+            failed=sum(t.failed for t in topics),
+            retried=sum(t.retried for t in topics),
+            dead_lettered=sum(t.dead_lettered for t in topics),
+            restarts=pool.restarts,
             publish_backlog=self._publisher.backlog,
             publish_results_dropped=self._publisher.results.dropped,
             running=tuple(pool.running()),
-            topics=tuple(s.snapshot(t) for t, s in sorted(self._topic_stats.items())),
+            topics=topics,
         )
 
     # ---------------------------------------------------------------- publish

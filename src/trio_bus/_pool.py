@@ -45,7 +45,6 @@ from ._work import (
     Actor,
     EnvelopeHandler,
     Handler,
-    PoolStats,
     Route,
     Work,
     _current_message,
@@ -85,7 +84,8 @@ class ActorPool:
         self.max_restarts = max_restarts
         self.restart_window = restart_window
         self._publish = publish
-        self.stats = PoolStats()
+        #: Actor restarts after a crash of an actor's own loop.
+        self.restarts = 0
         self._actors = []
         for index in range(size):
             send, receive = trio.open_memory_channel[Work](inbox_size)
@@ -187,7 +187,7 @@ class ActorPool:
                 actor.restarts.append(now)
                 while actor.restarts and actor.restarts[0] < now - self.restart_window:
                     actor.restarts.popleft()
-                self.stats.restarts += 1
+                self.restarts += 1
                 if len(actor.restarts) > self.max_restarts:
                     raise ActorCrashedError(
                         f"actor {actor.index} crashed {len(actor.restarts)} times in "
@@ -329,7 +329,6 @@ class ActorPool:
             # fired. Either way it did not return in time: a timeout.
             actor.pending_failure = self._swallowed(route)
             return False
-        self.stats.handled += count
         route.stats.handled += count
         route.stats.handler_duration.observe(trio.current_time() - now)
         self.finish(actor)
@@ -363,11 +362,9 @@ class ActorPool:
         work = actor.current
         assert work is not None
         route = work.route
-        self.stats.failed += 1
         route.stats.failed += 1
         if actor.attempt >= route.retry.max_attempts or is_non_retryable(exc):
             if actor.batch and bisect(actor):
-                self.stats.retried += 1
                 route.stats.retried += 1
                 return
             for each in actor.batch or (work,):
@@ -381,7 +378,6 @@ class ActorPool:
             actor.attempt,
             exc,
         )
-        self.stats.retried += 1
         route.stats.retried += 1
         await trio.sleep(route.retry.delay(actor.attempt))
         actor.attempt += 1
@@ -416,7 +412,6 @@ class ActorPool:
             retry=route.retry,
             rejected=rejected,
         )
-        self.stats.dead_lettered += 1
         route.stats.dead_lettered += 1
 
     # -------------------------------------------------------------- closing

@@ -20,7 +20,7 @@ from .transports._base import Consumer
 if TYPE_CHECKING:
     from ._batch import Batching
 
-__all__ = ["EnvelopeHandler", "Handler", "PoolStats", "Route", "current_message"]
+__all__ = ["EnvelopeHandler", "Handler", "Route", "current_message"]
 
 Handler = Callable[[Message], Awaitable[None]]
 EnvelopeHandler = Callable[[Envelope], Awaitable[None]]
@@ -131,14 +131,3 @@ class Actor:
     pending_failure: Exception | None = None
     restarts: deque[float] = attrs.Factory(deque)
     busy_since: float | None = None
-
-
-@attrs.define(eq=False)
-class PoolStats:
-    """The pool's counters (see :class:`trio_bus.BusStatistics`)."""
-
-    handled: int = 0
-    failed: int = 0
-    retried: int = 0
-    dead_lettered: int = 0
-    restarts: int = 0
