@@ -27,8 +27,12 @@ from trio_bus.transports._base import Consumer, ConsumerSpec, Transport
 from .helpers import Recorder, collect
 
 
-def records(n: int, keys: int, topic: str = "t") -> list[OutgoingMessage]:
-    return [OutgoingMessage(topic=topic, value=b"%d" % i, key=f"k{i % keys}") for i in range(n)]
+def records(n: int, keys: int, topic: str = "t", size: int = 0) -> list[OutgoingMessage]:
+    """*n* records over *keys* aggregates; values ``b"<i> "`` padded to *size*."""
+    return [
+        OutgoingMessage(topic=topic, value=(b"%d " % i).ljust(size, b"."), key=f"k{i % keys}")
+        for i in range(n)
+    ]
 
 
 # ------------------------------------------------------------ split_streams
@@ -157,7 +161,7 @@ async def test_results_report_every_message(memory_bus_url: str) -> None:
 
 async def test_transport_failure_raises_itself_and_stops_the_rest() -> None:
     transport = GatedTransport()
-    transport.raise_on = b"7"
+    transport.raise_on = b"7 "
     publisher = publisher_on(transport)
     async with trio.open_nursery() as nursery:
         nursery.start_soon(open_gates_last_first, transport, 4)
@@ -179,19 +183,21 @@ async def test_invalid_item_sends_nothing() -> None:
 
 
 async def test_order_per_aggregate_with_chunks_in_flight(bus_url: str) -> None:
-    """Enough messages for every stream to send several chunks, read back
-    through a subscription: each aggregate's messages in publish order."""
+    """Enough messages for every stream to send several chunks, 1 KiB each
+    (so aiokafka's partition batches fill and nats-py flushes mid-chunk),
+    read back through a subscription: each aggregate's messages in publish
+    order."""
     topic = f"pm-{uuid.uuid4().hex[:10]}"
     n, keys = 9 * PUBLISH_BATCH, 60  # 4 streams of ~2,250: 3 chunks each
     seen: Recorder[trio_bus.Message] = Recorder()
     async with trio_bus.open_bus(bus_url, monitoring=None) as bus:
         await bus.subscribe(topic, collect(seen), start="earliest")
         with trio.fail_after(120):
-            await bus.publish_many(records(n, keys, topic))
+            await bus.publish_many(records(n, keys, topic, size=1024))
             await seen.wait_for_count(n, timeout=120)
     order: dict[str | None, list[int]] = defaultdict(list)
     for message in seen.items:
-        order[message.aggregate_id].append(int(message.value))
+        order[message.aggregate_id].append(int(message.value.split()[0]))
     assert len(order) == keys
     for key, values in order.items():
         assert values == [i for i in range(n) if f"k{i % keys}" == key]
