@@ -227,6 +227,9 @@ class Publisher:
         if not records:
             await trio.lowlevel.checkpoint()
             return
+        if self._limits is None and len(records) <= PUBLISH_BATCH:
+            raise_first_failure(await self.send(records))  # one chunk: as before
+            return
         outcomes: list[BaseException | None] = [None] * len(records)
         streams = self._streams(records)
         if len(streams) == 1:
