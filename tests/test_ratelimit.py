@@ -201,6 +201,18 @@ async def test_publish_waits_for_tokens(
     assert times == pytest.approx([0.0] * 4 + [0.05 * k for k in range(1, 9)], abs=EXACT)
 
 
+async def test_publish_envelope_is_limited_too(
+    memory_bus_url: str, autojump_clock: trio.testing.MockClock
+) -> None:
+    limit = RateLimit(per_second=2, burst=1)
+    async with trio_bus.open_bus(memory_bus_url, monitoring=None, publish_rate=limit) as bus:
+        start = trio.current_time()
+        for i in range(3):
+            envelope = trio_bus.Envelope.new(aggregate_id=f"a-{i}", event_type="T", payload={})
+            await bus.publish_envelope("t", envelope)
+        assert trio.current_time() - start == pytest.approx(1.0, abs=EXACT)
+
+
 async def test_publish_many_chunks_wait_for_tokens(
     memory_bus_url: str, autojump_clock: trio.testing.MockClock
 ) -> None:
