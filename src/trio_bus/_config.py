@@ -114,9 +114,9 @@ class RateLimit:
     *per_second* messages a second.
 
     Publishers over the limit wait (nothing is dropped), first come first
-    served. Up to *burst* messages go out at once after a quiet spell; over
-    any longer span at most ``burst + per_second * seconds`` messages are
-    handed to the transport::
+    served. Up to *burst* messages go at once after a quiet spell; in any
+    span of ``t`` seconds at most ``burst + per_second * t`` are let through
+    to the transport (which may still send them in one batch)::
 
         async with trio_bus.open_bus(
             url, publish_rate=trio_bus.RateLimit(per_second=500, burst=100)
