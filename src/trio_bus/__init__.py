@@ -14,9 +14,9 @@ NATS JetStream or an embedded in-memory transport::
             await bus.publish("orders", b'{"total": 5}', key="order-1")
 
 Layers, each importing only from those above it: ``errors`` -> ``_names``,
-``_envelope``, ``_message``, ``_config``, ``_stats`` -> ``transports._base``
--> ``_pool``, ``_publisher`` -> ``_subscription`` -> ``health``, ``metrics``
--> ``_bus`` -> ``_open``. Concrete transports are imported lazily by URL
+``_envelope``, ``_message``, ``_config``, ``_stats`` -> ``_ratelimit``,
+``transports._base`` -> ``_pool``, ``_publisher`` -> ``_subscription`` ->
+``health``, ``metrics`` -> ``_bus`` -> ``_open``. Concrete transports are imported lazily by URL
 scheme; only they and ``transports._bridge`` import trio-asyncio.
 """
 
@@ -27,6 +27,7 @@ import logging as _logging
 from . import errors as errors
 from . import metrics as metrics
 from ._bus import Bus as Bus
+from ._config import RateLimit as RateLimit
 from ._config import RetryPolicy as RetryPolicy
 from ._envelope import Envelope as Envelope
 from ._envelope import decode_envelope as decode_envelope
@@ -58,6 +59,7 @@ __all__ = [
     "Monitoring",
     "OutgoingMessage",
     "PublishResult",
+    "RateLimit",
     "RetryPolicy",
     "Router",
     "RunningHandler",

@@ -24,6 +24,7 @@ from ._message import Message, OutgoingMessage
 from ._names import validate_topic
 from ._pool import ActorPool, Handler
 from ._publisher import Publisher
+from ._ratelimit import PublishLimits
 from ._results import FullPolicy, PublishResult, PublishResultStream
 from ._stats import BusStatistics, TopicStats
 from ._subscription import Subscription, Subscriptions
@@ -67,6 +68,7 @@ class Bus:
             max_message_bytes=config.max_message_bytes,
             tracer=tracer,
             topic_stats=self._stats_for,
+            limits=PublishLimits.build(config.publish_rate, config.publish_rates),
         )
         self._pool = ActorPool(
             size=config.pool_size,
@@ -182,12 +184,16 @@ class Bus:
         :data:`PUBLISH_BATCH` messages: the fast path for bulk loads.
 
         Each item is an :class:`OutgoingMessage` or a ``(topic, envelope)``
-        pair. Everything is validated before anything is sent. Order is kept
-        per topic and key.
+        pair. Everything is validated before anything is sent. Up to
+        :data:`MAX_CHUNKS_IN_FLIGHT` chunks wait for their acks at once;
+        order is kept per topic and key (one aggregate's messages are sent
+        one chunk after the other), not across keys. Under a rate limit a
+        chunk holds at most ``burst`` messages and waits for its tokens.
 
         Raises:
-            PublishError: the first failure; a note says how many others
-                failed. Messages without a failure were stored.
+            PublishError: the first failure, in the order of *messages*; a
+                note says how many others failed. Messages without a
+                failure were stored.
         """
         publisher = self._publisher
         await publisher.send_many(publisher.records(messages))

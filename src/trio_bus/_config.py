@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import attrs
@@ -22,6 +22,7 @@ __all__ = [
     "DEFAULT_RESTART_WINDOW",
     "DEFAULT_SHUTDOWN_GRACE",
     "BusConfig",
+    "RateLimit",
     "RetryPolicy",
 ]
 
@@ -100,6 +101,61 @@ class RetryPolicy:
         return float(min(self.max_backoff, self.backoff * self.multiplier ** (attempt - 1)))
 
 
+def _one_second_of(limit: RateLimit) -> int:
+    rate: object = limit.per_second
+    if isinstance(rate, int | float) and math.isfinite(rate) and rate > 0:
+        return max(1, math.ceil(rate))
+    return 1  # per_second's own validator reports the bad value
+
+
+@attrs.frozen(kw_only=True)
+class RateLimit:
+    """A publish rate limit: a token bucket of *burst* messages refilled at
+    *per_second* messages a second.
+
+    Publishers over the limit wait (nothing is dropped), first come first
+    served. Up to *burst* messages go at once after a quiet spell; in any
+    span of ``t`` seconds at most ``burst + per_second * t`` are let through
+    to the transport (which may still send them in one batch)::
+
+        async with trio_bus.open_bus(
+            url, publish_rate=trio_bus.RateLimit(per_second=500, burst=100)
+        ) as bus: ...
+
+    Attributes:
+        per_second: Messages a second in the long run (> 0).
+        burst: Bucket size, in messages (>= 1); default one second's worth.
+            It also caps one ``publish_many`` chunk of a limited topic.
+    """
+
+    per_second: float = attrs.field(validator=positive)
+    burst: int = attrs.field(
+        default=attrs.Factory(_one_second_of, takes_self=True),
+        validator=at_least(1, integer=True),
+    )
+
+
+def _check_rates(_: object, __: attrs.Attribute[Any], value: object) -> None:
+    if not isinstance(value, Mapping):
+        raise ConfigError(f"publish_rates must be a mapping, not {type(value).__name__}")
+    for topic, limit in value.items():
+        if not isinstance(topic, str):
+            raise ConfigError(f"publish_rates keys must be topic names, not {topic!r}")
+        try:
+            validate_topic(topic)
+        except ValueError as exc:
+            raise ConfigError(f"publish_rates: {exc}") from exc
+        if limit is not None and not isinstance(limit, RateLimit):
+            raise ConfigError(
+                f"publish_rates[{topic!r}] must be a RateLimit or None, not {type(limit).__name__}"
+            )
+
+
+def _check_rate(_: object, __: attrs.Attribute[Any], value: object) -> None:
+    if value is not None and not isinstance(value, RateLimit):
+        raise ConfigError(f"publish_rate must be a RateLimit or None, not {type(value).__name__}")
+
+
 def check_timeout(value: object) -> float | None:
     """A handler timeout: a positive number of seconds, or None."""
     if value is None:
@@ -127,6 +183,12 @@ class BusConfig:
     dead_letter: str | Callable[[str], str] = attrs.field()
     shutdown_grace: float = attrs.field(validator=at_least(0))
     max_message_bytes: int = attrs.field(validator=at_least(1, integer=True))
+    #: The limit shared by every topic not in ``publish_rates``.
+    publish_rate: RateLimit | None = attrs.field(default=None, validator=_check_rate)
+    #: Per-topic limits replacing ``publish_rate`` (None: not limited).
+    publish_rates: Mapping[str, RateLimit | None] = attrs.field(
+        factory=dict, validator=_check_rates
+    )
 
     @client_id.validator
     def _check_client_id(self, _: object, value: object) -> None:

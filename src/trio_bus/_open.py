@@ -10,7 +10,7 @@ shielded, bounded scope.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
 
 import trio
@@ -29,6 +29,7 @@ from ._config import (
     DEFAULT_RESTART_WINDOW,
     DEFAULT_SHUTDOWN_GRACE,
     BusConfig,
+    RateLimit,
     RetryPolicy,
 )
 from ._exceptions import lone_exception, raise_as_is
@@ -100,6 +101,8 @@ async def open_bus(
     transport_options: object | None = None,
     monitoring: Monitoring | None = DEFAULT_MONITORING,
     tracing: bool | TracerProvider | None = None,
+    publish_rate: RateLimit | None = None,
+    publish_rates: Mapping[str, RateLimit | None] | None = None,
 ) -> AsyncIterator[Bus]:
     """Open an event bus for the duration of an ``async with`` block.
 
@@ -139,6 +142,14 @@ async def open_bus(
         tracing: OpenTelemetry spans and trace context in headers; None:
             on when an OpenTelemetry SDK tracer provider is installed; a
             ``TracerProvider``: use that one.
+        publish_rate: A :class:`RateLimit` shared by the ``publish``,
+            ``publish_envelope`` and ``publish_many`` calls of every topic
+            not in *publish_rates*; over it publishers wait, first come
+            first served (nothing is dropped). None: not limited.
+            Dead-letter copies and health probes are never limited.
+        publish_rates: Per-topic limits, each replacing *publish_rate* for
+            its topic (its own bucket; None: that topic is not limited),
+            e.g. ``{"orders": RateLimit(per_second=50, burst=10)}``.
 
     Raises:
         ConfigError, UnsupportedURLError: bad configuration.
@@ -163,6 +174,8 @@ async def open_bus(
         dead_letter=dead_letter,
         shutdown_grace=shutdown_grace,
         max_message_bytes=max_message_bytes,
+        publish_rate=publish_rate,
+        publish_rates={} if publish_rates is None else publish_rates,
     )
     scheme, hosts = parse_url(url)
     factory = resolve(scheme)
