@@ -1,34 +1,61 @@
-"""The Kafka transport object and its lifetime."""
+"""The Kafka transport object, the Trio tasks that own its loops, and its
+lifetime.
+
+Task tree of one transport: every asyncio loop is awaited by one Trio task
+of the transport's nursery through ``bridge.call``, so leaving the transport
+cancels it, and whatever it raises leaves ``open_transport`` (and so
+``open_bus``) as a :class:`~trio_bus.errors.TransportError`::
+
+    open_transport
+    └── bridge (trio-asyncio loop)
+        └── transport nursery
+            ├── connection watch   awaits KafkaTransport._watch_connection
+            ├── <group> poll       awaits Group.poll_loop      } per group; cancelled
+            └── <group> commit     awaits Committer.run        } when it closes
+
+A group is stopped (final commit, LeaveGroup) by whoever ends it: its last
+subscription's ``aclose``, a failed ``open_consumer``, or the transport's
+exit; always shielded and bounded by ``close_timeout``.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Any, NoReturn
 
-import aiokafka
 import aiokafka.errors as kafka_errors
 import trio
 from aiokafka.admin import AIOKafkaAdminClient
 
 from ..._exceptions import unwrap_lone_exception
 from ..._message import OutgoingMessage
-from ...errors import BusClosedError, PublishOutcomeUnknownError, TopicConfigError, TransportError
+from ...errors import BusClosedError, TransportError
 from .._base import Consumer, ConsumerSpec, Transport, TransportSettings
 from .._bridge import Bridge, open_bridge
 from .admin import TopicProvisioner
-from .errors import publish_error as _publish_error
-from .errors import transport_error as _transport_error
-from .group import _Group, _Subscription
-from .options import CONNECTION_CHECK_INTERVAL, KafkaOptions, resolve_options
-from .options import client_kwargs as _client_kwargs
+from .consumer import KafkaConsumer
+from .errors import transport_error
+from .group import Group
+from .options import CONNECTION_CHECK_INTERVAL, KafkaOptions, client_kwargs, resolve_options
+from .producer import Producer
 
 __all__ = ["KafkaTransport", "open_transport"]
 
 logger = logging.getLogger("trio_bus.transports.kafka")
+
+
+class _GroupTask:
+    """The Trio side of one group: the cancel scopes of its loops' tasks."""
+
+    def __init__(self, group: Group) -> None:
+        self.group = group
+        self.scopes: list[trio.CancelScope] = []
+        self.running = 0
+        self.ended = trio.Event()
+        self.stopped = False
 
 
 class KafkaTransport(Transport):
@@ -36,83 +63,88 @@ class KafkaTransport(Transport):
 
     Attributes:
         options: The effective :class:`KafkaOptions`.
-        idempotent: Whether the producer runs idempotent (known once open).
+        hosts: The bootstrap servers.
+        client_id: The bus's client id.
+        bridge: The boundary to the asyncio side.
     """
 
     name = "kafka"
     coalesce_publishes = True
 
-    def __init__(self, settings: TransportSettings, options: KafkaOptions, bridge: Bridge) -> None:
+    def __init__(
+        self,
+        settings: TransportSettings,
+        options: KafkaOptions,
+        bridge: Bridge,
+        nursery: trio.Nursery,
+    ) -> None:
         self.options = options
         self.hosts = settings.hosts
         self.client_id = settings.client_id
         self.bridge = bridge
-        self.idempotent = False
-        self.groups: dict[str, _Group] = {}
         self._max_message_bytes = settings.max_message_bytes
-        self._producer: Any = None
-        self._admin: Any = None
-        self._topics: Any = None
-        self._join_locks: dict[str, asyncio.Lock] = {}
+        self._nursery = nursery
+        self._group_tasks: dict[str, _GroupTask] = {}
+        self._group_locks: dict[str, trio.Lock] = {}
+        # Written by the asyncio side only (the connection watch).
         self._connected = True
-        self._watcher: asyncio.Task[None] | None = None
+        self._admin: Any = None
+        self._topics: TopicProvisioner | None = None
+        self._producer: Producer | None = None
+
+    @property
+    def groups(self) -> dict[str, Group]:
+        """The open consumer groups by name."""
+        return {name: task.group for name, task in self._group_tasks.items()}
+
+    @property
+    def idempotent(self) -> bool:
+        """Whether the producer runs idempotent."""
+        return self._producer is not None and self._producer.idempotent
+
+    @property
+    def connected(self) -> bool:
+        """Whether a broker answered the last connection check (every
+        ``CONNECTION_CHECK_INTERVAL`` seconds)."""
+        return self._connected
 
     # -- asyncio side ----------------------------------------------------
-
-    def _make_producer(self, idempotent: bool) -> Any:
-        opts = self.options
-        kwargs: dict[str, Any] = {
-            "acks": opts.acks,
-            "enable_idempotence": idempotent,
-            "compression_type": None if opts.compression == "none" else opts.compression,
-            "linger_ms": opts.linger_ms,
-            "max_batch_size": opts.max_batch_size,
-            "max_request_size": max(1024 * 1024, self._max_message_bytes + 64 * 1024),
-            "request_timeout_ms": int(opts.publish_timeout * 1000),
-        }
-        kwargs.update(_client_kwargs(opts, self.hosts, self.client_id))
-        kwargs.update(opts.producer_args)
-        return aiokafka.AIOKafkaProducer(**kwargs)
 
     async def _aio_start(self) -> None:
         opts = self.options
         try:
             self._admin = AIOKafkaAdminClient(
                 request_timeout_ms=int(opts.publish_timeout * 1000),
-                **_client_kwargs(opts, self.hosts, self.client_id),
+                **client_kwargs(opts, self.hosts, self.client_id),
             )
             await self._admin.start()
             self._topics = TopicProvisioner(self._admin, opts)
-            want_idempotence = opts.idempotence is not False and opts.acks == "all"
-            producer = self._make_producer(want_idempotence)
-            try:
-                await producer.start()
-                self.idempotent = want_idempotence
-            except kafka_errors.KafkaError as exc:
-                await producer.stop()
-                if not want_idempotence or opts.idempotence is True:
-                    raise
-                # The broker refused InitProducerId (Tansu 0.6 does): fall
-                # back to a plain acks=all producer and say so once.
-                logger.warning(
-                    "kafka broker %s does not support the idempotent producer "
-                    "(%s: %s); publishing with acks=all without idempotence: a "
-                    "retried send may be stored twice",
-                    ",".join(self.hosts),
-                    type(exc).__name__,
-                    exc,
-                )
-                producer = self._make_producer(False)
-                await producer.start()
-            self._producer = producer
-            self._watcher = asyncio.get_running_loop().create_task(self._watch_connection())
+            self._producer = Producer(
+                opts, self.hosts, self.client_id, self._max_message_bytes, self._topics
+            )
+            await self._producer.start()
         except BaseException:
             await self._aio_close()
             raise
 
-    async def _watch_connection(self) -> None:
-        """Keep ``connected`` current: can a broker be reached right now?"""
-        client = self._producer.client
+    async def _aio_close(self) -> None:
+        producer, admin = self._producer, self._admin
+        self._producer = self._admin = None
+        try:
+            if producer is not None:
+                await producer.stop()
+        finally:
+            if admin is not None:
+                await admin.close()
+
+    async def _watch_connection(self) -> NoReturn:
+        """Keep ``connected`` current: can a broker be reached right now?
+
+        Recovery policy: an unreachable broker is a state (``connected`` is
+        False, health reports it), not a failure; aiokafka reconnects.
+        """
+        assert self._producer is not None
+        client = self._producer.client.client
         while True:
             ok = False
             for broker in client.cluster.brokers():
@@ -131,154 +163,182 @@ class KafkaTransport(Transport):
             self._connected = ok
             await asyncio.sleep(CONNECTION_CHECK_INTERVAL)
 
-    async def _aio_close(self) -> None:
-        if self._watcher is not None:
-            self._watcher.cancel()
-            try:
-                await self._watcher
-            except BaseException:  # cancelled or failed: either way it is done
-                pass
-            self._watcher = None
-        for group in list(self.groups.values()):
-            try:
-                await group.stop()
-            except Exception:
-                logger.exception("closing consumer group %r failed", group.name)
-        self.groups.clear()
-        for client in (self._producer, self._admin):
-            if client is None:
-                continue
-            try:
-                await (client.stop() if client is self._producer else client.close())
-            except Exception:
-                logger.exception("closing a kafka client failed")
-        self._producer = self._admin = None
+    # -- Trio side: owned loops ------------------------------------------
 
-    async def _aio_publish(self, records: Sequence[OutgoingMessage]) -> list[Exception | None]:
-        await self._topics.ensure({r.topic for r in records})
-        producer = self._producer
-        outcomes: list[Exception | None] = [None] * len(records)
-        futures: dict[asyncio.Future[Any], int] = {}
-        for i, rec in enumerate(records):
-            try:
-                fut = await producer.send(
-                    rec.topic,
-                    rec.value,
-                    key=rec.key.encode() if rec.key is not None else None,
-                    headers=[(k, v.encode()) for k, v in rec.headers.items()],
-                )
-            except kafka_errors.KafkaError as exc:
-                outcomes[i] = _publish_error(exc, rec.topic)
-            else:
-                futures[fut] = i
-        if futures:
-            done, pending = await asyncio.wait(futures, timeout=self.options.publish_timeout)
-            for fut in done:
-                i = futures[fut]
-                failure = fut.exception()
-                if failure is not None:
-                    outcomes[i] = _publish_error(failure, records[i].topic)
-            for fut in pending:
-                i = futures[fut]
-                outcomes[i] = PublishOutcomeUnknownError(
-                    f"no answer from the broker for a publish to {records[i].topic!r} "
-                    f"within {self.options.publish_timeout} s"
-                )
-        return outcomes
+    async def _own(self, loop: Callable[[], Awaitable[NoReturn]], what: str) -> None:
+        """Await an asyncio lifetime loop; it may only end by cancellation.
+        Anything it raises leaves as a TransportError."""
+        try:
+            await self.bridge.call(loop)
+        except Exception as exc:
+            raise transport_error(exc, what) from exc
+        raise TransportError(f"{what} ended")  # pragma: no cover - loops never return
 
-    async def _aio_open_consumer(self, spec: ConsumerSpec) -> _Subscription:
-        await self._topics.ensure({spec.topic})
-        # One join at a time per group; groups join concurrently.
-        lock = self._join_locks.setdefault(spec.group, asyncio.Lock())
+    async def _run_loop(
+        self,
+        task: _GroupTask,
+        loop: Callable[[], Awaitable[NoReturn]],
+        what: str,
+        *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        # One of a group's loops, a task of the transport's nursery: its
+        # failure cancels the transport.
+        task.running += 1
+        try:
+            with trio.CancelScope() as scope:
+                task.scopes.append(scope)
+                task_status.started()
+                await self._own(loop, f"kafka consumer group {task.group.name!r}: {what}")
+        finally:
+            task.running -= 1
+            if not task.running:
+                task.ended.set()
+
+    async def _stop_group(self, task: _GroupTask) -> None:
+        """Cancel the group's loops, then commit and leave; shielded and
+        bounded by ``close_timeout``."""
+        if task.stopped:
+            return
+        task.stopped = True
+        group = task.group
+        with trio.move_on_after(self.options.close_timeout) as bound:
+            bound.shield = True
+            for scope in task.scopes:
+                scope.cancel()
+            if task.running:
+                await task.ended.wait()
+            try:
+                await self.bridge.call(group.stop)
+            except TransportError as exc:  # the loop is gone: nothing to leave
+                logger.warning("stopping consumer group %r: %s", group.name, exc)
+        if bound.cancelled_caught:
+            logger.warning("stopping consumer group %r timed out", group.name)
+        if self._group_tasks.get(group.name) is task:
+            del self._group_tasks[group.name]
+
+    async def _close_group(self, name: str) -> None:
+        task = self._group_tasks.get(name)
+        if task is not None:
+            await self._stop_group(task)
+
+    async def _stop_groups(self) -> None:
+        """Stop every group concurrently (at the transport's exit)."""
+        async with trio.open_nursery() as nursery:
+            for task in list(self._group_tasks.values()):
+                nursery.start_soon(self._stop_group, task)
+
+    async def _group(self, spec: ConsumerSpec) -> Group:
+        """The running group *spec.group*, started when new."""
+        lock = self._group_locks.setdefault(spec.group, trio.Lock())
         async with lock:
-            group = self.groups.get(spec.group)
-            if group is None:
-                group = _Group(self, spec.group, ephemeral=spec.ephemeral)
-                await group.start()
-                self.groups[spec.group] = group
-            sub = _Subscription(group, spec)
+            task = self._group_tasks.get(spec.group)
+            if task is not None:
+                return task.group
+            group = Group(
+                spec.group, self.options, self.hosts, self.client_id, ephemeral=spec.ephemeral
+            )
+            task = _GroupTask(group)
+            self._group_tasks[spec.group] = task
             try:
-                await group.add(sub)
+                await self.bridge.call(group.start)
+                await self._nursery.start(self._run_loop, task, group.poll_loop, "poll")
+                await self._nursery.start(self._run_loop, task, group.commits.run, "commit")
             except BaseException:
-                if not group.routes:
-                    self.groups.pop(spec.group, None)
-                    await group.stop()
+                await self._stop_group(task)
                 raise
-        return sub
+            return group
 
-    # -- Trio side ---------------------------------------------------------
-
-    @property
-    def connected(self) -> bool:
-        """Whether a broker answered the last connection check (every
-        ``CONNECTION_CHECK_INTERVAL`` seconds)."""
-        return self._connected
+    # -- Trio side: the interface ------------------------------------------
 
     async def publish_batch(self, records: Sequence[OutgoingMessage]) -> Sequence[Exception | None]:
         """Send *records* (one bridge crossing); one outcome per record."""
         if not records:
             await trio.lowlevel.checkpoint()
             return []
+        assert self._producer is not None
         try:
-            return await self.bridge.call(self._aio_publish, records)
-        except (TopicConfigError, TransportError):
-            raise
+            return await self.bridge.call(self._producer.publish, records)
         except kafka_errors.KafkaError as exc:
-            raise _transport_error(exc, "publishing") from exc
+            raise transport_error(exc, "publishing") from exc
 
     async def open_consumer(self, spec: ConsumerSpec) -> Consumer:
         """Join *spec.group* with *spec.topic*; return once its partitions are
         assigned and their positions resolved."""
+        assert self._topics is not None
         try:
-            return await self.bridge.call(self._aio_open_consumer, spec)
-        except (TopicConfigError, TransportError, BusClosedError):
+            await self.bridge.call(self._topics.ensure, {spec.topic})
+            group = await self._group(spec)
+            consumer = KafkaConsumer(group, spec, self.bridge, close_group=self._close_group)
+            try:
+                await self.bridge.call(group.add, consumer)
+            except BaseException:
+                # Failed or cancelled: a group left without subscriptions
+                # stops, rather than stay a member with a half-joined topic.
+                with trio.move_on_after(self.options.close_timeout) as scope:
+                    scope.shield = True
+                    if await self.bridge.call(_idle, group):
+                        await self._close_group(spec.group)
+                raise
+        except (TransportError, BusClosedError):
             raise
         except kafka_errors.KafkaError as exc:
-            raise _transport_error(exc, f"joining consumer group {spec.group!r}") from exc
+            raise transport_error(exc, f"joining consumer group {spec.group!r}") from exc
+        return consumer
 
     async def topic_metadata(self, topic: str) -> tuple[int, int]:
         """``(partitions, replication_factor)`` of *topic* as the broker
         reports it (one crossing; for tools and tests)."""
-
+        assert self._topics is not None
         return await self.bridge.call(self._topics.describe, topic)
+
+
+async def _idle(group: Group) -> bool:
+    # Asyncio side: whether *group* has no subscription left.
+    return not group.routes
 
 
 @asynccontextmanager
 async def open_transport(settings: TransportSettings) -> AsyncIterator[KafkaTransport]:
-    """Open the Kafka transport: an asyncio loop, a producer and an admin
-    client; consumers are added by ``open_consumer``. Leaving the block
-    commits what finished, leaves every group and closes every client, also
-    when cancelled (shielded, bounded by ``close_timeout``)."""
+    """Open the Kafka transport: an asyncio loop, a producer, an admin client
+    and the Trio tasks that own its loops; consumers are added by
+    ``open_consumer``.
+
+    Leaving the block -- normally, by cancellation, or because a loop
+    failed (then as that :class:`~trio_bus.errors.TransportError`) --
+    commits what finished, leaves every group and closes every client,
+    shielded: each group within ``close_timeout``, then the producer and
+    admin client within ``close_timeout``, even when the broker is gone.
+    """
     options = resolve_options(settings)
-    # trio-asyncio's loop nursery wraps whatever leaves the block; give
-    # callers the one exception they would expect.
+    # Nurseries wrap whatever leaves the block; give callers the one
+    # exception they would expect.
     with unwrap_lone_exception():
-        async with _open(settings, options) as transport:
-            yield transport
-
-
-@asynccontextmanager
-async def _open(
-    settings: TransportSettings, options: KafkaOptions
-) -> AsyncIterator[KafkaTransport]:
-    async with open_bridge("kafka") as bridge:
-        transport = KafkaTransport(settings, options, bridge)
-        try:
-            await bridge.call(transport._aio_start)
-        except kafka_errors.KafkaError as exc:
-            raise _transport_error(
-                exc, f"cannot connect to kafka at {','.join(settings.hosts)}"
-            ) from exc
-        started = time.monotonic()
-        try:
-            yield transport
-        finally:
-            with trio.move_on_after(options.close_timeout * 2) as scope:
-                scope.shield = True
-                await bridge.call(transport._aio_close)
-            if scope.cancelled_caught:
-                logger.warning(
-                    "closing the kafka transport took over %s s (open %.1f s)",
-                    options.close_timeout * 2,
-                    time.monotonic() - started,
-                )
+        async with open_bridge("kafka") as bridge:
+            started = False
+            try:
+                async with trio.open_nursery() as nursery:
+                    transport = KafkaTransport(settings, options, bridge, nursery)
+                    try:
+                        await bridge.call(transport._aio_start)
+                    except kafka_errors.KafkaError as exc:
+                        raise transport_error(
+                            exc, f"cannot connect to kafka at {','.join(settings.hosts)}"
+                        ) from exc
+                    started = True
+                    nursery.start_soon(
+                        transport._own, transport._watch_connection, "kafka connection watch"
+                    )
+                    try:
+                        yield transport
+                    finally:
+                        nursery.cancel_scope.cancel()
+            finally:
+                if started:
+                    # Shielded inside: each group commits and leaves in time.
+                    await transport._stop_groups()
+                    with trio.move_on_after(options.close_timeout) as scope:
+                        scope.shield = True
+                        await bridge.call(transport._aio_close)
+                    if scope.cancelled_caught:
+                        logger.warning("closing the kafka producer timed out")
