@@ -17,9 +17,10 @@ from typing import Any, NoReturn
 
 import aiokafka.errors as kafka_errors
 
+from .errors import retrieve_when_done
 from .flow import Flow
 
-__all__ = ["Committer"]
+__all__ = ["Committer", "commit_offsets"]
 
 logger = logging.getLogger("trio_bus.transports.kafka")
 
@@ -59,7 +60,7 @@ class Committer:
             if not due or not self.enabled or self.consumer is None:
                 return
             try:
-                await self.consumer.commit(due)
+                await commit_offsets(self.consumer, due)
             except kafka_errors.KafkaError as exc:
                 logger.warning("group %r: commit failed, retried next time: %s", self.name, exc)
                 return
@@ -67,3 +68,18 @@ class Committer:
                 track = tracks.get(tp)
                 if track is not None and point > track.committed:
                     track.committed = point
+
+
+async def commit_offsets(consumer: Any, offsets: dict[Any, int]) -> None:
+    """``consumer.commit(offsets)``, safe to abandon.
+
+    aiokafka commits in an inner task it shields from cancellation; a
+    cancelled ``commit`` (a bounded close while the broker is unreachable)
+    would leave that task to fail later with nobody to retrieve its error,
+    which trio-asyncio raises into the loop. Here the commit runs in a task
+    whose outcome is always retrieved, and only the wait for it is
+    cancelled: the request ends with the connection (or the loop).
+    """
+    task = asyncio.ensure_future(consumer.commit(offsets))
+    retrieve_when_done(task)
+    await asyncio.shield(task)

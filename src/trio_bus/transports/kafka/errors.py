@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+from typing import Any
+
 import aiokafka.errors as kafka_errors
 
 from ...errors import (
@@ -11,7 +14,7 @@ from ...errors import (
     TransportUnavailableError,
 )
 
-__all__ = ["is_retriable", "publish_error", "transport_error"]
+__all__ = ["is_retriable", "publish_error", "retrieve_when_done", "transport_error"]
 
 #: Delivery failures after which the record may or may not be stored.
 _UNKNOWN_OUTCOME = (
@@ -53,3 +56,15 @@ def is_retriable(exc: BaseException) -> bool:
     return bool(getattr(exc, "retriable", False)) or isinstance(
         exc, kafka_errors.KafkaConnectionError
     )
+
+
+def retrieve_when_done(future: asyncio.Future[Any]) -> None:
+    """Mark *future*'s error as seen once it ends: for an abandoned request
+    (its answer came too late). An error nobody retrieves is reported when
+    the future is collected, and trio-asyncio raises it into the loop."""
+    future.add_done_callback(_retrieve)
+
+
+def _retrieve(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled():
+        future.exception()

@@ -31,7 +31,7 @@ from aiokafka.abc import ConsumerRebalanceListener
 from ...errors import BusClosedError, TransportError, TransportUnavailableError
 from .._base import StartPosition
 from .._bridge import Mailbox
-from .commits import Committer
+from .commits import Committer, commit_offsets
 from .consumer import KafkaConsumer
 from .errors import is_retriable, transport_error
 from .flow import Flow, Settle
@@ -166,11 +166,11 @@ class Group:
         self._assign_waiters.clear()
 
     def _fail(self, error: BaseException, what: str) -> TransportError:
-        failure = self._failure = transport_error(
-            error, f"kafka consumer group {self.name!r} {what}"
-        )
-        self.flow.fail_subscriptions(failure)
-        self._fail_waiters(failure)
+        failure = transport_error(error, f"kafka consumer group {self.name!r} {what}")
+        # Raised by the poll loop into the transport's nursery, which cancels
+        # the fetches and joins waiting on it: they must not raise it too
+        # (one failure, one exception out of open_bus).
+        self._failure = failure
         return failure
 
     # -- membership ------------------------------------------------------
@@ -338,7 +338,7 @@ class Group:
             # Anchor a new group where it starts: a crash before the first
             # periodic commit must not move "latest" past unhandled records.
             try:
-                await consumer.commit(fresh)
+                await commit_offsets(consumer, fresh)
                 for tp, offset in fresh.items():
                     self.flow.tracks[tp].committed = offset
             except kafka_errors.KafkaError as exc:
@@ -347,8 +347,7 @@ class Group:
     # -- the poll loop ---------------------------------------------------
 
     async def poll_loop(self) -> NoReturn:
-        """Fetch, deliver, regulate; forever (a loop owned by a Trio task).
-        Its failure fails the group's subscriptions too."""
+        """Fetch, deliver, regulate; forever (a loop owned by a Trio task)."""
         try:
             await self._poll()
         except asyncio.CancelledError:

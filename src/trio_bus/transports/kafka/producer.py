@@ -21,7 +21,7 @@ import aiokafka.errors as kafka_errors
 from ..._message import OutgoingMessage
 from ...errors import PublishOutcomeUnknownError
 from .admin import TopicProvisioner
-from .errors import publish_error
+from .errors import publish_error, retrieve_when_done
 from .options import KafkaOptions, client_kwargs
 
 __all__ = ["Producer"]
@@ -136,6 +136,7 @@ class Producer:
             for fut in pending:
                 i = futures[fut]
                 outcomes[i] = _unanswered(records[i].topic, timeout)
+                retrieve_when_done(fut)
         return outcomes
 
 

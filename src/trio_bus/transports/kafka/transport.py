@@ -170,6 +170,8 @@ class KafkaTransport(Transport):
         Anything it raises leaves as a TransportError."""
         try:
             await self.bridge.call(loop)
+        except TransportError:
+            raise
         except Exception as exc:
             raise transport_error(exc, what) from exc
         raise TransportError(f"{what} ended")  # pragma: no cover - loops never return
