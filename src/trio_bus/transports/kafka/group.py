@@ -33,7 +33,7 @@ from .._base import StartPosition
 from .._bridge import Mailbox
 from .commits import Committer, commit_offsets
 from .consumer import KafkaConsumer
-from .errors import is_retriable, transport_error
+from .errors import is_retriable, retrieve_when_done, transport_error
 from .flow import Flow, Settle
 from .offsets import PartitionTrack
 from .options import KafkaOptions, client_kwargs
@@ -88,12 +88,11 @@ class Group:
         self._starts: dict[str, StartPosition] = {}
         self._consumer: Any = None
         self._listener = _Listener(self)
-        self._join_lock = asyncio.Lock()
-        # Group-join bookkeeping: subscribe() bumps _sub_seq; a join that
-        # started (revoke callback) after it carries the new topic set.
-        self._sub_seq = 0
-        self._prepare_seq = 0
-        self._assign_waiters: list[tuple[int, asyncio.Future[None]]] = []
+        # Topics the consumer is subscribed to, and joins under way by topic.
+        self._subscribed: set[str] = set()
+        self._joining: dict[str, asyncio.Future[None]] = {}
+        # Subscriptions waiting for a join that includes their topic.
+        self._assign_waiters: list[tuple[str, asyncio.Future[None]]] = []
         self._failure: TransportError | None = None
         self._stopped = False
 
@@ -176,41 +175,72 @@ class Group:
     # -- membership ------------------------------------------------------
 
     async def add(self, sub: KafkaConsumer) -> None:
-        """Route *sub*'s topic here; return once the group assigned it."""
-        async with self._join_lock:  # one join at a time per group
-            await self._add(sub)
+        """Route *sub*'s topic here; return once the group assigned it.
 
-    async def _add(self, sub: KafkaConsumer) -> None:
+        Concurrent adds share rejoins: each subscribes the consumer to the
+        topics whose metadata is known so far, and aiokafka folds the
+        changes that arrive while a join is under way into the next one,
+        so N concurrent subscriptions cost a few joins, not N.
+        """
         if self._failure is not None:
             raise self._failure
         topic, routes = sub.topic, self.flow.routes
-        new_topic = topic not in routes
         routes.setdefault(topic, []).append(sub)
         self._starts.setdefault(topic, sub.spec.start)
-        if not new_topic:
-            return
-        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        waiter = (self._sub_seq + 1, done)
         try:
-            await self._wait_partitions_known(topic)
-            self._sub_seq += 1
-            self._assign_waiters.append(waiter)
-            self._consumer.subscribe(topics=sorted(routes), listener=self._listener)
-            try:
-                await asyncio.wait_for(asyncio.shield(done), self.options.join_timeout)
-            except TimeoutError:
-                raise TransportUnavailableError(
-                    f"consumer group {self.name!r} did not assign {topic!r} within "
-                    f"{self.options.join_timeout} s"
-                ) from None
+            joining = self._joining.get(topic)
+            if joining is not None:  # a concurrent add joins this topic: wait for it
+                await self._wait_assigned(joining, topic)
+            elif topic not in self._subscribed:
+                await self._join(topic)
         except BaseException:
             # Failed or cancelled: no orphan route may hold records nobody
             # fetches (their partitions' commit points would never move).
+            if self._drop_route(sub):
+                self._resubscribe()
+            raise
+
+    async def _join(self, topic: str) -> None:
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        retrieve_when_done(done)  # concurrent adds of the topic may all be gone
+        self._joining[topic] = done
+        waiter = (topic, done)
+        try:
+            await self._wait_partitions_known(topic)
+            self._subscribed.add(topic)
+            self._assign_waiters.append(waiter)
+            self._resubscribe()
+            await self._wait_assigned(done, topic)
+        except BaseException as exc:
             if waiter in self._assign_waiters:
                 self._assign_waiters.remove(waiter)
-            if self._drop_route(sub) and routes and not self._stopped:
-                self._consumer.subscribe(topics=sorted(routes), listener=self._listener)
+            if not done.done():
+                done.set_exception(
+                    exc if isinstance(exc, Exception) else BusClosedError("join cancelled")
+                )
             raise
+        finally:
+            if self._joining.get(topic) is done:
+                del self._joining[topic]
+
+    async def _wait_assigned(self, done: asyncio.Future[None], topic: str) -> None:
+        try:
+            await asyncio.wait_for(asyncio.shield(done), self.options.join_timeout)
+        except TimeoutError:
+            raise TransportUnavailableError(
+                f"consumer group {self.name!r} did not assign {topic!r} within "
+                f"{self.options.join_timeout} s"
+            ) from None
+
+    def _resubscribe(self) -> None:
+        """Subscribe the consumer to the topics ready to join (a topic whose
+        partitions the leader does not know yet would be assigned none)."""
+        if self._stopped:
+            return
+        if self._subscribed:
+            self._consumer.subscribe(topics=sorted(self._subscribed), listener=self._listener)
+        else:
+            self._consumer.unsubscribe()
 
     async def _wait_partitions_known(self, topic: str) -> None:
         """Wait until this consumer's metadata lists *topic*'s partitions.
@@ -243,6 +273,7 @@ class Group:
         if not subs:
             routes.pop(sub.topic, None)
             self._starts.pop(sub.topic, None)
+            self._subscribed.discard(sub.topic)
             return True
         return False
 
@@ -255,10 +286,10 @@ class Group:
         routes = self.flow.routes
         if not routes:
             return True
-        if topic_gone and not self._stopped:
+        if topic_gone:
             # Re-subscribe without the topic; the rebalance revokes its
             # partitions (committing their finished prefix) in the background.
-            self._consumer.subscribe(topics=sorted(routes), listener=self._listener)
+            self._resubscribe()
         return False
 
     # -- rebalance (called by aiokafka's coordinator) ----------------------
@@ -266,7 +297,6 @@ class Group:
     async def on_revoked(self, revoked: set[TopicPartition]) -> None:
         """Stop handing out the revoked partitions, wait up to
         ``rebalance_grace`` for their records with handlers, commit, forget."""
-        self._prepare_seq = self._sub_seq
         flow = self.flow
         flow.apply_settles()
         tracks = [t for tp in revoked if (t := flow.tracks.get(tp)) is not None]
@@ -293,6 +323,14 @@ class Group:
 
     async def on_assigned(self, assigned: set[TopicPartition]) -> None:
         """Resolve positions of the new assignment; wake waiting subscribes."""
+        # The join that ended here was for the subscription current now
+        # (aiokafka discards a join whose subscription changed under it);
+        # a subscribe slipping in just before this callback leaves the new
+        # subscription unassigned: it has its own join to come.
+        current = self._consumer._subscription.subscription
+        joined = (
+            set(current.topics) if current is not None and current.assignment is not None else set()
+        )
         ours = sorted(tp for tp in assigned if tp.topic in self.flow.routes)
         for attempt in range(4):
             try:
@@ -306,12 +344,11 @@ class Group:
                     return
                 logger.warning("group %r: resolving positions failed: %s", self.name, exc)
                 await asyncio.sleep(0.1 * 2**attempt)
-        if self._consumer.assignment() == assigned:
-            for seq, fut in list(self._assign_waiters):
-                if seq <= self._prepare_seq:
-                    self._assign_waiters.remove((seq, fut))
-                    if not fut.done():
-                        fut.set_result(None)
+        for topic, fut in list(self._assign_waiters):
+            if topic in joined:
+                self._assign_waiters.remove((topic, fut))
+                if not fut.done():
+                    fut.set_result(None)
 
     async def _resolve_positions(self, ours: list[TopicPartition]) -> None:
         """Seek every assigned partition to its committed offset, or to where
