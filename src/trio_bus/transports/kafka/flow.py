@@ -6,20 +6,25 @@ subscription's :class:`~.._bridge.Handoff`; the outcomes come back through
 one :class:`~.._bridge.Mailbox` per group (an acked ``Record``, or a
 :class:`Release` of one), and :meth:`Flow.apply_settles` applies them in
 order before every pause/resume, seek and commit decision. The Trio side
-never touches a track.
+never touches a track. :meth:`Flow.poll` is the group's poll loop (its
+recovery policy is described in :mod:`.group`).
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from collections.abc import Iterable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, NoReturn
 
+import aiokafka.errors as kafka_errors
 from aiokafka import TopicPartition
 
 from ..._message import Record
+from ...errors import TransportError
 from .._base import LaneState
 from .._bridge import Mailbox
+from .errors import is_retriable
 from .offsets import PartitionTrack
 from .options import KafkaOptions
 
@@ -29,6 +34,11 @@ if TYPE_CHECKING:
 __all__ = ["Flow", "Release", "Settle"]
 
 logger = logging.getLogger("trio_bus.transports.kafka")
+
+#: ``getmany`` timeout: the poll loop looks at its own state at least this often.
+_POLL_TIMEOUT_MS = 200
+#: Backoff of a retried fetch, doubling from the first to the second.
+_RETRY_MIN, _RETRY_MAX = 0.05, 2.0
 
 
 class Release:
@@ -69,6 +79,9 @@ class Flow:
         self.tracks: dict[TopicPartition, PartitionTrack] = {}
         self.unsettled = 0
         self._paused_all = False
+        # Tracks with a released record whose queued records were taken
+        # back already (deliver adds none to them any more).
+        self._taken_back: set[PartitionTrack] = set()
         self.consumer: Any = None
 
     # -- settling --------------------------------------------------------
@@ -170,7 +183,9 @@ class Flow:
             if track.revoking:
                 continue
             if track.released is not None:
-                self.discard((track,))  # redelivered after the seek anyway
+                if track not in self._taken_back:
+                    self._taken_back.add(track)
+                    self.discard((track,))  # redelivered after the seek anyway
                 if track.handed_out == 0:
                     self._seek_back(tp, track)
                     continue
@@ -204,6 +219,7 @@ class Flow:
             old.live = False
             self.unsettled -= old.unsettled
             self.discard((old,))
+            self._taken_back.discard(old)
         if track is not None:
             self.tracks[tp] = track
 
@@ -241,3 +257,47 @@ class Flow:
         for subs in self.routes.values():
             for sub in subs:
                 sub.handoff.fail(error)
+
+    # -- the poll loop ---------------------------------------------------
+
+    async def poll(self, failed: Callable[[], TransportError | None]) -> NoReturn:
+        """Fetch, deliver, regulate, forever; raise ``failed()`` once it is
+        set (a rebalance callback failed) and non-retriable fetch errors."""
+        consumer, flow, settles = self.consumer, self, self.settles
+        max_records = self.options.max_poll_records
+        getter: asyncio.Future[Any] | None = None
+        backoff = _RETRY_MIN
+        try:
+            while True:
+                if (failure := failed()) is not None:
+                    raise failure
+                flow.regulate()
+                if getter is None:
+                    getter = asyncio.ensure_future(
+                        consumer.getmany(timeout_ms=_POLL_TIMEOUT_MS, max_records=max_records)
+                    )
+                if flow.waits_for_settles:
+                    # A settle may resume a partition: wake for it too.
+                    woken = asyncio.ensure_future(settles.wait())
+                    await asyncio.wait((getter, woken), return_when=asyncio.FIRST_COMPLETED)
+                    woken.cancel()
+                    if not getter.done():
+                        continue
+                else:
+                    await asyncio.wait((getter,))
+                done, getter = getter, None
+                try:
+                    batches = done.result()
+                except kafka_errors.KafkaError as exc:
+                    if not is_retriable(exc):
+                        raise
+                    logger.warning("kafka fetch failed, retrying: %s", exc)
+                    await asyncio.sleep(backoff)
+                    backoff = min(backoff * 2, _RETRY_MAX)
+                    continue
+                backoff = _RETRY_MIN
+                if batches:
+                    flow.deliver(batches)
+        finally:
+            if getter is not None:
+                getter.cancel()

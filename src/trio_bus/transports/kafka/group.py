@@ -1,9 +1,9 @@
-"""Consumer groups: membership, rebalances, positions, the poll loop
-(asyncio side).
+"""Consumer groups: membership, rebalances, positions (asyncio side).
 
 One ``AIOKafkaConsumer`` per group covers every topic subscribed in that
 group (the seed system's "unified consumer"). Its two lifetime loops,
-:meth:`Group.poll_loop` and ``Committer.run``, are awaited by Trio tasks of
+:meth:`Group.poll_loop` (running :meth:`.flow.Flow.poll`) and
+``Committer.run``, are awaited by Trio tasks of
 the transport (see :mod:`.transport`): they end only when those tasks are
 cancelled, and whatever they raise fails the transport.
 
@@ -33,7 +33,7 @@ from .._base import StartPosition
 from .._bridge import Mailbox
 from .commits import Committer, commit_offsets
 from .consumer import KafkaConsumer
-from .errors import is_retriable, retrieve_when_done, transport_error
+from .errors import retrieve_when_done, transport_error
 from .flow import Flow, Settle
 from .offsets import PartitionTrack
 from .options import KafkaOptions, client_kwargs
@@ -41,10 +41,6 @@ from .options import KafkaOptions, client_kwargs
 __all__ = ["Group"]
 
 logger = logging.getLogger("trio_bus.transports.kafka")
-
-#: ``getmany`` timeout: the poll loop looks at its own state at least this often.
-_POLL_TIMEOUT_MS = 200
-_RETRY_MIN, _RETRY_MAX = 0.05, 2.0
 
 
 class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
@@ -386,7 +382,7 @@ class Group:
     async def poll_loop(self) -> NoReturn:
         """Fetch, deliver, regulate; forever (a loop owned by a Trio task)."""
         try:
-            await self._poll()
+            await self.flow.poll(lambda: self._failure)
         except asyncio.CancelledError:
             raise
         except TransportError as exc:
@@ -394,43 +390,3 @@ class Group:
             raise
         except Exception as exc:
             raise self._fail(exc, "poll loop failed") from exc
-
-    async def _poll(self) -> NoReturn:
-        consumer, flow, settles = self._consumer, self.flow, self.settles
-        max_records = self.options.max_poll_records
-        getter: asyncio.Future[Any] | None = None
-        backoff = _RETRY_MIN
-        try:
-            while True:
-                if self._failure is not None:
-                    raise self._failure
-                flow.regulate()
-                if getter is None:
-                    getter = asyncio.ensure_future(
-                        consumer.getmany(timeout_ms=_POLL_TIMEOUT_MS, max_records=max_records)
-                    )
-                if flow.waits_for_settles:
-                    # A settle may resume a partition: wake for it too.
-                    woken = asyncio.ensure_future(settles.wait())
-                    await asyncio.wait((getter, woken), return_when=asyncio.FIRST_COMPLETED)
-                    woken.cancel()
-                    if not getter.done():
-                        continue
-                else:
-                    await asyncio.wait((getter,))
-                done, getter = getter, None
-                try:
-                    batches = done.result()
-                except kafka_errors.KafkaError as exc:
-                    if not is_retriable(exc):
-                        raise
-                    logger.warning("group %r: fetch failed, retrying: %s", self.name, exc)
-                    await asyncio.sleep(backoff)
-                    backoff = min(backoff * 2, _RETRY_MAX)
-                    continue
-                backoff = _RETRY_MIN
-                if batches:
-                    flow.deliver(batches)
-        finally:
-            if getter is not None:
-                getter.cancel()
