@@ -21,7 +21,12 @@ import trio
 
 import trio_bus
 from trio_bus._message import OutgoingMessage
-from trio_bus.errors import BusClosedError, PublishError, TransportError
+from trio_bus.errors import (
+    BusClosedError,
+    PublishError,
+    PublishOutcomeUnknownError,
+    TransportError,
+)
 from trio_bus.testing import FaultProxy
 from trio_bus.transports._base import ConsumerSpec, TransportSettings
 from trio_bus.transports._bridge import UNWIND_TIMEOUT
@@ -83,12 +88,13 @@ async def _noop(message: trio_bus.Message) -> None:
 
 
 async def test_close_is_bounded_while_blackholed(tansu_binary_path: str, tmp_path: Path) -> None:
-    """With the broker unreachable (bytes held, no RST), aclose and the
-    transport's exit end within their bounds and fail pending fetches."""
-    close_timeout = 2.0
+    """With the broker unreachable (bytes held, no RST), a publish reports an
+    unknown outcome within publish_timeout, and aclose and the transport's
+    exit end within their bounds."""
+    close_timeout, publish_timeout = 2.0, 1.5
     async with proxied(tansu_binary_path, tmp_path / "tansu.log") as (proxy, url):
         settings = TransportSettings(
-            url=f"{url}&close_timeout={close_timeout}",
+            url=f"{url}&close_timeout={close_timeout}&publish_timeout={publish_timeout}",
             hosts=(url.split("//")[1].split("?")[0],),
             client_id=_name("c"),
             options=KafkaOptions(topic=TopicConfig(partitions=2)),
@@ -113,6 +119,12 @@ async def test_close_is_bounded_while_blackholed(tansu_binary_path: str, tmp_pat
                     got += len(records)
                     first.ack(records[0])
                 proxy.blackhole()
+                start = trio.current_time()
+                outcomes = await transport.publish_batch(
+                    [OutgoingMessage(topic=topic, value=b"y", key="k0")]
+                )
+                assert isinstance(outcomes[0], PublishOutcomeUnknownError)
+                assert trio.current_time() - start < publish_timeout + 1
                 start = trio.current_time()
                 await first.aclose()
                 assert trio.current_time() - start < close_timeout + UNWIND_TIMEOUT + 1
@@ -223,7 +235,9 @@ async def test_blackhole_then_heal_keeps_order_and_never_fakes_success(
                         topic, b"x", key=f"a{agg}", headers={"agg": str(agg), "seq": str(seq)}
                     )
                 except PublishError:
-                    assert trio.current_time() - start < publish_timeout + 1.5
+                    # The bus sends one batch at a time: a publish may queue
+                    # behind one batch in flight, then wait for its own.
+                    assert trio.current_time() - start < 2 * publish_timeout + 1.5
                     failed_during_outage += blackholed
                     return
                 # Stored means acknowledged: never while the broker is cut off.
