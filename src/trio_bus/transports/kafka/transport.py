@@ -56,6 +56,9 @@ class _GroupTask:
         self.running = 0
         self.ended = trio.Event()
         self.stopped = False
+        # open_consumer calls under way: a failed one stops an idle group
+        # only when no other one may still add to it.
+        self.opening = 0
 
 
 class KafkaTransport(Transport):
@@ -230,13 +233,15 @@ class KafkaTransport(Transport):
             for task in list(self._group_tasks.values()):
                 nursery.start_soon(self._stop_group, task)
 
-    async def _group(self, spec: ConsumerSpec) -> Group:
-        """The running group *spec.group*, started when new."""
+    async def _group(self, spec: ConsumerSpec) -> _GroupTask:
+        """The running group *spec.group*, started when new, with one more
+        ``opening``."""
         lock = self._group_locks.setdefault(spec.group, trio.Lock())
         async with lock:
             task = self._group_tasks.get(spec.group)
             if task is not None:
-                return task.group
+                task.opening += 1
+                return task
             group = Group(
                 spec.group, self.options, self.hosts, self.client_id, ephemeral=spec.ephemeral
             )
@@ -249,7 +254,8 @@ class KafkaTransport(Transport):
             except BaseException:
                 await self._stop_group(task)
                 raise
-            return group
+            task.opening += 1
+            return task
 
     # -- Trio side: the interface ------------------------------------------
 
@@ -270,18 +276,22 @@ class KafkaTransport(Transport):
         assert self._topics is not None
         try:
             await self.bridge.call(self._topics.ensure, {spec.topic})
-            group = await self._group(spec)
+            task = await self._group(spec)
+            group = task.group
             consumer = KafkaConsumer(group, spec, self.bridge, close_group=self._close_group)
             try:
                 await self.bridge.call(group.add, consumer)
             except BaseException:
                 # Failed or cancelled: a group left without subscriptions
                 # stops, rather than stay a member with a half-joined topic.
-                with trio.move_on_after(self.options.close_timeout) as scope:
-                    scope.shield = True
-                    if await self.bridge.call(_idle, group):
-                        await self._close_group(spec.group)
+                task.opening -= 1
+                if not task.opening:
+                    with trio.move_on_after(self.options.close_timeout) as scope:
+                        scope.shield = True
+                        if await self.bridge.call(_idle, group):
+                            await self._stop_group(task)
                 raise
+            task.opening -= 1
         except (TransportError, BusClosedError):
             raise
         except kafka_errors.KafkaError as exc:
