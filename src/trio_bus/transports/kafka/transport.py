@@ -88,7 +88,7 @@ class KafkaTransport(Transport):
         self._max_message_bytes = settings.max_message_bytes
         self._nursery = nursery
         self._group_tasks: dict[str, _GroupTask] = {}
-        self._group_locks: dict[str, trio.Lock] = {}
+        self._group_lock = trio.Lock()
         # Written by the asyncio side only (the connection watch).
         self._connected = True
         self._admin: Any = None
@@ -236,10 +236,11 @@ class KafkaTransport(Transport):
     async def _group(self, spec: ConsumerSpec) -> _GroupTask:
         """The running group *spec.group*, started when new, with one more
         ``opening``."""
-        lock = self._group_locks.setdefault(spec.group, trio.Lock())
-        async with lock:
+        # One lock for all groups: starting one takes a few ms, and a lock
+        # per group name would pile up (health probes use fresh groups).
+        async with self._group_lock:
             task = self._group_tasks.get(spec.group)
-            if task is not None:
+            if task is not None and not task.stopped:
                 task.opening += 1
                 return task
             group = Group(
