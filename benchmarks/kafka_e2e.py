@@ -43,8 +43,7 @@ from typing import Any
 import trio
 
 import trio_bus
-from trio_bus.transports._kafka_offsets import PartitionTrack
-from trio_bus.transports.kafka import KafkaOptions, TopicConfig
+from trio_bus.transports.kafka import KafkaOptions, PartitionTrack, TopicConfig
 
 PARTITIONS = 8
 AGGREGATES = 100

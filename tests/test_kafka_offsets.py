@@ -5,7 +5,7 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
-from trio_bus.transports._kafka_offsets import PartitionTrack
+from trio_bus.transports.kafka import PartitionTrack
 
 
 def test_point_moves_over_contiguous_finished_prefix() -> None:

@@ -381,6 +381,32 @@ async def test_unified_consumer_per_group(kafka_broker: KafkaBroker) -> None:
         assert transport.groups == {}
 
 
+async def test_concurrent_subscribes_share_rejoins(kafka_broker: KafkaBroker) -> None:
+    """Six topics subscribed at once in one group: a few group joins, not one
+    per topic (each costs about a second on Tansu), and every subscription
+    is live when its open_consumer returns."""
+    topics, group = [_name("t") for _ in range(6)], _name("g")
+    consumers: dict[str, Consumer] = {}
+    async with kafka(kafka_broker) as transport:
+
+        async def subscribe(topic: str) -> None:
+            consumers[topic] = await transport.open_consumer(ConsumerSpec(topic=topic, group=group))
+
+        async with trio.open_nursery() as nursery:
+            for topic in topics:
+                nursery.start_soon(subscribe, topic)
+        generation = transport.groups[group].consumer._coordinator.generation
+        assert generation <= 3, generation  # one rejoin per subscribe would be 6
+        await transport.publish_batch([m for t in topics for m in msgs(t, 1)])
+        for topic, consumer in consumers.items():
+            (record,) = await fetch_n(consumer, 1)
+            assert record.topic == topic
+            consumer.ack(record)
+        for consumer in consumers.values():
+            await consumer.aclose()
+        assert transport.groups == {}
+
+
 async def test_cancelled_open_consumer_leaves_no_orphan(kafka_broker: KafkaBroker) -> None:
     t1, t2, group = _name("t"), _name("t"), _name("g")
     async with kafka(kafka_broker) as transport:

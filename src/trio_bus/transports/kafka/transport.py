@@ -1,0 +1,357 @@
+"""The Kafka transport object, the Trio tasks that own its loops, and its
+lifetime.
+
+Task tree of one transport: every asyncio loop is awaited by one Trio task
+of the transport's nursery through ``bridge.call``, so leaving the transport
+cancels it, and whatever it raises leaves ``open_transport`` (and so
+``open_bus``) as a :class:`~trio_bus.errors.TransportError`::
+
+    open_transport
+    └── bridge (trio-asyncio loop)
+        └── transport nursery
+            ├── connection watch   awaits KafkaTransport._watch_connection
+            ├── <group> poll       awaits Group.poll_loop      } per group; cancelled
+            └── <group> commit     awaits Committer.run        } when it closes
+
+A group is stopped (final commit, LeaveGroup) by whoever ends it: its last
+subscription's ``aclose``, a failed ``open_consumer``, or the transport's
+exit; always shielded and bounded by ``close_timeout``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import asynccontextmanager
+from typing import Any, NoReturn
+
+import aiokafka.errors as kafka_errors
+import trio
+from aiokafka.admin import AIOKafkaAdminClient
+
+from ..._exceptions import unwrap_lone_exception
+from ..._message import OutgoingMessage
+from ...errors import BusClosedError, TransportError
+from .._base import Consumer, ConsumerSpec, Transport, TransportSettings
+from .._bridge import Bridge, open_bridge
+from .admin import TopicProvisioner
+from .consumer import KafkaConsumer
+from .errors import transport_error
+from .group import Group
+from .options import CONNECTION_CHECK_INTERVAL, KafkaOptions, client_kwargs, resolve_options
+from .producer import Producer
+
+__all__ = ["KafkaTransport", "open_transport"]
+
+logger = logging.getLogger("trio_bus.transports.kafka")
+
+
+class _GroupTask:
+    """The Trio side of one group: the cancel scopes of its loops' tasks."""
+
+    def __init__(self, group: Group) -> None:
+        self.group = group
+        self.scopes: list[trio.CancelScope] = []
+        self.running = 0
+        self.ended = trio.Event()
+        self.stopped = False
+        # open_consumer calls under way: a failed one stops an idle group
+        # only when no other one may still add to it.
+        self.opening = 0
+
+
+class KafkaTransport(Transport):
+    """The transport over aiokafka; created by :func:`open_transport`.
+
+    Attributes:
+        options: The effective :class:`KafkaOptions`.
+        hosts: The bootstrap servers.
+        client_id: The bus's client id.
+        bridge: The boundary to the asyncio side.
+    """
+
+    name = "kafka"
+    coalesce_publishes = True
+
+    def __init__(
+        self,
+        settings: TransportSettings,
+        options: KafkaOptions,
+        bridge: Bridge,
+        nursery: trio.Nursery,
+    ) -> None:
+        self.options = options
+        self.hosts = settings.hosts
+        self.client_id = settings.client_id
+        self.bridge = bridge
+        self._max_message_bytes = settings.max_message_bytes
+        self._nursery = nursery
+        self._group_tasks: dict[str, _GroupTask] = {}
+        self._group_lock = trio.Lock()
+        # Written by the asyncio side only (the connection watch).
+        self._connected = True
+        self._admin: Any = None
+        self._topics: TopicProvisioner | None = None
+        self._producer: Producer | None = None
+
+    @property
+    def groups(self) -> dict[str, Group]:
+        """The open consumer groups by name."""
+        return {name: task.group for name, task in self._group_tasks.items()}
+
+    @property
+    def idempotent(self) -> bool:
+        """Whether the producer runs idempotent."""
+        return self._producer is not None and self._producer.idempotent
+
+    @property
+    def connected(self) -> bool:
+        """Whether a broker answered the last connection check (every
+        ``CONNECTION_CHECK_INTERVAL`` seconds)."""
+        return self._connected
+
+    # -- asyncio side ----------------------------------------------------
+
+    async def _aio_start(self) -> None:
+        opts = self.options
+        try:
+            self._admin = AIOKafkaAdminClient(
+                request_timeout_ms=int(opts.publish_timeout * 1000),
+                **client_kwargs(opts, self.hosts, self.client_id),
+            )
+            await self._admin.start()
+            self._topics = TopicProvisioner(self._admin, opts)
+            self._producer = Producer(
+                opts, self.hosts, self.client_id, self._max_message_bytes, self._topics
+            )
+            await self._producer.start()
+        except BaseException:
+            await self._aio_close()
+            raise
+
+    async def _aio_close(self) -> None:
+        producer, admin = self._producer, self._admin
+        self._producer = self._admin = None
+        try:
+            if producer is not None:
+                await producer.stop()
+        finally:
+            if admin is not None:
+                await admin.close()
+
+    async def _watch_connection(self) -> NoReturn:
+        """Keep ``connected`` current: can a broker be reached right now?
+
+        Recovery policy: an unreachable broker is a state (``connected`` is
+        False, health reports it), not a failure; aiokafka reconnects.
+        """
+        assert self._producer is not None
+        client = self._producer.client.client
+        while True:
+            ok = False
+            for broker in client.cluster.brokers():
+                try:
+                    ok = await asyncio.wait_for(client.ready(broker.nodeId), 2.0)
+                except (TimeoutError, kafka_errors.KafkaError, OSError):
+                    ok = False
+                if ok:
+                    break
+            if ok != self._connected:
+                logger.log(
+                    logging.INFO if ok else logging.WARNING,
+                    "kafka broker %s",
+                    "reachable again" if ok else "unreachable",
+                )
+            self._connected = ok
+            await asyncio.sleep(CONNECTION_CHECK_INTERVAL)
+
+    # -- Trio side: owned loops ------------------------------------------
+
+    async def _own(self, loop: Callable[[], Awaitable[NoReturn]], what: str) -> None:
+        """Await an asyncio lifetime loop; it may only end by cancellation.
+        Anything it raises leaves as a TransportError."""
+        try:
+            await self.bridge.call(loop)
+        except TransportError:
+            raise
+        except Exception as exc:
+            raise transport_error(exc, what) from exc
+        raise TransportError(f"{what} ended")  # pragma: no cover - loops never return
+
+    async def _run_loop(
+        self,
+        task: _GroupTask,
+        loop: Callable[[], Awaitable[NoReturn]],
+        what: str,
+        *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        # One of a group's loops, a task of the transport's nursery: its
+        # failure cancels the transport.
+        task.running += 1
+        try:
+            with trio.CancelScope() as scope:
+                task.scopes.append(scope)
+                task_status.started()
+                await self._own(loop, f"kafka consumer group {task.group.name!r}: {what}")
+        finally:
+            task.running -= 1
+            if not task.running:
+                task.ended.set()
+
+    async def _stop_group(self, task: _GroupTask) -> None:
+        """Cancel the group's loops, then commit and leave; shielded and
+        bounded by ``close_timeout``."""
+        if task.stopped:
+            return
+        task.stopped = True
+        group = task.group
+        with trio.move_on_after(self.options.close_timeout) as bound:
+            bound.shield = True
+            for scope in task.scopes:
+                scope.cancel()
+            if task.running:
+                await task.ended.wait()
+            try:
+                await self.bridge.call(group.stop)
+            except TransportError as exc:  # the loop is gone: nothing to leave
+                logger.warning("stopping consumer group %r: %s", group.name, exc)
+        if bound.cancelled_caught:
+            logger.warning("stopping consumer group %r timed out", group.name)
+        if self._group_tasks.get(group.name) is task:
+            del self._group_tasks[group.name]
+
+    async def _close_group(self, name: str) -> None:
+        task = self._group_tasks.get(name)
+        if task is not None:
+            await self._stop_group(task)
+
+    async def _stop_groups(self) -> None:
+        """Stop every group concurrently (at the transport's exit)."""
+        async with trio.open_nursery() as nursery:
+            for task in list(self._group_tasks.values()):
+                nursery.start_soon(self._stop_group, task)
+
+    async def _group(self, spec: ConsumerSpec) -> _GroupTask:
+        """The running group *spec.group*, started when new, with one more
+        ``opening``."""
+        # One lock for all groups: starting one takes a few ms, and a lock
+        # per group name would pile up (health probes use fresh groups).
+        async with self._group_lock:
+            task = self._group_tasks.get(spec.group)
+            if task is not None and not task.stopped:
+                task.opening += 1
+                return task
+            group = Group(
+                spec.group, self.options, self.hosts, self.client_id, ephemeral=spec.ephemeral
+            )
+            task = _GroupTask(group)
+            self._group_tasks[spec.group] = task
+            try:
+                await self.bridge.call(group.start)
+                await self._nursery.start(self._run_loop, task, group.poll_loop, "poll")
+                await self._nursery.start(self._run_loop, task, group.commits.run, "commit")
+            except BaseException:
+                await self._stop_group(task)
+                raise
+            task.opening += 1
+            return task
+
+    # -- Trio side: the interface ------------------------------------------
+
+    async def publish_batch(self, records: Sequence[OutgoingMessage]) -> Sequence[Exception | None]:
+        """Send *records* (one bridge crossing); one outcome per record."""
+        if not records:
+            await trio.lowlevel.checkpoint()
+            return []
+        assert self._producer is not None
+        try:
+            return await self.bridge.call(self._producer.publish, records)
+        except kafka_errors.KafkaError as exc:
+            raise transport_error(exc, "publishing") from exc
+
+    async def open_consumer(self, spec: ConsumerSpec) -> Consumer:
+        """Join *spec.group* with *spec.topic*; return once its partitions are
+        assigned and their positions resolved."""
+        assert self._topics is not None
+        try:
+            await self.bridge.call(self._topics.ensure, {spec.topic})
+            task = await self._group(spec)
+            group = task.group
+            consumer = KafkaConsumer(group, spec, self.bridge, close_group=self._close_group)
+            try:
+                await self.bridge.call(group.add, consumer)
+            except BaseException:
+                # Failed or cancelled: a group left without subscriptions
+                # stops, rather than stay a member with a half-joined topic.
+                task.opening -= 1
+                if not task.opening:
+                    with trio.move_on_after(self.options.close_timeout) as scope:
+                        scope.shield = True
+                        if await self.bridge.call(_idle, group):
+                            await self._stop_group(task)
+                raise
+            task.opening -= 1
+        except (TransportError, BusClosedError):
+            raise
+        except kafka_errors.KafkaError as exc:
+            raise transport_error(exc, f"joining consumer group {spec.group!r}") from exc
+        return consumer
+
+    async def topic_metadata(self, topic: str) -> tuple[int, int]:
+        """``(partitions, replication_factor)`` of *topic* as the broker
+        reports it (one crossing; for tools and tests)."""
+        assert self._topics is not None
+        return await self.bridge.call(self._topics.describe, topic)
+
+
+async def _idle(group: Group) -> bool:
+    # Asyncio side: whether *group* has no subscription left.
+    return not group.routes
+
+
+@asynccontextmanager
+async def open_transport(settings: TransportSettings) -> AsyncIterator[KafkaTransport]:
+    """Open the Kafka transport: an asyncio loop, a producer, an admin client
+    and the Trio tasks that own its loops; consumers are added by
+    ``open_consumer``.
+
+    Leaving the block -- normally, by cancellation, or because a loop
+    failed (then as that :class:`~trio_bus.errors.TransportError`) --
+    commits what finished, leaves every group and closes every client,
+    shielded: each group within ``close_timeout``, then the producer and
+    admin client within ``close_timeout``, even when the broker is gone.
+    """
+    options = resolve_options(settings)
+    # Nurseries wrap whatever leaves the block; give callers the one
+    # exception they would expect.
+    with unwrap_lone_exception():
+        async with open_bridge("kafka") as bridge:
+            started = False
+            try:
+                async with trio.open_nursery() as nursery:
+                    transport = KafkaTransport(settings, options, bridge, nursery)
+                    try:
+                        await bridge.call(transport._aio_start)
+                    except kafka_errors.KafkaError as exc:
+                        raise transport_error(
+                            exc, f"cannot connect to kafka at {','.join(settings.hosts)}"
+                        ) from exc
+                    started = True
+                    nursery.start_soon(
+                        transport._own, transport._watch_connection, "kafka connection watch"
+                    )
+                    try:
+                        yield transport
+                    finally:
+                        nursery.cancel_scope.cancel()
+            finally:
+                if started:
+                    # Shielded inside: each group commits and leaves in time.
+                    await transport._stop_groups()
+                    with trio.move_on_after(options.close_timeout) as scope:
+                        scope.shield = True
+                        await bridge.call(transport._aio_close)
+                    if scope.cancelled_caught:
+                        logger.warning("closing the kafka producer timed out")
