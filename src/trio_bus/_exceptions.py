@@ -18,10 +18,15 @@ __all__ = ["leaves", "lone_exception", "raise_as_is", "unwrap_lone_exception"]
 
 
 def leaves(exc: BaseException) -> list[BaseException]:
-    """The non-group exceptions inside *exc*, depth first."""
-    if isinstance(exc, BaseExceptionGroup):
-        return [leaf for sub in exc.exceptions for leaf in leaves(sub)]
-    return [exc]
+    """The non-group exceptions inside *exc*, depth first; one exception
+    object reaching the group along two paths counts once."""
+    if not isinstance(exc, BaseExceptionGroup):
+        return [exc]
+    seen: dict[int, BaseException] = {}
+    for sub in exc.exceptions:
+        for leaf in leaves(sub):
+            seen.setdefault(id(leaf), leaf)
+    return list(seen.values())
 
 
 def lone_exception(group: BaseExceptionGroup[BaseException]) -> BaseException | None:
