@@ -4,7 +4,8 @@
 * Real brokers on free loopback ports, started as processes and stopped by
   PID (:class:`NatsServer`, :func:`run_tansu`, ...), NATS with TLS and
   credentials if asked.
-* :class:`TestCA`: throwaway certificates for TLS tests (needs trustme).
+* :class:`TestCA`: throwaway certificates for TLS tests (needs trustme);
+  :class:`TLSTerminator`: TLS in front of a plaintext broker.
 * :mod:`trio_bus.testing.plugin`: the pytest plugin (fixtures
   ``trio_bus_memory_url``, ``trio_bus_nats_url``, ``trio_bus_kafka_url``),
   loaded by pytest automatically.
@@ -25,6 +26,7 @@ from ._servers import tansu_binary as tansu_binary
 from ._servers import wait_for_port as wait_for_port
 from ._tls import TestCA as TestCA
 from ._tls import TLSFiles as TLSFiles
+from ._tls import TLSTerminator as TLSTerminator
 
 if TYPE_CHECKING:
     from .plugin import KAFKA_URL_PARAMS as KAFKA_URL_PARAMS
@@ -35,6 +37,7 @@ __all__ = [
     "FaultProxy",
     "NatsServer",
     "TLSFiles",
+    "TLSTerminator",
     "TansuBroker",
     "TestCA",
     "find_nats_server",
