@@ -52,8 +52,18 @@ TLS_DOWNGRADE = (
 )
 
 
-def options(tls: ssl.SSLContext | None = None, **connect: str) -> NatsOptions:
-    return NatsOptions(connect=ConnectOptions(tls=tls, **connect))
+def options(
+    tls: ssl.SSLContext | None = None,
+    *,
+    user: str | None = None,
+    password: str | None = None,
+    token: str | None = None,
+    tls_hostname: str | None = None,
+) -> NatsOptions:
+    connect = ConnectOptions(
+        tls=tls, user=user, password=password, token=token, tls_hostname=tls_hostname
+    )
+    return NatsOptions(connect=connect)
 
 
 @pytest.fixture(scope="module")
@@ -217,10 +227,9 @@ async def test_unverifiable_server_certificate_fails_at_open(
         "wrong hostname": pki.client_context(),
         "system CAs only": None,  # nats-py's default context
     }[case]
-    hostname = {"tls_hostname": "not-the-server.example"} if case == "wrong hostname" else {}
-    exc = await open_fails(
-        secure_server.url, options(tls, user=USER, password=PASSWORD, **hostname)
-    )
+    hostname = "not-the-server.example" if case == "wrong hostname" else None
+    opts = options(tls, user=USER, password=PASSWORD, tls_hostname=hostname)
+    exc = await open_fails(secure_server.url, opts)
     assert isinstance(exc, AuthenticationError), repr(exc)
     assert exc.mechanism == "TLS"
     assert_no_secret([PASSWORD], exception_texts(exc))
