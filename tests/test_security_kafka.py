@@ -26,22 +26,17 @@ from trio_bus.testing import TansuBroker, TestCA, TLSFiles, TLSTerminator, free_
 from trio_bus.testing.plugin import KAFKA_URL_PARAMS
 from trio_bus.transports.kafka import KafkaOptions
 
-from ._security import assert_no_secret, exception_texts, log_texts, open_fails, round_trip
+from ._security import (
+    SCRAM_NOT_MAPPED,
+    TLS_NOT_MAPPED,
+    assert_no_secret,
+    exception_texts,
+    log_texts,
+    open_fails,
+    round_trip,
+)
 
 SECRET = "pw-Kafka-3c8e1a"
-
-SCRAM_NOT_MAPPED = (
-    "aiokafka 0.14's SCRAM client reads 'v' from the server-final-message and raises "
-    "KeyError('v') when the broker sends 'e=' (refused): the raw KeyError leaves open_bus, "
-    "not even a BusError; kafka _open must map what _aio_start raises with SASL configured "
-    "to AuthenticationError(mechanism=sasl_mechanism)"
-)
-TLS_NOT_MAPPED = (
-    "aiokafka logs the ssl.SSLCertVerificationError in AIOKafkaClient.bootstrap and raises "
-    "KafkaConnectionError('Unable to bootstrap') without a cause: kafka _open must find the "
-    "TLS failure (e.g. a handshake with ssl_context to the first bootstrap host) and raise "
-    "AuthenticationError(mechanism='TLS')"
-)
 
 
 @attrs.frozen

@@ -22,6 +22,9 @@ from trio_bus.testing import NatsServer, TestCA, TLSFiles
 from trio_bus.transports.nats import ConnectOptions, NatsOptions
 
 from ._security import (
+    AUTH_NOT_MAPPED,
+    TLS_DOWNGRADE,
+    TLS_HANGS,
     assert_no_secret,
     exception_texts,
     log_texts,
@@ -30,26 +33,6 @@ from ._security import (
 )
 
 USER, PASSWORD, TOKEN = "svc", "pw-Nats-5f1c2e", "tok-Nats-9a7b3d"
-
-#: Why the typed-error tests fail today (see the module docstring).
-AUTH_NOT_MAPPED = (
-    "the nats transport raises TransportUnavailableError('cannot connect to nats at "
-    "<servers, userinfo in clear>: NoServersError()'): _Conn.connect must map the error "
-    "nats-py recorded (error_cb / nc.last_error: 'Authorization Violation', or the TLS "
-    "alert) to AuthenticationError and redact the servers with redact_url"
-)
-TLS_HANGS = (
-    "nats-py 2.16 hangs after a failed TLS handshake (Client.connect awaits _close on "
-    "the broken SSL transport; the ssl.SSLCertVerificationError only reaches error_cb): "
-    "_Conn.connect must bound the first connect and raise AuthenticationError("
-    "mechanism='TLS') from the recorded SSL error"
-)
-TLS_DOWNGRADE = (
-    "nats-py 2.16 upgrades to TLS only when the server's INFO says tls_required, so with "
-    "tls= set it still connects in plaintext (and sends the credentials) to a server "
-    "without TLS: the transport must refuse (tls_handshake_first, or fail when the "
-    "connection is not TLS)"
-)
 
 
 def options(

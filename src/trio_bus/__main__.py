@@ -290,7 +290,8 @@ def _ssl_context(args: argparse.Namespace) -> ssl.SSLContext | None:
         if args.tls_cert:
             context.load_cert_chain(args.tls_cert, args.tls_key)
     except (OSError, ssl.SSLError) as exc:  # FileNotFoundError, bad PEM
-        raise _UsageError(f"cannot load the TLS files: {exc}") from None
+        files = ", ".join(f for f in (args.tls_ca, args.tls_cert, args.tls_key) if f)
+        raise _UsageError(f"cannot load the TLS files ({files}): {exc}") from None
     if args.insecure:
         logger.warning("--insecure: the broker's TLS certificate is NOT verified")
         context.check_hostname = False
