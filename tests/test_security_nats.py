@@ -12,8 +12,11 @@ from __future__ import annotations
 
 import logging
 import ssl
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -224,3 +227,36 @@ async def test_tls_is_required_when_configured(nats_bus_url: str, pki: TestCA) -
     # go on in plaintext.
     exc = await open_fails(nats_bus_url, options(pki.client_context()))
     assert isinstance(exc, AuthenticationError), repr(exc)
+
+
+# ------------------------------------------------------ the test servers
+
+
+@pytest.mark.parametrize(
+    "security",
+    [
+        {"user": "u"},
+        {"password": "p"},
+        {"user": "u", "password": "p", "token": "t"},
+        {"verify_clients": True},
+    ],
+)
+def test_nats_server_refuses_inconsistent_security(
+    tmp_path: Path, security: dict[str, Any]
+) -> None:
+    with pytest.raises(ValueError):
+        NatsServer(tmp_path, **security)
+
+
+def test_testing_imports_without_trustme(tmp_path: Path) -> None:
+    # trustme is imported only when a CA is made; blocked here, as if absent.
+    code = (
+        "import sys; sys.modules['trustme'] = None\n"
+        "import trio_bus.testing as t\n"
+        "try:\n"
+        f"    t.TestCA(__import__('pathlib').Path({str(tmp_path)!r}))\n"
+        "except ImportError as exc:\n"
+        "    print(exc)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert 'TestCA needs trustme: pip install "trio-bus[test]"' in done.stdout
