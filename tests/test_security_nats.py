@@ -162,7 +162,7 @@ def _refusal_cases(
             secure_server.url, options(tls, user=USER, password="wr0ng-pw"), "user/password"
         ),
         "password in url": (wrong_url, options(tls), "user/password"),
-        "no credentials": (secure_server.url, options(tls), "user/password"),
+        "no credentials": (secure_server.url, options(tls), "no credentials"),
         "wrong token": (token_server.url, options(token="wr0ng-token"), "token"),
         "no client cert": (mtls_server.url, options(tls), "TLS client certificate"),
     }  # fmt: skip
