@@ -254,6 +254,10 @@ KAFKA_PROTOCOLS = ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
 SASL_MECHANISMS = ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512")
 
 
+#: The check options that ask for TLS.
+_TLS_OPTIONS = ("tls_ca", "tls_cert", "tls_key", "tls_hostname", "insecure")
+
+
 class _UsageError(Exception):
     """Options that cannot work together, or a secret that cannot be read."""
 
@@ -281,7 +285,7 @@ def _token(args: argparse.Namespace) -> str | None:
 
 def _ssl_context(args: argparse.Namespace) -> ssl.SSLContext | None:
     """Verification on unless --insecure; None when no TLS option is given."""
-    if not (args.tls_ca or args.tls_cert or args.tls_key or args.tls_hostname or args.insecure):
+    if not any(getattr(args, name) for name in _TLS_OPTIONS):
         return None
     if args.tls_key and not args.tls_cert:
         raise _UsageError("--tls-key needs --tls-cert")
@@ -313,11 +317,7 @@ def _transport_options(
         if token is not None or args.tls_hostname:
             raise _UsageError("--token and --tls-hostname are NATS options")
         return _kafka_options(args, password)
-    given = [
-        o
-        for o in ("tls_ca", "tls_cert", "insecure", "user", "security_protocol")
-        if getattr(args, o)
-    ]
+    given = any(getattr(args, name) for name in (*_TLS_OPTIONS, "user", "security_protocol"))
     if given or password is not None or token is not None:
         raise _UsageError(f"security options apply to nats:// and kafka:// URLs, not {scheme}://")
     return None
