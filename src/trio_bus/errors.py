@@ -3,7 +3,8 @@
 One root, :class:`BusError`, then families: bad input raised at the call
 (:class:`InvalidInputError`, which is also a :class:`ValueError`), resource
 state (:class:`BusClosedError`), the outside world failing
-(:class:`TransportError` and its leaves) and the bus's own supervision
+(:class:`TransportError` and its leaves, :class:`AuthenticationError` among
+them) and the bus's own supervision
 (:class:`ActorCrashedError`). Errors of the underlying clients (aiokafka,
 nats-py) are mapped at the transport boundary and chained as ``__cause__``.
 """
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 __all__ = [
     "ActorCrashedError",
+    "AuthenticationError",
     "BusClosedError",
     "BusError",
     "ConfigError",
@@ -123,6 +125,43 @@ class TransportError(BusError):
 class TransportUnavailableError(TransportError):
     """The transport could not connect, or lost its connection for longer
     than it may wait."""
+
+
+class AuthenticationError(TransportUnavailableError):
+    """The connection's security handshake failed: the broker refused the
+    client's credentials (user and password, token, SASL, client
+    certificate), or the client refused the broker's TLS certificate.
+
+    Retrying with the same settings cannot succeed, so it is raised at once
+    instead of after reconnect attempts. As Kafka's Java client treats a
+    failed TLS handshake as an ``SslAuthenticationException``, both
+    directions are one error; ``mechanism`` tells them apart. The message
+    names the broker (its URL with any userinfo redacted) and the
+    mechanism, never a secret; the client library's error is the
+    ``__cause__``::
+
+        try:
+            async with open_bus("nats://svc:wrong@127.0.0.1:4222") as bus: ...
+        except AuthenticationError as exc:
+            print(exc.broker, exc.mechanism)  # nats://svc:***@127.0.0.1:4222 user/password
+
+    Args:
+        broker: The broker (URL or ``host:port``), already redacted.
+        mechanism: What failed: ``"user/password"``, ``"token"``,
+            ``"SCRAM-SHA-512"``, ``"TLS"``, ``"TLS client certificate"``...
+        detail: The broker's or the TLS library's reason, e.g.
+            ``"Authorization Violation"`` (must not hold a secret).
+    """
+
+    def __init__(self, broker: str, mechanism: str, detail: str = "") -> None:
+        super().__init__(broker, mechanism, detail)
+        self.broker = broker
+        self.mechanism = mechanism
+        self.detail = detail
+
+    def __str__(self) -> str:
+        reason = f": {self.detail}" if self.detail else ""
+        return f"authentication with {self.broker} failed ({self.mechanism}){reason}"
 
 
 class PublishError(TransportError):

@@ -2,7 +2,10 @@
 
 * :class:`FaultProxy`: a TCP proxy that resets or blackholes connections.
 * Real brokers on free loopback ports, started as processes and stopped by
-  PID (:class:`NatsServer`, :func:`run_tansu`, ...).
+  PID (:class:`NatsServer`, :func:`run_tansu`, ...), NATS with TLS and
+  credentials if asked.
+* :class:`TestCA`: throwaway certificates for TLS tests (needs trustme);
+  :class:`TLSTerminator`: TLS in front of a plaintext broker.
 * :mod:`trio_bus.testing.plugin`: the pytest plugin (fixtures
   ``trio_bus_memory_url``, ``trio_bus_nats_url``, ``trio_bus_kafka_url``),
   loaded by pytest automatically.
@@ -21,6 +24,9 @@ from ._servers import run_tansu as run_tansu
 from ._servers import stop_process as stop_process
 from ._servers import tansu_binary as tansu_binary
 from ._servers import wait_for_port as wait_for_port
+from ._tls import TestCA as TestCA
+from ._tls import TLSFiles as TLSFiles
+from ._tls import TLSTerminator as TLSTerminator
 
 if TYPE_CHECKING:
     from .plugin import KAFKA_URL_PARAMS as KAFKA_URL_PARAMS
@@ -30,7 +36,10 @@ __all__ = [
     "KAFKA_URL_PARAMS",
     "FaultProxy",
     "NatsServer",
+    "TLSFiles",
+    "TLSTerminator",
     "TansuBroker",
+    "TestCA",
     "find_nats_server",
     "free_port",
     "kafka_url",

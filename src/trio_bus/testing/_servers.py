@@ -17,10 +17,12 @@ These are blocking helpers meant for fixtures, outside any Trio run.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -30,6 +32,8 @@ from pathlib import Path
 from typing import Self
 
 import attrs
+
+from ._tls import TLSFiles
 
 __all__ = [
     "NatsServer",
@@ -101,13 +105,55 @@ def find_nats_server() -> str:
 class NatsServer:
     """One ``nats-server -js`` process on a loopback port with its store in
     *store*; it can be stopped and started again on the same port and store
-    (reconnection tests)."""
+    (reconnection tests).
 
-    def __init__(self, store: Path, port: int | None = None) -> None:
+    Keyword options secure it (all off by default)::
+
+        ca = TestCA(tmp_path / "pki")
+        with NatsServer(tmp_path / "nats", tls=ca.issue("server"),
+                        user="svc", password="s3cret") as server: ...
+
+    Args:
+        store: JetStream store directory (the log goes there too).
+        port: Client port (default: a free one).
+        tls: Server certificate and key: ``--tls --tlscert --tlskey``;
+            clients must then connect with TLS.
+        verify_clients: Mutual TLS (``--tlsverify --tlscacert``): clients
+            must present a certificate issued by ``tls.ca``.
+        user: ``--user``; needs *password*.
+        password: ``--pass``.
+        token: ``--auth``: the token clients must present (not with *user*).
+
+    The secrets sit on the server's command line: fine for a test server,
+    which is what this is.
+    """
+
+    def __init__(
+        self,
+        store: Path,
+        port: int | None = None,
+        *,
+        tls: TLSFiles | None = None,
+        verify_clients: bool = False,
+        user: str | None = None,
+        password: str | None = None,
+        token: str | None = None,
+    ) -> None:
+        if (user is None) != (password is None):
+            raise ValueError("user and password go together")
+        if token is not None and user is not None:
+            raise ValueError("nats-server takes a token or a user, not both")
+        if verify_clients and tls is None:
+            raise ValueError("verify_clients (mutual TLS) needs tls")
         self.store = store
         self.port = port or free_port()
         self.proc: subprocess.Popen[bytes] | None = None
         self.log = store / "server.log"
+        self.tls = tls
+        self.verify_clients = verify_clients
+        self.user = user
+        self.password = password
+        self.token = token
 
     @property
     def url(self) -> str:
@@ -134,6 +180,7 @@ class NatsServer:
                     "-js",
                     "-sd",
                     str(self.store),
+                    *self._security_args(),
                 ],
                 stdout=log,
                 stderr=subprocess.STDOUT,
@@ -153,29 +200,64 @@ class NatsServer:
             time.sleep(delay)  # polling a subprocess, outside any Trio run
             delay = min(delay * 2, 0.1)
 
+    def _security_args(self) -> list[str]:
+        args: list[str] = []
+        if self.tls is not None:
+            args += ["--tls", "--tlscert", str(self.tls.cert), "--tlskey", str(self.tls.key)]
+            if self.verify_clients:
+                args += ["--tlsverify", "--tlscacert", str(self.tls.ca)]
+        if self.user is not None and self.password is not None:
+            args += ["--user", self.user, "--pass", self.password]
+        if self.token is not None:
+            args += ["--auth", self.token]
+        return args
+
+    def _probe_socket(self, sock: socket.socket) -> socket.socket:
+        # Upgrade after the plaintext INFO, as NATS clients do; under mutual
+        # TLS the server's own certificate (client usage too) gets us in.
+        if self.tls is None:
+            return sock
+        context = ssl.create_default_context(cafile=str(self.tls.ca))
+        if self.verify_clients:
+            context.load_cert_chain(self.tls.cert, self.tls.key)
+        return context.wrap_socket(sock, server_hostname="127.0.0.1")
+
+    def _connect_line(self) -> bytes:
+        fields: dict[str, object] = {"verbose": False, "headers": True, "no_responders": True}
+        if self.tls is not None:
+            fields["tls_required"] = True
+        if self.user is not None:
+            fields |= {"user": self.user, "pass": self.password}
+        if self.token is not None:
+            fields["auth_token"] = self.token
+        return b"CONNECT " + json.dumps(fields).encode() + b"\r\n"
+
     def _jetstream_ready(self) -> bool:
         # A raw protocol exchange: CONNECT, then a $JS.API.INFO request; the
         # server answers it only once JetStream is up (the port opens first).
         try:
-            with socket.create_connection(("127.0.0.1", self.port), timeout=1.0) as sock:
-                sock.settimeout(1.0)
-                if not sock.recv(4096).startswith(b"INFO"):
+            with socket.create_connection(("127.0.0.1", self.port), timeout=1.0) as raw:
+                raw.settimeout(1.0)
+                if not raw.recv(4096).startswith(b"INFO"):
                     return False
-                sock.sendall(
-                    b'CONNECT {"verbose":false,"headers":true,"no_responders":true}\r\n'
-                    b"SUB _R.x 1\r\nPUB $JS.API.INFO _R.x 0\r\n\r\nPING\r\n"
-                )
-                buf = b""
-                end = time.monotonic() + 1.0
-                while time.monotonic() < end:
-                    chunk = sock.recv(65536)
-                    if not chunk:
-                        return False
-                    buf += chunk
-                    if b"MSG _R.x" in buf or b"HMSG _R.x" in buf:
-                        return b"HMSG _R.x" not in buf or b"503" not in buf
-                return False
-        except OSError:
+                with self._probe_socket(raw) as sock:
+                    sock.sendall(
+                        self._connect_line()
+                        + b"SUB _R.x 1\r\nPUB $JS.API.INFO _R.x 0\r\n\r\nPING\r\n"
+                    )
+                    buf = b""
+                    end = time.monotonic() + 1.0
+                    while time.monotonic() < end:
+                        chunk = sock.recv(65536)
+                        if not chunk:
+                            return False
+                        buf += chunk
+                        if b"MSG _R.x" in buf or b"HMSG _R.x" in buf:
+                            return b"HMSG _R.x" not in buf or b"503" not in buf
+                        if b"-ERR" in buf:  # e.g. our own credentials refused
+                            return False
+                    return False
+        except OSError:  # ssl.SSLError included
             return False
 
     def stop(self, sig: int = signal.SIGTERM) -> None:
@@ -245,13 +327,27 @@ class TansuBroker:
 
 @contextmanager
 def run_tansu(
-    binary: str, log: Path, port: int | None = None, advertised_port: int | None = None
+    binary: str,
+    log: Path,
+    port: int | None = None,
+    advertised_port: int | None = None,
+    *,
+    authentication: bool = False,
 ) -> Iterator[TansuBroker]:
     """Run Tansu (memory storage) listening on *port* (default: a free one)
     and advertising *advertised_port* (default: the same); stop it by PID.
 
     ``OTEL_*`` variables are removed from its environment: Tansu would try
     to export telemetry to them.
+
+    *authentication* passes ``--authentication``: every client must then
+    authenticate with SASL SCRAM-SHA-256 or SCRAM-SHA-512 (Tansu 0.6 offers
+    no PLAIN). Tansu keeps SCRAM users in its storage and creates them only
+    through the broker, which refuses that request from an unauthenticated
+    client; with memory storage no user can therefore ever exist, so such a
+    broker only serves tests of refused clients. Tansu 0.6 has no working
+    TLS (``--cert`` and ``--key`` cannot be given together), so this offers
+    none (docs/security.md, "Tansu").
     """
     port = port or free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
@@ -266,6 +362,7 @@ def run_tansu(
                 f"tcp://127.0.0.1:{advertised_port or port}",
                 "--storage-engine",
                 "memory://tansu/",
+                *(["--authentication"] if authentication else []),
             ],
             env=env,
             stdout=out,
