@@ -222,7 +222,6 @@ async def test_kafka_tls(tansu_binary_path: str, tmp_path: Path, pki: TestCA) ->
             nursery.cancel_scope.cancel()
 
 
-@pytest.mark.xfail(strict=True, reason=SCRAM_NOT_MAPPED)
 async def test_kafka_wrong_scram_credentials(tansu_binary_path: str, tmp_path: Path) -> None:
     with run_tansu(tansu_binary_path, tmp_path / "tansu.log", authentication=True) as broker:
         status, out = await _check_process(

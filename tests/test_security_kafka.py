@@ -123,7 +123,6 @@ async def test_untrusted_certificate_is_refused_fast(
     assert terminator.handshakes == 0
 
 
-@pytest.mark.xfail(strict=True, reason=TLS_NOT_MAPPED)
 async def test_untrusted_certificate_is_an_authentication_error(
     tls_kafka: tuple[TLSKafka, TLSTerminator], tmp_path: Path
 ) -> None:
@@ -168,7 +167,6 @@ async def test_plain_mechanism_is_refused_fast(auth_broker: TansuBroker) -> None
     assert isinstance(exc, TransportUnavailableError), repr(exc)
 
 
-@pytest.mark.xfail(strict=True, reason=SCRAM_NOT_MAPPED)
 @pytest.mark.parametrize("mechanism", ["SCRAM-SHA-256", "SCRAM-SHA-512"])
 async def test_wrong_scram_credentials_are_an_authentication_error(
     auth_broker: TansuBroker, mechanism: str

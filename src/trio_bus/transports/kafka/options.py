@@ -10,6 +10,7 @@ from urllib.parse import parse_qsl
 import attrs
 
 from ..._config import positive
+from ..._secrets import secret_field
 from ...errors import ConfigError
 from .._base import TransportSettings
 from .._provisioning import (
@@ -178,7 +179,7 @@ class KafkaOptions:
     ssl_context: ssl.SSLContext | None = None
     sasl_mechanism: str = "PLAIN"
     sasl_plain_username: str | None = None
-    sasl_plain_password: str | None = attrs.field(default=None, repr=False)
+    sasl_plain_password: str | None = secret_field()
     client_args: Mapping[str, Any] = attrs.field(factory=dict)
     producer_args: Mapping[str, Any] = attrs.field(factory=dict)
     consumer_args: Mapping[str, Any] = attrs.field(factory=dict)

@@ -37,7 +37,7 @@ from .._base import Consumer, ConsumerSpec, Transport, TransportSettings
 from .._bridge import Bridge, open_bridge
 from .admin import TopicProvisioner
 from .consumer import KafkaConsumer
-from .errors import transport_error
+from .errors import connect_error, tls_refusal, transport_error
 from .group import Group
 from .options import CONNECTION_CHECK_INTERVAL, KafkaOptions, client_kwargs, resolve_options
 from .producer import Producer
@@ -334,10 +334,20 @@ async def open_transport(settings: TransportSettings) -> AsyncIterator[KafkaTran
                     transport = KafkaTransport(settings, options, bridge, nursery)
                     try:
                         await bridge.call(transport._aio_start)
-                    except kafka_errors.KafkaError as exc:
-                        raise transport_error(
-                            exc, f"cannot connect to kafka at {','.join(settings.hosts)}"
-                        ) from exc
+                    except Exception as exc:
+                        mapped = await connect_error(
+                            exc,
+                            settings.hosts,
+                            security_protocol=options.security_protocol,
+                            sasl_mechanism=options.sasl_mechanism,
+                            ssl_context=options.ssl_context,
+                            diagnose_tls=lambda hosts, context: bridge.call(
+                                tls_refusal, hosts, context
+                            ),
+                        )
+                        if mapped is None:
+                            raise
+                        raise mapped from exc
                     started = True
                     nursery.start_soon(
                         transport._own, transport._watch_connection, "kafka connection watch"
