@@ -22,20 +22,6 @@ FAIL_FAST = 10.0
 # Why the strict xfails fail today: the transports, which the security
 # branch may not change, need these fixes (docs/security.md, "Status").
 
-SCRAM_NOT_MAPPED = (
-    "aiokafka 0.14's SCRAM client reads 'v' from the server-final-message and raises "
-    "KeyError('v') when the broker sends 'e=' (refused): the raw KeyError leaves open_bus, "
-    "not even a BusError; kafka _open must map what _aio_start raises with SASL configured "
-    "to AuthenticationError(mechanism=sasl_mechanism)"
-)
-
-TLS_NOT_MAPPED = (
-    "aiokafka logs the ssl.SSLCertVerificationError in AIOKafkaClient.bootstrap and raises "
-    "KafkaConnectionError('Unable to bootstrap') without a cause: kafka _open must find the "
-    "TLS failure (e.g. a handshake with ssl_context to the first bootstrap host) and raise "
-    "AuthenticationError(mechanism='TLS')"
-)
-
 AUTH_NOT_MAPPED = (
     "the nats transport raises TransportUnavailableError('cannot connect to nats at "
     "<servers, userinfo in clear>: NoServersError()'): _Conn.connect must map the error "

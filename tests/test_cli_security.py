@@ -16,8 +16,6 @@ import trio
 from trio_bus.__main__ import main
 from trio_bus.testing import NatsServer, TestCA, TLSFiles, TLSTerminator, free_port, run_tansu
 
-from ._security import SCRAM_NOT_MAPPED
-
 USER, PASSWORD, TOKEN = "svc", "pw-Cli-77ab10", "tok-Cli-2d4e6f"
 
 
