@@ -97,6 +97,7 @@ class Connection:
         self._connected = asyncio.Event()
         self._events: asyncio.Queue[str] = asyncio.Queue()
         self._last_error: BaseException | None = None
+        self._server_error: BaseException | None = None
         self._js: Any = None
         self._echo_inbox: str | None = None
         self._echo_seq = 0
@@ -111,7 +112,9 @@ class Connection:
 
     def cause(self) -> str:
         """The server's or client's last error, for messages (no secrets)."""
-        error = self.nc.last_error or self._last_error
+        # What the server said (Authorization Violation...) beats what the
+        # socket did afterwards (connection reset).
+        error = self._server_error or self._last_error or self.nc.last_error
         if error is None:
             return "no error reported"
         text = str(error).strip() or type(error).__name__
@@ -131,6 +134,8 @@ class Connection:
 
         async def on_error(exc: Exception) -> None:
             self._last_error = exc
+            if not isinstance(exc, OSError | TimeoutError | asyncio.TimeoutError):
+                self._server_error = exc
             logger.warning("nats connection error: %s", redact(repr(exc)))
 
         async def on_disconnected() -> None:
@@ -138,6 +143,7 @@ class Connection:
             events.put_nowait("disconnected")
 
         async def on_reconnected() -> None:
+            self._server_error = None
             self._connected.set()
             events.put_nowait("reconnected")
 

@@ -418,17 +418,14 @@ class Puller:
 
         Raises:
             TopicConfigError: the stream is gone for good.
-            TransportError: anything else went wrong (the cause chained);
-                ``fetch`` raises it too.
+            TransportError: anything else went wrong (the cause chained).
         """
         try:
             await self._run()
-        except TransportError as exc:
-            self.handoff.fail(exc)
+        except TransportError:
             raise
         except Exception as exc:
             error = TransportError(f"the loop of nats consumer {self.durable!r} failed: {exc!r}")
-            self.handoff.fail(error)
             raise error from exc
 
     async def _run(self) -> None:

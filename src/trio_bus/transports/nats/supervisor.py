@@ -55,7 +55,7 @@ class Supervisor:
         except BaseExceptionGroup as failures:
             first = _first_leaf(failures)
             if isinstance(first, TransportError):
-                raise first from None
+                raise first  # noqa: B904 - its own cause is kept
             raise TransportError(f"a nats transport loop failed: {first!r}") from first
         finally:
             self._group = None
