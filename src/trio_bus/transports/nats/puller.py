@@ -23,8 +23,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
-from collections.abc import Mapping
-from typing import Any, Literal
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 from ..._message import Record
 from ...errors import (
@@ -35,16 +35,16 @@ from ...errors import (
 )
 from .._base import ConsumerSpec, LaneState
 from .._bridge import Handoff, Mailbox
+from .bind import Resume, bind
 from .connection import Connection
 from .options import TOPIC_HEADER, durable_name
 from .resume import Barrier, GapWatch, plan_resync
 from .settle import ACK, NAK, Delivery, Settler, parse_reply
-from .streams import ERR_STREAM_NOT_FOUND, Streams, TopicInfo, map_api_error
+from .streams import Streams, TopicInfo, map_api_error
 
 try:
     import nats.js.errors
     from nats.aio.msg import Msg
-    from nats.js import api
 except ImportError as exc:  # pragma: no cover - depends on the environment
     from ...errors import MissingExtraError
 
@@ -62,8 +62,6 @@ ACK_DELAY = 0.005
 ACK_BATCH = 256
 #: Seconds a resync waits for the nak'd deliveries to come back.
 RESYNC_TIMEOUT = 5.0
-#: Seconds an ephemeral consumer outlives its last activity on the server.
-EPHEMERAL_INACTIVE = 60.0
 _BACKOFF = (0.05, 2.0)
 
 #: What Trio puts in the mailbox: (delivery, ACK or NAK), or None after a
@@ -99,8 +97,11 @@ class Puller:
 
     # ---------------------------------------------------------- lifecycle
 
-    async def start(self) -> None:
-        """Bind and issue the first pull; return once deliveries can flow."""
+    async def start(self, peers: Iterable[Puller] = ()) -> None:
+        """Bind and issue the first pull; return once deliveries can flow.
+
+        *peers* are the transport's running pullers (a live member of the
+        same group in this process is no previous holder)."""
         loop = asyncio.get_running_loop()
         self.where = await self.streams.ensure(self.spec.topic)
         self.durable = durable_name(self.spec.group, self.spec.topic, self.where.nested)
@@ -115,11 +116,13 @@ class Puller:
         # Unacked deliveries and no live member pulling (a live member keeps
         # a pull request waiting): the previous holder died; see
         # ConsumerOptions.ordered_resume.
+        live_here = any(p.where == self.where and p.durable == self.durable for p in peers)
         if (
             self.copts.ordered_resume
             and not self.spec.ephemeral
             and info.num_ack_pending
             and not info.num_waiting
+            and not live_here
         ):
             window = self.copts.ack_wait + 2 * self.copts.idle_heartbeat
             self.barrier.start_up(
@@ -141,82 +144,23 @@ class Puller:
         # so a message published right after is delivered.
         await self._maybe_pull()
 
-    async def _bind(self, resume: Literal["", "consumer_lost", "stream_new"] = "") -> Any:
-        """Create the durable consumer, or resume the existing one.
-
-        *resume* says why we bind again while running: then a consumer that
-        has to be created starts where this one was, not at ``spec.start``.
-        """
+    async def _bind(self, resume: Resume = "") -> Any:
         assert self.where is not None
-        topic, copts, ephemeral = self.spec.topic, self.copts, self.spec.ephemeral
-        config = api.ConsumerConfig(
-            name=self.durable,
-            # An ephemeral consumer has no durable name: the server deletes
-            # it after inactive_threshold even if we die without cleaning up.
-            durable_name=None if ephemeral else self.durable,
-            inactive_threshold=EPHEMERAL_INACTIVE if ephemeral else None,
-            deliver_policy=api.DeliverPolicy.NEW
-            if self.spec.start == "latest"
-            else api.DeliverPolicy.ALL,
-            ack_policy=api.AckPolicy.EXPLICIT,
-            ack_wait=copts.ack_wait,
-            max_deliver=copts.max_deliver,
-            max_ack_pending=copts.max_ack_pending,
-            filter_subjects=[topic, f"{topic}.>"] if self.where.nested else None,
+        return await bind(
+            self.conn,
+            self.where,
+            self.durable,
+            self.spec,
+            resume=resume,
+            max_seq=self.max_seq,
+            oldest_unsettled=min(self.settler.unsettled, default=None),
         )
-        jsm, stream = self.conn.jsm, self.where.stream
-        try:
-            info = await jsm.consumer_info(stream, self.durable)
-        except nats.js.errors.NotFoundError as exc:
-            if exc.err_code == ERR_STREAM_NOT_FOUND:
-                raise TopicConfigError(
-                    f"stream {stream!r} of topic {topic!r} does not exist"
-                ) from exc
-            if resume == "consumer_lost" and self.max_seq:
-                try:
-                    state = (await jsm.stream_info(stream)).state
-                except Exception as exc2:
-                    raise map_api_error(exc2, f"reading stream {stream!r}") from exc2
-                if state.last_seq < self.max_seq:
-                    resume = "stream_new"  # sequences restarted: a new stream
-            if resume == "stream_new":
-                # The stream itself was lost and created again: everything
-                # in it is new to us.
-                config.deliver_policy = api.DeliverPolicy.ALL
-            elif resume == "consumer_lost" and self.max_seq:
-                # The consumer vanished, the stream did not: go on from the
-                # oldest delivery not settled (at least once, no gap).
-                config.deliver_policy = api.DeliverPolicy.BY_START_SEQUENCE
-                config.opt_start_seq = min(self.settler.unsettled, default=self.max_seq + 1)
-            try:
-                return await jsm.add_consumer(stream, config)
-            except Exception as exc2:
-                doing = f"creating consumer {self.durable!r} on {stream!r}"
-                raise map_api_error(exc2, doing) from exc2
-        except Exception as exc:
-            raise map_api_error(exc, f"reading consumer {self.durable!r} on {stream!r}") from exc
-        have = info.config
-        if (
-            abs((have.ack_wait or 0) - copts.ack_wait) > 1e-3
-            or (have.max_deliver or -1) != copts.max_deliver
-            or (have.max_ack_pending or 0) != copts.max_ack_pending
-        ):
-            # Those three may change on a live durable; the deliver policy
-            # of an existing group is kept (it resumes where it acked).
-            config.deliver_policy = have.deliver_policy
-            config.opt_start_seq = have.opt_start_seq
-            config.opt_start_time = have.opt_start_time
-            try:
-                info = await jsm.add_consumer(stream, config)
-            except Exception as exc:
-                logger.warning("could not update consumer %s on %s: %s", self.durable, stream, exc)
-        return info
 
     async def _rebind(self) -> None:
         """Bind again; a memory-storage stream lost in a server restart is
         created again (per the topic strategy)."""
         try:
-            await self._bind(resume="consumer_lost")
+            await self._bind("consumer_lost")
         except TopicConfigError:
             if self.conn.options.topic_strategy in ("skip", "validate_only"):
                 raise
@@ -226,7 +170,7 @@ class Puller:
                 raise TopicConfigError(
                     f"topic {self.spec.topic!r} moved to stream {where.stream!r}"
                 ) from None
-            await self._bind(resume="stream_new")
+            await self._bind("stream_new")
         self.requested = 0
 
     def reconnected(self) -> None:
@@ -312,7 +256,9 @@ class Puller:
         count, seq, dseq, stamp = parse_reply(reply)
         self.max_seq = max(self.max_seq, seq)
         delivery = Delivery(seq, dseq, reply, now, count, stamp)
-        self.settler.hold(delivery)
+        previous = self.settler.hold(delivery)
+        if previous is not None:  # a redelivery: drop a superseded copy
+            self.handoff.discard(lambda record: record.token is previous)
         if self.closing:
             return  # draining at close: nak'd with the rest, in order
         if headers and self.where is not None and not self.where.nested:
@@ -337,7 +283,10 @@ class Puller:
             token=delivery,
             timestamp=stamp,
         )
-        self._hand_over(self.barrier.admit(record, seq=seq, dseq=dseq, count=count, now=now))
+        if self.barrier.holding:
+            self._hand_over(self.barrier.admit(record, seq=seq, dseq=dseq, count=count, now=now))
+        else:
+            self.handoff.put(record)
 
     def _hand_over(self, records: list[Record]) -> None:
         if records:

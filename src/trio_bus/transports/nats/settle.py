@@ -100,9 +100,12 @@ class Settler:
     def __len__(self) -> int:
         return len(self._outbox)
 
-    def hold(self, delivery: Delivery) -> None:
-        """A delivery arrived (it supersedes an earlier one of its sequence)."""
+    def hold(self, delivery: Delivery) -> Delivery | None:
+        """A delivery arrived; return the earlier one of its sequence it
+        supersedes, if any."""
+        previous = self.unsettled.get(delivery.seq)
         self.unsettled[delivery.seq] = delivery
+        return previous
 
     def settle(self, delivery: Delivery, payload: bytes) -> None:
         """Trio code settled *delivery* (``ACK`` or ``NAK``)."""
