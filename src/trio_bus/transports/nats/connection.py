@@ -184,7 +184,7 @@ class Connection:
             self._last_error = self._last_error or exc
             raise TransportUnavailableError(
                 f"cannot connect to nats at {where}: {self.cause()}"
-            ) from None
+            ) from exc
         self.nc.options["max_reconnect_attempts"] = -1
         self._connected.set()
 
