@@ -23,7 +23,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from typing import Any
 
 from ..._message import Record
@@ -38,6 +38,7 @@ from .._bridge import Handoff, Mailbox
 from .bind import Resume, bind
 from .connection import Connection
 from .options import TOPIC_HEADER, durable_name
+from .pulls import Pulls
 from .resume import Barrier, GapWatch, plan_resync
 from .settle import ACK, NAK, Delivery, Settler, parse_reply
 from .streams import Streams, TopicInfo, map_api_error
@@ -88,9 +89,9 @@ class Puller:
         self.durable = ""
         self.inbox = ""
         self.sub: Any = None
-        self.requested = 0
+        self.pulls = Pulls(copts, self.prefetch)
+        self._next = ""  # the pull request subject
         self.max_seq = 0  # highest stream sequence delivered to us
-        self.last_activity = 0.0
         self.closing = False
         self.need_bind = False
         self.need_resync = False
@@ -139,7 +140,8 @@ class Puller:
                 window,
             )
         self.conn.on_reconnect.append(self.reconnected)
-        self.last_activity = loop.time()
+        self._next = f"$JS.API.CONSUMER.MSG.NEXT.{self.where.stream}.{self.durable}"
+        self.pulls.last_activity = loop.time()
         # The first pull request is on its way before open_consumer returns,
         # so a message published right after is delivered.
         await self._maybe_pull()
@@ -171,13 +173,13 @@ class Puller:
                     f"topic {self.spec.topic!r} moved to stream {where.stream!r}"
                 ) from None
             await self._bind("stream_new")
-        self.requested = 0
+        self.pulls.lost()
 
     def reconnected(self) -> None:
         """Pull requests died with the old connection; deliveries may have
         been lost on it: hold new ones back until resynced."""
         now = asyncio.get_running_loop().time()
-        self.requested = 0
+        self.pulls.lost()
         self.gaps.reconnected(now)
         self._pause(now)
 
@@ -243,16 +245,17 @@ class Puller:
 
     async def _on_msg(self, msg: Msg) -> None:
         now = asyncio.get_running_loop().time()
-        self.last_activity = now
         headers = msg.headers
         if headers and not msg.data and "Status" in headers:
-            self._on_status(headers)
+            if self.pulls.status(headers, now):
+                self.need_bind = True
+            if headers.get("Status") != "100":
+                self.mailbox.wake()
             return
         reply = msg.reply
         if not reply:
             return
-        if self.requested > 0:
-            self.requested -= 1
+        self.pulls.delivered(now)
         count, seq, dseq, stamp = parse_reply(reply)
         self.max_seq = max(self.max_seq, seq)
         delivery = Delivery(seq, dseq, reply, now, count, stamp)
@@ -294,33 +297,6 @@ class Puller:
             unsettled = self.settler.unsettled
             self.handoff.put_many(r for r in records if unsettled.get(r.offset or 0) is r.token)
 
-    def _on_status(self, headers: Mapping[str, str]) -> None:
-        status = headers.get("Status")
-        if status == "100":  # idle heartbeat
-            return
-        pending = headers.get("Nats-Pending-Messages")
-        if status in ("404", "408", "409"):
-            if pending is not None:
-                self.requested = max(0, self.requested - int(pending))
-            elif status != "409":
-                self.requested = 0
-            description = headers.get("Description", "")
-            if status == "409":
-                logger.info("pull request ended: 409 %s", description)
-                if "Deleted" in description or not pending:
-                    self.requested = 0
-                if "Consumer Deleted" in description:
-                    self.need_bind = True
-        elif status == "503":
-            # No responders: JetStream not ready yet (server restarting) or
-            # the consumer/stream is gone.
-            self.requested = 0
-            self.need_bind = True
-        else:
-            logger.warning("unexpected pull status %s %s", status, headers.get("Description"))
-            self.requested = 0
-        self.mailbox.wake()
-
     def _drain(self) -> None:
         for item in self.mailbox.drain():
             if item is not None:
@@ -328,39 +304,16 @@ class Puller:
 
     # ------------------------------------------------------------ pulling
 
-    def _pull_size(self) -> int:
-        """Messages to request now: the free room, once it is at least half
-        the prefetch window (or anything when nothing is requested). Held
-        deliveries do not count while redeliveries are awaited (they need
-        room to arrive; ``max_ack_pending`` bounds them)."""
-        in_hand = len(self.handoff) + (0 if self.barrier.holding else len(self.barrier))
-        room = self.prefetch - self.requested - in_hand
-        if room <= 0 or (self.requested and room < max(1, self.prefetch // 2)):
-            return 0
-        return room
-
     async def _maybe_pull(self) -> None:
         if self.closing or not self.conn.nc.is_connected:
             return
-        room = self._pull_size()
-        if not room:
-            return
-        copts = self.copts
-        request = b'{"batch":%d,"expires":%d,"idle_heartbeat":%d}' % (
-            room,
-            int(copts.pull_expires * 1e9),
-            int(copts.idle_heartbeat * 1e9),
-        )
-        assert self.where is not None
-        subject = f"$JS.API.CONSUMER.MSG.NEXT.{self.where.stream}.{self.durable}"
-        if not self.requested:
-            self.last_activity = asyncio.get_running_loop().time()
-        self.requested += room
-        try:
-            await self.conn.nc.publish(subject, request, reply=self.inbox)
-        except Exception as exc:
-            self.requested -= room
-            logger.debug("pull request failed: %r", exc)
+        # Held deliveries do not count while redeliveries are awaited (they
+        # need room to arrive; max_ack_pending bounds them).
+        in_hand = len(self.handoff) + (0 if self.barrier.holding else len(self.barrier))
+        room = self.pulls.size(in_hand)
+        if room:
+            now = asyncio.get_running_loop().time()
+            await self.pulls.request(self.conn.nc, self._next, self.inbox, room, now)
 
     async def run(self) -> None:
         """The consumer's lifetime loop; returns only by cancellation.
@@ -405,11 +358,11 @@ class Puller:
             await settler.send()
             now = loop.time()
             self._hand_over(self.barrier.expire(now))
-            if self.requested and now - self.last_activity > 2 * copts.idle_heartbeat + 0.5:
-                # No message and no heartbeat: the pull is gone (server
-                # restart, lost connection). Bind and pull again.
+            if self.pulls.silent(now):
+                # The pull is gone (server restart, lost connection): bind
+                # and pull again.
                 logger.info("pull on %s went silent; pulling again", self.durable)
-                self.requested = 0
+                self.pulls.lost()
                 self.need_bind = True
             if now >= next_wpi:
                 next_wpi = now + copts.wpi_interval / 2
@@ -418,22 +371,35 @@ class Puller:
             wait = tick if not self.barrier.holding else min(tick, self.barrier.deadline - now)
             await self.mailbox.wait(max(0.0, wait))
 
-    async def _resync(self) -> None:
-        """Have the server redeliver now what it delivered and we never got;
-        hold new deliveries until those are back (see :mod:`.resume`)."""
+    async def _fresh_state(self) -> Any:
+        """The consumer's state once the server processed our acks (None:
+        the consumer is gone)."""
         assert self.where is not None
         self._drain()
         self.settler.reconnected()
         await self.settler.send()  # acks before the naks, on one connection
         await self.conn.round_trip(self.conn.options.request_timeout)
         try:
-            info = await self.conn.jsm.consumer_info(self.where.stream, self.durable)
+            return await self.conn.jsm.consumer_info(self.where.stream, self.durable)
         except nats.js.errors.NotFoundError:
-            self.need_bind = True  # then resync against the new consumer
-            return
+            return None
         except Exception as exc:
             raise map_api_error(exc, f"reading consumer {self.durable!r}") from exc
+
+    async def _resync(self) -> None:
+        """Have the server redeliver now what it delivered and we never got;
+        hold new deliveries until those are back (see :mod:`.resume`)."""
+        assert self.where is not None
+        # Cleared first: a reconnection while this runs asks for another.
         self.need_resync = False
+        try:
+            info = await self._fresh_state()
+        except BaseException:
+            self.need_resync = True
+            raise
+        if info is None:
+            self.need_resync = self.need_bind = True  # resync the new consumer
+            return
         delivered = info.delivered.consumer_seq or 0
         self.gaps.advance(delivered)
         naks, expect = plan_resync(
@@ -446,6 +412,8 @@ class Puller:
         for seq in naks:
             self.settler.send_later(f"{prefix}{seq}.{delivered}.0.0", NAK)
         await self.settler.send()
+        if self.need_resync:
+            return  # reconnected meanwhile: the next resync decides
         now = asyncio.get_running_loop().time()
         logger.info("%s: resync, %d redeliveries awaited", self.durable, expect)
         released = self.barrier.resync(
