@@ -32,12 +32,23 @@ import pytest
 import trio
 
 import trio_bus
-from trio_bus.errors import PublishError, TransportError, TransportUnavailableError
+from trio_bus.errors import (
+    PublishError,
+    TopicConfigError,
+    TransportError,
+    TransportUnavailableError,
+)
 from trio_bus.testing import FaultProxy
 from trio_bus.testing._servers import find_nats_server, free_port, stop_process, wait_for_port
 from trio_bus.transports._base import ConsumerSpec, TransportSettings
 from trio_bus.transports._bridge import UNWIND_TIMEOUT
-from trio_bus.transports.nats import ConnectOptions, ConsumerOptions, NatsOptions, open_transport
+from trio_bus.transports.nats import (
+    ConnectOptions,
+    ConsumerOptions,
+    NatsConsumer,
+    NatsOptions,
+    open_transport,
+)
 from trio_bus.transports.nats.puller import Puller
 from trio_bus.transports.nats.transport import CLOSE_TIMEOUT
 
@@ -363,3 +374,37 @@ async def test_failed_login_names_the_cause_not_the_password(
     assert "hunter2" not in caplog.text
     for cause in (caught.value.__cause__, caught.value.__context__):
         assert cause is None or "hunter2" not in str(cause)
+
+
+async def fetch_value(consumer: NatsConsumer, value: bytes) -> None:
+    with trio.fail_after(WAIT):
+        while True:
+            for record in await consumer.fetch(10):
+                consumer.ack(record)
+                if record.value == value:
+                    return
+
+
+async def test_a_deleted_consumer_is_bound_again(nats_bus_url: str) -> None:
+    topic = uid("t")
+    message = trio_bus.OutgoingMessage(topic=topic, value=b"0", key="k")
+    async with open_transport(settings(nats_bus_url, OPTIONS)) as t:
+        consumer = await t.open_consumer(ConsumerSpec(topic=topic, group="g"))
+        assert await t.publish_batch([message]) == [None]
+        await fetch_value(consumer, b"0")
+        await consumer.flush()
+        await t.run_on_loop(t._conn.jsm.delete_consumer, consumer.stream, consumer.durable)
+        assert await t.publish_batch([attrs.evolve(message, value=b"1")]) == [None]
+        await fetch_value(consumer, b"1")
+
+
+async def test_a_stream_gone_for_good_ends_the_transport(nats_bus_url: str) -> None:
+    topic = uid("t")
+    async with open_transport(settings(nats_bus_url, OPTIONS)) as t:
+        assert await t.publish_batch([trio_bus.OutgoingMessage(topic=topic, value=b"0")]) == [None]
+    options = attrs.evolve(OPTIONS, topic_strategy="validate_only")
+    with trio.fail_after(WAIT), pytest.raises(TopicConfigError, match="does not exist"):
+        async with open_transport(settings(nats_bus_url, options)) as t:
+            consumer = await t.open_consumer(ConsumerSpec(topic=topic, group="g"))
+            await t.run_on_loop(t._conn.jsm.delete_stream, consumer.stream)
+            await trio.sleep_forever()
