@@ -162,7 +162,7 @@ class Puller:
         """Bind again; a memory-storage stream lost in a server restart is
         created again (per the topic strategy)."""
         try:
-            await self._bind("consumer_lost")
+            info = await self._bind("consumer_lost")
         except TopicConfigError:
             if self.conn.options.topic_strategy in ("skip", "validate_only"):
                 raise
@@ -172,7 +172,9 @@ class Puller:
                 raise TopicConfigError(
                     f"topic {self.spec.topic!r} moved to stream {where.stream!r}"
                 ) from None
-            await self._bind("stream_new")
+            info = await self._bind("stream_new")
+        # A re-created consumer counts its deliveries from 1 again.
+        self.gaps.restart(info.delivered.consumer_seq or 0)
         self.pulls.lost()
 
     def reconnected(self) -> None:

@@ -205,6 +205,10 @@ class GapWatch:
             self.last = dseq
         return gap
 
+    def restart(self, dseq: int) -> None:
+        """The consumer was re-created: it delivered up to *dseq*."""
+        self.last = dseq
+
     def advance(self, dseq: int) -> None:
         """The consumer is known to have delivered up to *dseq*."""
         if dseq > self.last:
