@@ -114,3 +114,26 @@ def test_gap_watch_only_soon_after_a_reconnection() -> None:
     assert gaps.seen(20, now=4.0)
     assert not gaps.seen(19, now=4.0)  # older: no gap
     assert not gaps.seen(25, now=40.0)  # window over
+
+
+async def test_mailbox_wake_ends_a_wait_with_nothing_put() -> None:
+    """The bridge addition the consumer loop relies on: its own side wakes
+    the loop that waits on its mailbox."""
+    import asyncio
+
+    import trio
+
+    from trio_bus.transports._bridge import Mailbox, open_bridge
+
+    async with open_bridge("test") as bridge:
+        box: Mailbox[int] = Mailbox()
+
+        async def woken() -> bool:
+            asyncio.get_running_loop().call_soon(box.wake)
+            return await box.wait(30)
+
+        with trio.fail_after(10):
+            assert await bridge.call(woken) is False
+            box.put(1)
+            assert await bridge.call(box.wait, 30) is True
+            assert box.drain() == [1]
