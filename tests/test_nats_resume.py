@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
+
+import trio
+
+from trio_bus.transports._bridge import Mailbox, open_bridge
 from trio_bus.transports.nats.resume import Barrier, GapWatch, plan_resync
 
 
@@ -119,12 +124,6 @@ def test_gap_watch_only_soon_after_a_reconnection() -> None:
 async def test_mailbox_wake_ends_a_wait_with_nothing_put() -> None:
     """The bridge addition the consumer loop relies on: its own side wakes
     the loop that waits on its mailbox."""
-    import asyncio
-
-    import trio
-
-    from trio_bus.transports._bridge import Mailbox, open_bridge
-
     async with open_bridge("test") as bridge:
         box: Mailbox[int] = Mailbox()
 
