@@ -10,6 +10,7 @@ so nothing is skipped.
 from __future__ import annotations
 
 import logging
+from datetime import datetime
 from typing import Any, Literal
 
 from ...errors import TopicConfigError
@@ -48,13 +49,16 @@ async def bind(
     resume: Resume = "",
     max_seq: int = 0,
     oldest_unsettled: int | None = None,
+    bound_at: datetime | None = None,
 ) -> Any:
     """Create the durable consumer *durable*, or resume the existing one;
     return its info.
 
     *resume* says why we bind again while running: then a consumer that has
     to be created starts where this one was (the oldest unsettled delivery,
-    else after *max_seq*), not at ``spec.start``.
+    else after *max_seq*), not at ``spec.start``; unless the stream is new
+    too (created after *bound_at*, when the lost consumer was created, or
+    its sequences restarted): then from the stream's start.
 
     Raises:
         TopicConfigError: the stream does not exist.
@@ -82,11 +86,14 @@ async def bind(
             raise TopicConfigError(f"stream {stream!r} of topic {topic!r} does not exist") from exc
         if resume == "consumer_lost" and max_seq:
             try:
-                state = (await jsm.stream_info(stream)).state
+                stream_info = await jsm.stream_info(stream)
             except Exception as exc2:
                 raise map_api_error(exc2, f"reading stream {stream!r}") from exc2
-            if state.last_seq < max_seq:
-                resume = "stream_new"  # sequences restarted: a new stream
+            created = stream_info.created
+            if stream_info.state.last_seq < max_seq or (
+                created is not None and bound_at is not None and created > bound_at
+            ):
+                resume = "stream_new"  # created again (by a publish, maybe)
         if resume == "stream_new":
             # The stream itself was lost and created again: everything
             # in it is new to us.

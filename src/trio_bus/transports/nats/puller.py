@@ -24,6 +24,7 @@ import asyncio
 import logging
 import uuid
 from collections.abc import Iterable
+from datetime import datetime
 from typing import Any
 
 from ..._message import Record
@@ -92,6 +93,7 @@ class Puller:
         self.pulls = Pulls(copts, self.prefetch)
         self._next = ""  # the pull request subject
         self.max_seq = 0  # highest stream sequence delivered to us
+        self.bound_at: datetime | None = None  # when our consumer was created
         self.closing = False
         self.need_bind = False
         self.need_resync = False
@@ -148,7 +150,7 @@ class Puller:
 
     async def _bind(self, resume: Resume = "") -> Any:
         assert self.where is not None
-        return await bind(
+        info = await bind(
             self.conn,
             self.where,
             self.durable,
@@ -156,7 +158,10 @@ class Puller:
             resume=resume,
             max_seq=self.max_seq,
             oldest_unsettled=min(self.settler.unsettled, default=None),
+            bound_at=self.bound_at,
         )
+        self.bound_at = info.created
+        return info
 
     async def _rebind(self) -> None:
         """Bind again; a memory-storage stream lost in a server restart is

@@ -50,6 +50,8 @@ class NatsConsumer(Consumer):
         self._bridge = transport._bridge
         self._handoff = puller.handoff
         self._mailbox = puller.mailbox
+        # The loop pulls only once half the prefetch window is free.
+        self._low_water = puller.prefetch // 2
         self._closed = False
 
     @property
@@ -74,7 +76,8 @@ class NatsConsumer(Consumer):
             await trio.lowlevel.checkpoint()
             raise BusClosedError("the consumer is closed")
         records = await self._handoff.take(max_records)
-        self._mailbox.put(None)  # room: the loop may pull more
+        if len(self._handoff) <= self._low_water:
+            self._mailbox.put(None)  # room: the loop may pull more
         return records
 
     def _settle(self, record: Record, payload: bytes) -> None:
