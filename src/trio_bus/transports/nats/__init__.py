@@ -7,10 +7,13 @@ The modules, each one role, lowest layer first:
 * :mod:`.options` — the options classes and derived names;
 * :mod:`.connection` — the nats-py client and the connection watch loop;
 * :mod:`.streams` — topics to streams, per the topic strategy;
+* :mod:`.bind` — durable pull consumers: create, resume, re-create;
 * :mod:`.publish` — batches of JetStream publishes matched to their acks;
 * :mod:`.settle` — acks, naks, in-progress acks and their confirmation;
-* :mod:`.resume` — the ordered-resume barrier (pure logic);
+* :mod:`.resume` — the ordered-resume barrier and resync plan (pure logic);
+* :mod:`.pulls` — accounting of outstanding pull requests;
 * :mod:`.puller` — one durable pull consumer and its lifetime loop;
+* :mod:`.supervisor` — the task group owning every lifetime loop;
 * :mod:`.transport` — the Trio side: transport, consumer, ``open_transport``.
 
 docs/nats.md describes the mapping of topics to streams, the options, the
