@@ -97,14 +97,16 @@ class Puller:
         self.closing = False
         self.need_bind = False
         self.need_resync = False
+        self._peers: Iterable[Puller] = ()
 
     # ---------------------------------------------------------- lifecycle
 
     async def start(self, peers: Iterable[Puller] = ()) -> None:
         """Bind and issue the first pull; return once deliveries can flow.
 
-        *peers* are the transport's running pullers (a live member of the
-        same group in this process is no previous holder)."""
+        *peers* are the transport's running pullers, a live view (a live
+        member of the same group in this process is no previous holder, and
+        a resync must not nak what it holds)."""
         loop = asyncio.get_running_loop()
         self.where = await self.streams.ensure(self.spec.topic)
         self.durable = durable_name(self.spec.group, self.spec.topic, self.where.nested)
@@ -119,7 +121,8 @@ class Puller:
         # Unacked deliveries and no live member pulling (a live member keeps
         # a pull request waiting): the previous holder died; see
         # ConsumerOptions.ordered_resume.
-        live_here = any(p.where == self.where and p.durable == self.durable for p in peers)
+        self._peers = peers
+        live_here = any(self._same_group(p) for p in peers)
         if (
             self.copts.ordered_resume
             and not self.spec.ephemeral
@@ -147,6 +150,17 @@ class Puller:
         # The first pull request is on its way before open_consumer returns,
         # so a message published right after is delivered.
         await self._maybe_pull()
+
+    def _same_group(self, other: Puller) -> bool:
+        return other is not self and other.where == self.where and other.durable == self.durable
+
+    def _held_by_group(self) -> set[int]:
+        """What this process holds of the group: a resync must not nak it."""
+        held = self.settler.held()
+        for peer in self._peers:
+            if self._same_group(peer):
+                held |= peer.settler.held()
+        return held
 
     async def _bind(self, resume: Resume = "") -> Any:
         assert self.where is not None
@@ -413,7 +427,7 @@ class Puller:
             ack_floor=info.ack_floor.stream_seq or 0,
             delivered=info.delivered.stream_seq or 0,
             ack_pending=info.num_ack_pending or 0,
-            held=self.settler.held(),
+            held=self._held_by_group(),
         )
         prefix = f"$JS.ACK.{self.where.stream}.{self.durable}.1."
         for seq in naks:

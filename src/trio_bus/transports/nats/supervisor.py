@@ -74,7 +74,7 @@ class Supervisor:
 
     async def open_consumer(self, puller: Puller) -> None:
         """Bind *puller* and start its loop in the group."""
-        await puller.start(peers=list(self._loops))
+        await puller.start(peers=self._loops.keys())
         self._spawn(puller, puller.run())
 
     async def close_consumer(self, puller: Puller, seconds: float) -> None:
