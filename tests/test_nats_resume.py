@@ -1,4 +1,5 @@
-"""The ordered-resume barrier and resync planning, without a server."""
+"""The NATS transport's pure logic, without a server: the ordered-resume
+barrier and resync planning, URL redaction, the mailbox wake-up."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import asyncio
 import trio
 
 from trio_bus.transports._bridge import Mailbox, open_bridge
+from trio_bus.transports.nats.connection import redact
 from trio_bus.transports.nats.resume import Barrier, GapWatch, plan_resync
 
 
@@ -136,3 +138,12 @@ async def test_mailbox_wake_ends_a_wait_with_nothing_put() -> None:
             box.put(1)
             assert await bridge.call(box.wait, 30) is True
             assert box.drain() == [1]
+
+
+def test_redact_masks_url_secrets() -> None:
+    assert (
+        redact("nats://svc:secret@h:4222, nats://h2:4222")
+        == "nats://svc:***@h:4222, nats://h2:4222"
+    )
+    assert redact("cannot reach tls://tok3n@h:4222") == "cannot reach tls://***@h:4222"
+    assert redact("nats://h:4222 said no") == "nats://h:4222 said no"
