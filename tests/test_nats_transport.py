@@ -581,19 +581,20 @@ async def test_memory_stream_lost_in_a_restart_is_recreated(
 
 
 def test_ack_subject_parsing_and_names() -> None:
-    from trio_bus.transports.nats import _duplicate_window, _durable_name, _parse_reply
+    from trio_bus.transports.nats.options import duplicate_window, durable_name
+    from trio_bus.transports.nats.settle import parse_reply
 
     v1 = "$JS.ACK.orders.g.3.42.40.1700000000123456789.7"
-    count, seq, stamp = _parse_reply(v1)
-    assert (count, seq) == (3, 42)
+    count, seq, dseq, stamp = parse_reply(v1)
+    assert (count, seq, dseq) == (3, 42, 40)
     assert stamp == pytest.approx(1700000000.123456789)
     v2 = "$JS.ACK.hub.ACCHASH.orders.g.1.5.5.1700000000000000000.0.tok"
-    assert _parse_reply(v2)[:2] == (1, 5)
+    assert parse_reply(v2)[:3] == (1, 5, 5)
     assert stream_name("orders.eu.west", "APP_") == "APP_orders_eu_west"
-    assert _durable_name("billing.v2", "orders", nested=False) == "billing_v2"
-    assert _durable_name("g", "orders.dlq", nested=True) == "g__orders_dlq"
-    assert _duplicate_window(StreamOptions(max_age=30)) == 30
-    assert _duplicate_window(StreamOptions()) == 120
+    assert durable_name("billing.v2", "orders", nested=False) == "billing_v2"
+    assert durable_name("g", "orders.dlq", nested=True) == "g__orders_dlq"
+    assert duplicate_window(StreamOptions(max_age=30)) == 30
+    assert duplicate_window(StreamOptions()) == 120
     with pytest.raises(ConfigError):
         ConsumerOptions(idle_heartbeat=20, pull_expires=30)
     with pytest.raises(ConfigError):
@@ -630,14 +631,17 @@ async def test_several_servers_in_the_url(nats_bus_url: str) -> None:
             assert await t.publish_batch(msgs(topic, 1)) == [None]
 
 
-async def test_a_connection_closed_for_good_fails_fetch(nats_bus_url: str) -> None:
+async def test_a_connection_closed_for_good_ends_the_transport(nats_bus_url: str) -> None:
+    """nats-py closing the connection by itself (a fatal error) ends the
+    transport's block with a typed error; a waiting fetch is cancelled."""
     topic = uid("t")
-    async with transport(nats_bus_url) as t:
-        consumer = await t.open_consumer(ConsumerSpec(topic=topic, group="g"))
-        # What nats-py does on a fatal error: close the connection itself.
-        await t.run_on_loop(t.client.close)
-        with trio.fail_after(WAIT), pytest.raises(TransportUnavailableError):
+    with trio.fail_after(WAIT), pytest.raises(TransportUnavailableError, match="closed"):
+        async with transport(nats_bus_url) as t:
+            consumer = await t.open_consumer(ConsumerSpec(topic=topic, group="g"))
+            # What nats-py does on a fatal error: close the connection itself.
+            await t.run_on_loop(t.client.close)
             await consumer.fetch(1)
+            pytest.fail("fetch returned")
 
 
 async def test_publish_waits_out_a_short_outage(private_nats_server: NatsServer) -> None:
@@ -667,7 +671,7 @@ async def test_publish_waits_out_a_short_outage(private_nats_server: NatsServer)
 def test_header_parser_matches_nats_py() -> None:
     from nats.aio.client import Client
 
-    from trio_bus.transports.nats import _Client
+    from trio_bus.transports.nats.connection import Client as _Client
 
     samples = [
         b"X-Aggregate-ID: order-1\r\nNats-Msg-Id: abc\r\n\r\n",
@@ -690,6 +694,6 @@ async def test_cancelled_open_consumer_leaves_nothing_behind(nats_bus_url: str) 
             # nothing behind.
             for consumer in opened:
                 await consumer.aclose()
-            assert not t._conn.pullers
+            assert t._conn.on_reconnect == [t._publisher.resend_unacked]
             assert not t._consumers
     assert task_count() == baseline

@@ -246,6 +246,12 @@ class Mailbox(Generic[T]):
         if not self._ready.is_set():
             self._ready.set()
 
+    def wake(self) -> None:
+        """Make :meth:`wait` return now (asyncio side: the same loop waits
+        for its mailbox and for signals of its own side)."""
+        if not self._ready.is_set():
+            self._ready.set()
+
     def drain(self) -> list[T]:
         """Everything put so far, in order (asyncio side)."""
         items, self._items = self._items, []

@@ -1,0 +1,64 @@
+"""The NATS JetStream transport: ``nats://host:port[,host:port...]``.
+
+nats-py runs on an asyncio loop owned by the transport (through
+:mod:`trio_bus.transports._bridge`); Trio code crosses to it once per batch.
+The modules, each one role, lowest layer first:
+
+* :mod:`.options` — the options classes and derived names;
+* :mod:`.connection` — the nats-py client and the connection watch loop;
+* :mod:`.streams` — topics to streams, per the topic strategy;
+* :mod:`.bind` — durable pull consumers: create, resume, re-create;
+* :mod:`.publish` — batches of JetStream publishes matched to their acks;
+* :mod:`.settle` — acks, naks, in-progress acks and their confirmation;
+* :mod:`.resume` — the ordered-resume barrier and resync plan (pure logic);
+* :mod:`.pulls` — accounting of outstanding pull requests;
+* :mod:`.puller` — one durable pull consumer and its lifetime loop;
+* :mod:`.supervisor` — the task group owning every lifetime loop;
+* :mod:`.transport` — the Trio side: transport, consumer, ``open_transport``.
+
+docs/nats.md describes the mapping of topics to streams, the options, the
+loops and their recovery policies, and which per-aggregate order guarantees
+hold on redelivery and reconnection.
+"""
+
+from __future__ import annotations
+
+from .options import (
+    TOPIC_HEADER as TOPIC_HEADER,
+)
+from .options import (
+    ConnectOptions as ConnectOptions,
+)
+from .options import (
+    ConsumerOptions as ConsumerOptions,
+)
+from .options import (
+    NatsOptions as NatsOptions,
+)
+from .options import (
+    StreamOptions as StreamOptions,
+)
+from .options import (
+    stream_name as stream_name,
+)
+from .transport import (
+    NatsConsumer as NatsConsumer,
+)
+from .transport import (
+    NatsTransport as NatsTransport,
+)
+from .transport import (
+    open_transport as open_transport,
+)
+
+__all__ = [
+    "ConnectOptions",
+    "ConsumerOptions",
+    "NatsConsumer",
+    "NatsOptions",
+    "NatsTransport",
+    "StreamOptions",
+    "TOPIC_HEADER",
+    "open_transport",
+    "stream_name",
+]

@@ -1,0 +1,443 @@
+"""One durable pull consumer: bind, pull, hand over, settle (asyncio side).
+
+:meth:`Puller.run` is the consumer's one lifetime loop; the transport runs
+it as a Trio task of its nursery. It keeps up to ``prefetch`` messages
+requested (``$JS.API.CONSUMER.MSG.NEXT`` with ``expires`` and
+``idle_heartbeat``), hands deliveries to Trio through a
+:class:`~trio_bus.transports._bridge.Handoff`, drains the settlements Trio
+put in the :class:`~trio_bus.transports._bridge.Mailbox`, sends acks and
+in-progress acks, and applies the recovery policies (docs/nats.md,
+"Reconnection"):
+
+* a silent pull, ``409 Consumer Deleted`` or ``503``: bind again (retried
+  with backoff while JetStream is unavailable; a stream that cannot be
+  found or recreated per the topic strategy is fatal);
+* a reconnection, or a delivery-sequence gap soon after one: resync (see
+  :mod:`.resume`).
+
+Anything else it raises ends the transport.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from collections.abc import Iterable
+from datetime import datetime
+from typing import Any
+
+from ..._message import Record
+from ...errors import (
+    BusClosedError,
+    TopicConfigError,
+    TransportError,
+    TransportUnavailableError,
+)
+from .._base import ConsumerSpec, LaneState
+from .._bridge import Handoff, Mailbox
+from .bind import Resume, bind
+from .connection import Connection
+from .options import TOPIC_HEADER, durable_name
+from .pulls import Pulls
+from .resume import Barrier, GapWatch, plan_resync
+from .settle import ACK, NAK, Delivery, Settler, parse_reply
+from .streams import Streams, TopicInfo, map_api_error
+
+try:
+    import nats.js.errors
+    from nats.aio.msg import Msg
+except ImportError as exc:  # pragma: no cover - depends on the environment
+    from ...errors import MissingExtraError
+
+    raise MissingExtraError(
+        f'the NATS transport needs nats-py: pip install "trio-bus[nats]" ({exc})'
+    ) from exc
+
+__all__ = ["ACK_BATCH", "ACK_DELAY", "RESYNC_TIMEOUT", "Puller", "Settlement"]
+
+logger = logging.getLogger("trio_bus.nats")
+
+#: Seconds acks may wait to be sent with others.
+ACK_DELAY = 0.005
+#: Acks queued that are sent at once.
+ACK_BATCH = 256
+#: Seconds a resync waits for the nak'd deliveries to come back.
+RESYNC_TIMEOUT = 5.0
+_BACKOFF = (0.05, 2.0)
+
+#: What Trio puts in the mailbox: (delivery, ACK or NAK), or None after a
+#: fetch took deliveries (room to pull more).
+Settlement = tuple[Delivery, bytes] | None
+
+
+class Puller:
+    """One durable pull consumer's delivery machinery (asyncio side)."""
+
+    def __init__(self, conn: Connection, streams: Streams, spec: ConsumerSpec) -> None:
+        self.conn = conn
+        self.streams = streams
+        self.spec = spec
+        self.copts = copts = conn.options.consumer
+        prefetch = copts.prefetch or 2 * spec.max_batch
+        self.prefetch = max(1, min(prefetch, copts.max_ack_pending))
+        self.handoff: Handoff[Record] = Handoff()
+        self.mailbox: Mailbox[Settlement] = Mailbox()
+        self.settler = Settler(conn, copts.wpi_interval)
+        self.barrier: Barrier[Record] = Barrier()
+        self.gaps = GapWatch(copts.pull_expires)
+        self.where: TopicInfo | None = None
+        self.durable = ""
+        self.inbox = ""
+        self.sub: Any = None
+        self.pulls = Pulls(copts, self.prefetch)
+        self._next = ""  # the pull request subject
+        self.max_seq = 0  # highest stream sequence delivered to us
+        self.bound_at: datetime | None = None  # when our consumer was created
+        self.closing = False
+        self.need_bind = False
+        self.need_resync = False
+        self._peers: Iterable[Puller] = ()
+
+    # ---------------------------------------------------------- lifecycle
+
+    async def start(self, peers: Iterable[Puller] = ()) -> None:
+        """Bind and issue the first pull; return once deliveries can flow.
+
+        *peers* are the transport's running pullers, a live view (a live
+        member of the same group in this process is no previous holder, and
+        a resync must not nak what it holds)."""
+        loop = asyncio.get_running_loop()
+        self.where = await self.streams.ensure(self.spec.topic)
+        self.durable = durable_name(self.spec.group, self.spec.topic, self.where.nested)
+        if self.spec.ephemeral:
+            self.durable = f"{self.durable}_{uuid.uuid4().hex[:12]}"
+        self.inbox = self.conn.nc.new_inbox()
+        self.sub = await self.conn.nc.subscribe(
+            self.inbox, cb=self._on_msg, pending_msgs_limit=-1, pending_bytes_limit=-1
+        )
+        info = await self._bind()
+        self.gaps.advance(info.delivered.consumer_seq or 0)
+        # Unacked deliveries and no live member pulling (a live member keeps
+        # a pull request waiting): the previous holder died; see
+        # ConsumerOptions.ordered_resume.
+        self._peers = peers
+        live_here = any(self._same_group(p) for p in peers)
+        if (
+            self.copts.ordered_resume
+            and not self.spec.ephemeral
+            and info.num_ack_pending
+            and not info.num_waiting
+            and not live_here
+        ):
+            window = self.copts.ack_wait + 2 * self.copts.idle_heartbeat
+            self.barrier.start_up(
+                pending=info.num_ack_pending,
+                delivered_seq=info.delivered.stream_seq or 0,
+                deadline=loop.time() + window,
+            )
+            logger.info(
+                "%s/%s: %d deliveries of a previous holder are unacked; holding new "
+                "messages until they are redelivered (<= %.1fs)",
+                self.spec.topic,
+                self.durable,
+                info.num_ack_pending,
+                window,
+            )
+        self.conn.on_reconnect.append(self.reconnected)
+        self._next = f"$JS.API.CONSUMER.MSG.NEXT.{self.where.stream}.{self.durable}"
+        self.pulls.last_activity = loop.time()
+        # The first pull request is on its way before open_consumer returns,
+        # so a message published right after is delivered.
+        await self._maybe_pull()
+
+    def _same_group(self, other: Puller) -> bool:
+        return other is not self and other.where == self.where and other.durable == self.durable
+
+    def _held_by_group(self) -> set[int]:
+        """What this process holds of the group: a resync must not nak it."""
+        held = self.settler.held()
+        for peer in self._peers:
+            if self._same_group(peer):
+                held |= peer.settler.held()
+        return held
+
+    async def _bind(self, resume: Resume = "") -> Any:
+        assert self.where is not None
+        info = await bind(
+            self.conn,
+            self.where,
+            self.durable,
+            self.spec,
+            resume=resume,
+            max_seq=self.max_seq,
+            oldest_unsettled=min(self.settler.unsettled, default=None),
+            bound_at=self.bound_at,
+        )
+        self.bound_at = info.created
+        return info
+
+    async def _rebind(self) -> None:
+        """Bind again; a memory-storage stream lost in a server restart is
+        created again (per the topic strategy)."""
+        try:
+            info = await self._bind("consumer_lost")
+        except TopicConfigError:
+            if self.conn.options.topic_strategy in ("skip", "validate_only"):
+                raise
+            self.streams.forget(self.spec.topic)
+            where = await self.streams.ensure(self.spec.topic)
+            if where != self.where:
+                raise TopicConfigError(
+                    f"topic {self.spec.topic!r} moved to stream {where.stream!r}"
+                ) from None
+            info = await self._bind("stream_new")
+        # A re-created consumer counts its deliveries from 1 again.
+        self.gaps.restart(info.delivered.consumer_seq or 0)
+        self.pulls.lost()
+
+    def reconnected(self) -> None:
+        """Pull requests died with the old connection; deliveries may have
+        been lost on it: hold new ones back until resynced."""
+        now = asyncio.get_running_loop().time()
+        self.pulls.lost()
+        self.gaps.reconnected(now)
+        self._pause(now)
+
+    def _pause(self, now: float) -> None:
+        self.need_resync = True
+        self.barrier.pause(deadline=now + self.copts.ack_wait + 2 * self.copts.idle_heartbeat)
+        self.mailbox.wake()
+
+    async def lane(self) -> LaneState:
+        """This consumer's progress (asks the server)."""
+        assert self.where is not None
+        in_flight = len(self.settler.unsettled)
+        try:
+            info = await self.conn.jsm.consumer_info(self.where.stream, self.durable)
+        except Exception as exc:
+            logger.debug("consumer info of %s failed: %r", self.durable, exc)
+            return LaneState(topic=self.spec.topic, in_flight=in_flight)
+        return LaneState(
+            topic=self.spec.topic,
+            committed=info.ack_floor.stream_seq if info.ack_floor else None,
+            lag=(info.num_pending or 0) + (info.num_ack_pending or 0),
+            ack_pending=info.num_ack_pending,
+            in_flight=in_flight,
+        )
+
+    async def flush(self, seconds: float) -> None:
+        """Send what Trio settled; wait up to *seconds* for confirmation."""
+        self._drain()
+        await self.settler.send()
+        await self.settler.confirm(seconds)
+
+    async def close(self, seconds: float) -> None:
+        """Stop pulling, nak everything unsettled (lowest sequence first),
+        send, confirm; at most about *seconds*."""
+        if self.closing:
+            return
+        self.closing = True
+        if self.reconnected in self.conn.on_reconnect:
+            self.conn.on_reconnect.remove(self.reconnected)
+        self.handoff.discard(lambda _: True)
+        self.handoff.fail(BusClosedError("the consumer is closed"))
+        nc = self.conn.nc
+        if self.sub is not None and nc.is_connected:
+            # drain: unsubscribe, then still see (and nak) what the server
+            # had already sent to this inbox.
+            try:
+                await asyncio.wait_for(self.sub.drain(), seconds / 2)
+            except Exception as exc:
+                logger.debug("draining the pull inbox failed: %r", exc)
+        self._drain()
+        self.barrier.release()
+        self.settler.release_all()
+        if nc.is_connected:
+            await self.settler.send()
+            await self.settler.confirm(seconds / 2)
+            if self.spec.ephemeral and self.where is not None:
+                try:
+                    await self.conn.jsm.delete_consumer(self.where.stream, self.durable)
+                except Exception as exc:
+                    logger.debug("deleting ephemeral consumer %s: %r", self.durable, exc)
+
+    # ---------------------------------------------------------- receiving
+
+    async def _on_msg(self, msg: Msg) -> None:
+        now = asyncio.get_running_loop().time()
+        headers = msg.headers
+        if headers and not msg.data and "Status" in headers:
+            if self.pulls.status(headers, now):
+                self.need_bind = True
+            if headers.get("Status") != "100":
+                self.mailbox.wake()
+            return
+        reply = msg.reply
+        if not reply:
+            return
+        self.pulls.delivered(now)
+        count, seq, dseq, stamp = parse_reply(reply)
+        self.max_seq = max(self.max_seq, seq)
+        delivery = Delivery(seq, dseq, reply, now, count, stamp)
+        previous = self.settler.hold(delivery)
+        if previous is not None:  # a redelivery: drop a superseded copy
+            self.handoff.discard(lambda record: record.token is previous)
+        if self.closing:
+            return  # draining at close: nak'd with the rest, in order
+        if headers and self.where is not None and not self.where.nested:
+            owner = headers.get(TOPIC_HEADER)
+            if owner is not None and owner != self.spec.topic:
+                # A nested topic's message stored in this topic's stream.
+                self.settler.settle(delivery, ACK)
+                self.mailbox.wake()
+                return
+        if self.gaps.seen(dseq, now):
+            logger.info("%s: deliveries before %d went missing; resyncing", self.durable, dseq)
+            self._pause(now)
+        record = Record(
+            topic=self.spec.topic,
+            subject=msg.subject,
+            value=msg.data,
+            key=None,
+            headers=headers or {},
+            partition=None,
+            offset=seq,
+            delivery_count=count,
+            token=delivery,
+            timestamp=stamp,
+        )
+        if self.barrier.holding:
+            self._hand_over(self.barrier.admit(record, seq=seq, dseq=dseq, count=count, now=now))
+        else:
+            self.handoff.put(record)
+
+    def _hand_over(self, records: list[Record]) -> None:
+        if records:
+            # Drop what a later delivery of the same sequence superseded.
+            unsettled = self.settler.unsettled
+            self.handoff.put_many(r for r in records if unsettled.get(r.offset or 0) is r.token)
+
+    def _drain(self) -> None:
+        for item in self.mailbox.drain():
+            if item is not None:
+                self.settler.settle(*item)
+
+    # ------------------------------------------------------------ pulling
+
+    async def _maybe_pull(self) -> None:
+        if self.closing or not self.conn.nc.is_connected:
+            return
+        # Held deliveries do not count while redeliveries are awaited (they
+        # need room to arrive; max_ack_pending bounds them).
+        in_hand = len(self.handoff) + (0 if self.barrier.holding else len(self.barrier))
+        room = self.pulls.size(in_hand)
+        if room:
+            now = asyncio.get_running_loop().time()
+            await self.pulls.request(self.conn.nc, self._next, self.inbox, room, now)
+
+    async def run(self) -> None:
+        """The consumer's lifetime loop; returns only by cancellation.
+
+        Raises:
+            TopicConfigError: the stream is gone for good.
+            TransportError: anything else went wrong (the cause chained).
+        """
+        try:
+            await self._run()
+        except TransportError:
+            raise
+        except Exception as exc:
+            error = TransportError(f"the loop of nats consumer {self.durable!r} failed: {exc!r}")
+            raise error from exc
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        copts, settler = self.copts, self.settler
+        tick = min(copts.idle_heartbeat, copts.wpi_interval / 2, 1.0)
+        next_wpi = loop.time() + copts.wpi_interval / 2
+        backoff = _BACKOFF[0]
+        while True:
+            self._drain()
+            if self.conn.nc.is_connected and (self.need_bind or self.need_resync):
+                try:
+                    if self.need_bind:
+                        await self._rebind()
+                        self.need_bind = False
+                    if self.need_resync and not self.need_bind:
+                        await self._resync()
+                except TransportUnavailableError as exc:
+                    logger.warning("%s: %s; retrying in %.2fs", self.durable, exc, backoff)
+                    await asyncio.sleep(backoff)
+                    backoff = min(backoff * 2, _BACKOFF[1])
+                    continue
+                backoff = _BACKOFF[0]
+            await self._maybe_pull()
+            if 0 < len(settler) < ACK_BATCH:
+                await asyncio.sleep(ACK_DELAY)  # let more acks join the write
+                self._drain()
+            await settler.send()
+            now = loop.time()
+            self._hand_over(self.barrier.expire(now))
+            if self.pulls.silent(now):
+                # The pull is gone (server restart, lost connection): bind
+                # and pull again.
+                logger.info("pull on %s went silent; pulling again", self.durable)
+                self.pulls.lost()
+                self.need_bind = True
+            if now >= next_wpi:
+                next_wpi = now + copts.wpi_interval / 2
+                settler.in_progress(now)
+            settler.confirmations()
+            wait = tick if not self.barrier.holding else min(tick, self.barrier.deadline - now)
+            await self.mailbox.wait(max(0.0, wait))
+
+    async def _fresh_state(self) -> Any:
+        """The consumer's state once the server processed our acks (None:
+        the consumer is gone)."""
+        assert self.where is not None
+        self._drain()
+        self.settler.reconnected()
+        await self.settler.send()  # acks before the naks, on one connection
+        await self.conn.round_trip(self.conn.options.request_timeout)
+        try:
+            return await self.conn.jsm.consumer_info(self.where.stream, self.durable)
+        except nats.js.errors.NotFoundError:
+            return None
+        except Exception as exc:
+            raise map_api_error(exc, f"reading consumer {self.durable!r}") from exc
+
+    async def _resync(self) -> None:
+        """Have the server redeliver now what it delivered and we never got;
+        hold new deliveries until those are back (see :mod:`.resume`)."""
+        assert self.where is not None
+        # Cleared first: a reconnection while this runs asks for another.
+        self.need_resync = False
+        try:
+            info = await self._fresh_state()
+        except BaseException:
+            self.need_resync = True
+            raise
+        if info is None:
+            self.need_resync = self.need_bind = True  # resync the new consumer
+            return
+        delivered = info.delivered.consumer_seq or 0
+        self.gaps.advance(delivered)
+        naks, expect = plan_resync(
+            ack_floor=info.ack_floor.stream_seq or 0,
+            delivered=info.delivered.stream_seq or 0,
+            ack_pending=info.num_ack_pending or 0,
+            held=self._held_by_group(),
+        )
+        prefix = f"$JS.ACK.{self.where.stream}.{self.durable}.1."
+        for seq in naks:
+            self.settler.send_later(f"{prefix}{seq}.{delivered}.0.0", NAK)
+        await self.settler.send()
+        if self.need_resync:
+            return  # reconnected meanwhile: the next resync decides
+        now = asyncio.get_running_loop().time()
+        logger.info("%s: resync, %d redeliveries awaited", self.durable, expect)
+        released = self.barrier.resync(
+            awaiting=naks, expect=expect, after_dseq=delivered, deadline=now + RESYNC_TIMEOUT
+        )
+        self._hand_over(released)

@@ -1,0 +1,219 @@
+"""Topics map to JetStream streams: provisioning per the topic strategy.
+
+Topic ``orders.eu`` is stream ``orders_eu`` with subjects ``orders.eu`` and
+``orders.eu.>``; a topic captured by an outer topic's ``<outer>.>`` subject
+(``orders.dlq``) lives in the outer stream ("nested"). The strategy and
+mismatch policy are the shared ones of :mod:`.._provisioning`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+import attrs
+
+from ...errors import TopicConfigError, TransportError, TransportUnavailableError
+from .._provisioning import mismatch
+from .connection import Connection
+from .options import duplicate_window, stream_name
+
+try:
+    import nats.errors
+    import nats.js.errors
+    from nats.js import api
+except ImportError as exc:  # pragma: no cover - depends on the environment
+    from ...errors import MissingExtraError
+
+    raise MissingExtraError(
+        f'the NATS transport needs nats-py: pip install "trio-bus[nats]" ({exc})'
+    ) from exc
+
+__all__ = ["ERR_STREAM_NOT_FOUND", "Streams", "TopicInfo", "map_api_error"]
+
+logger = logging.getLogger("trio_bus.nats")
+
+# JetStream API error codes this package reacts to.
+ERR_STREAM_NOT_FOUND = 10059
+_ERR_SUBJECTS_OVERLAP = 10065
+_ERR_STREAM_NAME_IN_USE = 10058
+
+
+@attrs.frozen(slots=True)
+class TopicInfo:
+    """Where a topic lives."""
+
+    topic: str
+    stream: str
+    #: Stored in another (outer) topic's stream.
+    nested: bool
+
+
+def map_api_error(exc: BaseException, doing: str) -> TransportError:
+    """A JetStream API failure as a typed error: unavailable (retry later)
+    or a topic configuration problem."""
+    if isinstance(exc, TransportError):
+        return exc
+    if isinstance(
+        exc,
+        asyncio.TimeoutError
+        | nats.errors.TimeoutError
+        | nats.errors.NoRespondersError
+        | nats.errors.ConnectionClosedError
+        | nats.js.errors.ServiceUnavailableError,
+    ):
+        error: TransportError = TransportUnavailableError(
+            f"{doing}: JetStream unavailable ({exc!r})"
+        )
+    else:
+        error = TopicConfigError(f"{doing} failed: {exc}")
+    error.__cause__ = exc
+    return error
+
+
+class Streams:
+    """Applies the topic strategy once per topic and transport (asyncio side)."""
+
+    def __init__(self, conn: Connection) -> None:
+        self.conn = conn
+        self.options = conn.options
+        self._topics: dict[str, TopicInfo] = {}
+        self._locks: dict[str, asyncio.Lock] = {}
+
+    def forget(self, topic: str) -> None:
+        """Look *topic* up again next time (its stream vanished)."""
+        self._topics.pop(topic, None)
+
+    async def ensure(self, topic: str) -> TopicInfo:
+        """Where *topic* lives, creating or checking its stream first."""
+        info = self._topics.get(topic)
+        if info is not None:
+            return info
+        async with self._locks.setdefault(topic, asyncio.Lock()):
+            info = self._topics.get(topic)
+            if info is None:
+                info = await self._ensure(topic)
+                self._topics[topic] = info
+            return info
+
+    async def _ensure(self, topic: str) -> TopicInfo:
+        opts = self.options
+        name = stream_name(topic, opts.stream_prefix)
+        if opts.topic_strategy == "skip":
+            return TopicInfo(topic, name, nested=False)
+        jsm = self.conn.jsm
+        try:
+            info = await jsm.stream_info(name)
+        except nats.js.errors.NotFoundError:
+            info = None
+        except Exception as exc:
+            raise map_api_error(exc, f"reading stream {name!r} of topic {topic!r}") from exc
+        if info is not None:
+            return await self._check_existing(topic, name, info)
+        outer = await self._outer_stream(topic)
+        if outer is not None:
+            return TopicInfo(topic, outer, nested=True)
+        if opts.topic_strategy == "validate_only":
+            raise TopicConfigError(
+                f"stream {name!r} for topic {topic!r} does not exist "
+                "(topic_strategy='validate_only' never creates streams)"
+            )
+        try:
+            await jsm.add_stream(self._config(topic, name))
+        except nats.js.errors.APIError as exc:
+            if exc.err_code == _ERR_SUBJECTS_OVERLAP:
+                raise TopicConfigError(
+                    f"cannot create stream {name!r} for topic {topic!r}: its subjects "
+                    f"{topic!r}/{topic + '.>'!r} overlap an existing stream (a topic "
+                    f"nested inside {topic!r}, e.g. {topic + '.dlq'!r}, was created first). "
+                    "See docs/nats.md, 'Nested topics'."
+                ) from exc
+            if exc.err_code == _ERR_STREAM_NAME_IN_USE:  # a racing creator won
+                info = await jsm.stream_info(name)
+                return await self._check_existing(topic, name, info)
+            raise map_api_error(exc, f"creating stream {name!r}") from exc
+        except Exception as exc:
+            raise map_api_error(exc, f"creating stream {name!r}") from exc
+        logger.info("created stream %s for topic %s", name, topic)
+        return TopicInfo(topic, name, nested=False)
+
+    async def _outer_stream(self, topic: str) -> str | None:
+        """The stream of an outer topic whose ``<outer>.>`` subject captures
+        *topic*, or None."""
+        try:
+            found: str = await self.conn.jsm.find_stream_name_by_subject(topic)
+        except nats.js.errors.NotFoundError:
+            return None
+        except Exception as exc:
+            raise map_api_error(exc, f"looking up the stream of {topic!r}") from exc
+        return found
+
+    def _config(self, topic: str, name: str) -> Any:
+        s = self.options.stream_for(topic)
+        return api.StreamConfig(
+            name=name,
+            subjects=[topic, f"{topic}.>"],
+            storage=api.StorageType(s.storage),
+            retention=api.RetentionPolicy(s.retention),
+            max_age=s.max_age or 0,
+            max_bytes=s.max_bytes if s.max_bytes is not None else -1,
+            max_msgs=s.max_msgs if s.max_msgs is not None else -1,
+            num_replicas=s.replicas,
+            duplicate_window=duplicate_window(s),
+            discard=api.DiscardPolicy(s.discard),
+        )
+
+    async def _check_existing(self, topic: str, name: str, info: Any) -> TopicInfo:
+        cfg = info.config
+        subjects = set(cfg.subjects or ())
+        if topic not in subjects and f"{topic}.>" not in subjects:
+            raise TopicConfigError(
+                f"stream {name!r} exists but does not store topic {topic!r} "
+                f"(its subjects: {sorted(subjects)}); two topics map to one stream name "
+                "when they differ only in '.' vs '_' - rename one or set stream_prefix"
+            )
+        diffs = self._differences(topic, cfg)
+        if diffs:
+            what = "; ".join(diffs)
+            action = self.options.on_mismatch
+            if self.options.topic_strategy == "create_or_update":
+                wanted = self._config(topic, name)
+                wanted.subjects = sorted(subjects | {topic, f"{topic}.>"})
+                try:
+                    await self.conn.jsm.update_stream(wanted)
+                except Exception as exc:
+                    message = f"stream {name!r}: {what}; update refused: {exc}"
+                    mismatch(action, message, logger=logger, cause=exc)
+                else:
+                    logger.info("updated stream %s: %s", name, what)
+            else:
+                message = f"stream {name!r} differs from its options: {what}"
+                mismatch(action, message, logger=logger)
+        return TopicInfo(topic, name, nested=False)
+
+    def _differences(self, topic: str, cfg: Any) -> list[str]:
+        s = self.options.stream_for(topic)
+
+        def enum_value(value: Any) -> Any:
+            return getattr(value, "value", value)
+
+        def limit(value: Any) -> int:
+            return -1 if value is None or value <= 0 else int(value)
+
+        pairs: list[tuple[str, Any, Any]] = [
+            ("storage", s.storage, enum_value(cfg.storage)),
+            ("retention", s.retention, enum_value(cfg.retention)),
+            ("discard", s.discard, enum_value(cfg.discard)),
+            ("replicas", s.replicas, cfg.num_replicas or 1),
+            ("max_bytes", limit(s.max_bytes), limit(cfg.max_bytes)),
+            ("max_msgs", limit(s.max_msgs), limit(cfg.max_msgs)),
+        ]
+        out = [f"{n}: wanted {w!r}, server has {h!r}" for n, w, h in pairs if w != h]
+        for label, wanted, have in (
+            ("max_age", s.max_age or 0.0, cfg.max_age or 0.0),
+            ("duplicate_window", duplicate_window(s), cfg.duplicate_window or 0.0),
+        ):
+            if abs(float(wanted) - float(have)) > 1e-3:
+                out.append(f"{label}: wanted {wanted!r}s, server has {have!r}s")
+        return out
