@@ -19,30 +19,6 @@ from .helpers import WAIT, Recorder, collect
 #: Bound on opening a bus with wrong settings: it must fail, not retry.
 FAIL_FAST = 10.0
 
-# Why the strict xfails fail today: the transports, which the security
-# branch may not change, need these fixes (docs/security.md, "Status").
-
-AUTH_NOT_MAPPED = (
-    "the nats transport raises TransportUnavailableError('cannot connect to nats at "
-    "<servers, userinfo in clear>: NoServersError()'): _Conn.connect must map the error "
-    "nats-py recorded (error_cb / nc.last_error: 'Authorization Violation', or the TLS "
-    "alert) to AuthenticationError and redact the servers with redact_url"
-)
-
-TLS_HANGS = (
-    "nats-py 2.16 hangs after a failed TLS handshake (Client.connect awaits _close on "
-    "the broken SSL transport; the ssl.SSLCertVerificationError only reaches error_cb): "
-    "_Conn.connect must bound the first connect and raise AuthenticationError("
-    "mechanism='TLS') from the recorded SSL error"
-)
-
-TLS_DOWNGRADE = (
-    "nats-py 2.16 upgrades to TLS only when the server's INFO says tls_required, so with "
-    "tls= set it still connects in plaintext (and sends the credentials) to a server "
-    "without TLS: the transport must refuse (tls_handshake_first, or fail when the "
-    "connection is not TLS)"
-)
-
 
 async def round_trip(url: str, options: object | None) -> list[str]:
     """Open a bus, publish one message and handle it through a

@@ -1,5 +1,6 @@
 """The NATS transport's pure logic, without a server: the ordered-resume
-barrier and resync planning, URL redaction, the mailbox wake-up."""
+barrier and resync planning, URL redaction as the transport uses it, the
+mailbox wake-up."""
 
 from __future__ import annotations
 
@@ -7,8 +8,8 @@ import asyncio
 
 import trio
 
+from trio_bus._secrets import redact_text
 from trio_bus.transports._bridge import Mailbox, open_bridge
-from trio_bus.transports.nats.connection import redact
 from trio_bus.transports.nats.resume import Barrier, GapWatch, plan_resync
 
 
@@ -142,8 +143,8 @@ async def test_mailbox_wake_ends_a_wait_with_nothing_put() -> None:
 
 def test_redact_masks_url_secrets() -> None:
     assert (
-        redact("nats://svc:secret@h:4222, nats://h2:4222")
+        redact_text("nats://svc:secret@h:4222, nats://h2:4222")
         == "nats://svc:***@h:4222, nats://h2:4222"
     )
-    assert redact("cannot reach tls://tok3n@h:4222") == "cannot reach tls://***@h:4222"
-    assert redact("nats://h:4222 said no") == "nats://h:4222 said no"
+    assert redact_text("cannot reach tls://tok3n@h:4222") == "cannot reach tls://***@h:4222"
+    assert redact_text("nats://h:4222 said no") == "nats://h:4222 said no"

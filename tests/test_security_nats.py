@@ -1,11 +1,7 @@
 """Secure NATS connections against real nats-server processes: TLS with a
 throwaway CA (trustme), mutual TLS, users with passwords, tokens; wrong
-settings fail at open, fast, with a typed error and without the secret.
-
-Tests marked ``xfail(strict=True)`` fail only because of the NATS
-transport (src/trio_bus/transports/nats/), which this branch may not
-change; each reason names the fix, and whoever applies it removes the
-marker (docs/security.md, "Status").
+settings fail at open, fast, with a typed error and without the secret
+(docs/security.md, "What a failure looks like").
 """
 
 from __future__ import annotations
@@ -25,9 +21,6 @@ from trio_bus.testing import NatsServer, TestCA, TLSFiles
 from trio_bus.transports.nats import ConnectOptions, NatsOptions
 
 from ._security import (
-    AUTH_NOT_MAPPED,
-    TLS_DOWNGRADE,
-    TLS_HANGS,
     assert_no_secret,
     exception_texts,
     log_texts,
@@ -139,11 +132,6 @@ async def test_no_secret_in_logs_metrics_or_health(
     assert_no_secret([PASSWORD], [*log_texts(caplog), *shown])
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="ConnectOptions.password and .token are plain attrs fields: declare them with "
-    "trio_bus._secrets.secret_field() so that repr() shows '***'",
-)
 def test_options_repr_hides_the_secrets() -> None:
     assert_no_secret([PASSWORD, TOKEN], [repr(options(password=PASSWORD, token=TOKEN))])
 
@@ -190,7 +178,6 @@ async def test_refused_credentials_fail_fast(refusal: tuple[str, NatsOptions, st
     assert isinstance(exc, TransportUnavailableError), repr(exc)
 
 
-@pytest.mark.xfail(strict=True, reason=AUTH_NOT_MAPPED)
 @pytest.mark.parametrize("refusal", REFUSALS, indirect=True)
 async def test_refused_credentials_are_an_authentication_error_without_the_secret(
     refusal: tuple[str, NatsOptions, str], caplog: pytest.LogCaptureFixture
@@ -203,7 +190,6 @@ async def test_refused_credentials_are_an_authentication_error_without_the_secre
     assert_no_secret(["wr0ng-pw", "wr0ng-token"], [*exception_texts(exc), *log_texts(caplog)])
 
 
-@pytest.mark.xfail(strict=True, reason=TLS_HANGS)
 @pytest.mark.parametrize("case", ["untrusted CA", "wrong hostname", "system CAs only"])
 async def test_unverifiable_server_certificate_fails_at_open(
     secure_server: NatsServer, pki: TestCA, tmp_path: Path, case: str
@@ -221,7 +207,6 @@ async def test_unverifiable_server_certificate_fails_at_open(
     assert_no_secret([PASSWORD], exception_texts(exc))
 
 
-@pytest.mark.xfail(strict=True, reason=TLS_DOWNGRADE)
 async def test_tls_is_required_when_configured(nats_bus_url: str, pki: TestCA) -> None:
     # The session server speaks no TLS: a client that asked for TLS must not
     # go on in plaintext.

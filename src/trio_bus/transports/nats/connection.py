@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
 from collections.abc import Callable
 from typing import Any
 
-from ...errors import TransportUnavailableError
+from ..._secrets import redact_text
+from ...errors import AuthenticationError, TransportUnavailableError
 from .options import NatsOptions
+from .security import connect_bound, connect_error, secrets_of, shown
 
 try:
     from nats.aio.client import Client as _NatsClient
@@ -30,24 +31,9 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
         f'the NATS transport needs nats-py: pip install "trio-bus[nats]" ({exc})'
     ) from exc
 
-__all__ = ["Client", "Connection", "redact"]
+__all__ = ["Client", "Connection"]
 
 logger = logging.getLogger("trio_bus.nats")
-
-_USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<user>[^:@/\s]*)(:[^@/\s]*)?@")
-
-
-def redact(text: str) -> str:
-    """*text* with the secret of every URL's userinfo masked:
-    ``nats://svc:secret@h:4222`` -> ``nats://svc:***@h:4222``; a lone token
-    (``nats://tok@h``) becomes ``nats://***@h``."""
-
-    def mask(m: re.Match[str]) -> str:
-        if m.group(3) is None:
-            return f"{m.group('scheme')}***@"
-        return f"{m.group('scheme')}{m.group('user')}:***@"
-
-    return _USERINFO.sub(mask, text)
 
 
 class Client(_NatsClient):
@@ -98,6 +84,7 @@ class Connection:
         self._events: asyncio.Queue[str] = asyncio.Queue()
         self._last_error: BaseException | None = None
         self._server_error: BaseException | None = None
+        self._secrets: list[str] = []
         self._js: Any = None
         self._echo_inbox: str | None = None
         self._echo_seq = 0
@@ -118,7 +105,7 @@ class Connection:
         if error is None:
             return "no error reported"
         text = str(error).strip() or type(error).__name__
-        return redact(text)
+        return redact_text(text, self._secrets)
 
     async def connect(self, servers: list[str], client_id: str) -> None:
         """Connect (one pass over *servers*; later reconnections retry
@@ -131,12 +118,15 @@ class Connection:
         """
         c = self.options.connect
         events = self._events
+        self._secrets = secrets_of(c, servers)
+        seen: list[BaseException] = []  # for the first connect's error
 
         async def on_error(exc: Exception) -> None:
+            seen.append(exc)
             self._last_error = exc
             if not isinstance(exc, OSError | TimeoutError | asyncio.TimeoutError):
                 self._server_error = exc
-            logger.warning("nats connection error: %s", redact(repr(exc)))
+            logger.warning("nats connection error: %s", redact_text(repr(exc), self._secrets))
 
         async def on_disconnected() -> None:
             self._connected.clear()
@@ -178,13 +168,18 @@ class Connection:
         # clear error (nats-py would retry the first connection forever).
         kwargs["max_reconnect_attempts"] = 1
         try:
-            await self.nc.connect(**kwargs)
+            await asyncio.wait_for(self.nc.connect(**kwargs), connect_bound(c, servers))
         except Exception as exc:
-            where = redact(", ".join(servers))
-            self._last_error = self._last_error or exc
-            raise TransportUnavailableError(
-                f"cannot connect to nats at {where}: {self.cause()}"
-            ) from exc
+            # What the server said (Authorization Violation...) beats what
+            # the socket did afterwards (connection reset).
+            ordered = [e for e in seen if e is self._server_error] + [*seen, exc]
+            error, cause = connect_error(c, servers, ordered)
+            raise error from cause
+        if c.tls is not None and not self.nc._server_info.get("tls_required"):
+            # nats-py upgrades to TLS only when the server asks: refuse a
+            # server that does not (the CONNECT has gone out by then).
+            await self.nc.close()
+            raise AuthenticationError(shown(servers), "TLS", "the server offers no TLS")
         self.nc.options["max_reconnect_attempts"] = -1
         self._connected.set()
 
@@ -272,4 +267,6 @@ class Connection:
             try:
                 await self.nc.close()
             except Exception as exc:
-                logger.warning("closing the nats connection failed: %s", redact(repr(exc)))
+                logger.warning(
+                    "closing the nats connection failed: %s", redact_text(repr(exc), self._secrets)
+                )

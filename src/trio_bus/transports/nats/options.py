@@ -13,6 +13,7 @@ from typing import Any, Literal
 import attrs
 
 from ..._config import positive
+from ..._secrets import secret_field
 from ...errors import ConfigError
 from .._provisioning import (
     MISMATCH_ACTIONS,
@@ -153,8 +154,8 @@ class ConnectOptions:
     """
 
     user: str | None = None
-    password: str | None = None
-    token: str | None = None
+    password: str | None = secret_field()
+    token: str | None = secret_field()
     user_credentials: str | None = None
     nkeys_seed: str | None = None
     tls: ssl.SSLContext | None = None
