@@ -94,3 +94,26 @@ async def test_lag_metrics_and_held_commit_point(broker_url: str, topic: str) ->
                     break
                 await trio.sleep(0.1)
         assert report.stalls == ()
+
+
+async def test_probes_do_not_pile_up_on_nats(nats_bus_url: str) -> None:
+    """The health topic's stream is in memory, with a max age and a message
+    limit (it used to be a file stream without limits)."""
+    async with trio_bus.open_bus(nats_bus_url, client_id="probe-limits") as bus:
+        await bus.probe()
+        transport = bus.transport
+
+        async def stream_config() -> object:
+            return (await transport.client.jetstream().stream_info("trio-bus_health")).config  # type: ignore[attr-defined]
+
+        config = await transport.run_on_loop(stream_config)  # type: ignore[attr-defined]
+    assert getattr(config.storage, "value", config.storage) == "memory"
+    assert config.max_age == 60.0
+    assert config.max_msgs == 1000
+
+
+async def test_probe_topic_is_small_on_kafka(kafka_bus_url: str) -> None:
+    async with trio_bus.open_bus(kafka_bus_url, client_id="probe-limits") as bus:
+        await bus.probe()
+        partitions, _ = await bus.transport.topic_metadata("trio-bus.health")  # type: ignore[attr-defined]
+    assert partitions == 1

@@ -29,7 +29,7 @@ from ._config import at_least
 from ._message import Message
 from ._stats import BusStatistics
 from ._subscription import Subscription
-from .transports._base import LaneState, Transport
+from .transports._base import HEALTH_TOPIC, LaneState, Transport
 
 __all__ = [
     "BacklogEvent",
@@ -68,7 +68,10 @@ class Monitoring:
         on_backlog: Called (in the monitor task) when a backlog crosses a
             threshold either way.
         probe_interval: Seconds between round-trip probes; None: no probe.
-        probe_topic: Topic the probes travel on.
+        probe_topic: Topic the probes travel on. The default one gets
+            small, short-lived storage on the brokers (NATS: a memory stream
+            with a max age and message limit; Kafka: one partition, short
+            retention); configure another one yourself.
         probe_timeout: Seconds a probe may take.
         probe_failures: Consecutive failed probes that make the bus
             unhealthy.
@@ -85,7 +88,7 @@ class Monitoring:
     )
     on_backlog: Callable[[BacklogEvent], None] | None = None
     probe_interval: float | None = attrs.field(default=None, validator=_optional_positive)
-    probe_topic: str = "trio-bus.health"
+    probe_topic: str = HEALTH_TOPIC
     probe_timeout: float = attrs.field(default=5.0, validator=at_least(0.001))
     probe_failures: int = attrs.field(default=3, validator=at_least(1, integer=True))
     on_health_change: Callable[[bool], None] | None = None

@@ -37,6 +37,7 @@ import attrs
 from .._message import OutgoingMessage, Record
 
 __all__ = [
+    "HEALTH_TOPIC",
     "Consumer",
     "ConsumerSpec",
     "LaneState",
@@ -46,6 +47,14 @@ __all__ = [
 ]
 
 StartPosition = Literal["latest", "earliest"]
+
+#: The topic health probes travel on by default (``Monitoring.probe_topic``).
+#: Broker transports give it small, short-lived storage unless the options
+#: configure it explicitly: probes must not pile up.
+HEALTH_TOPIC = "trio-bus.health"
+#: Seconds a probe message is kept, and how many are kept at most.
+HEALTH_MAX_AGE = 60.0
+HEALTH_MAX_MESSAGES = 1000
 
 
 @attrs.frozen(kw_only=True)

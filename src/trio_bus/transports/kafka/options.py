@@ -12,7 +12,7 @@ import attrs
 from ..._config import positive
 from ..._secrets import secret_field
 from ...errors import ConfigError
-from .._base import TransportSettings
+from .._base import HEALTH_MAX_AGE, HEALTH_TOPIC, TransportSettings
 from .._provisioning import (
     MISMATCH_ACTIONS,
     TOPIC_STRATEGIES,
@@ -82,6 +82,10 @@ class TopicConfig:
         if self.retention_ms is not None:
             out["retention.ms"] = str(self.retention_ms)
         return out
+
+
+#: The health-probe topic: one partition, kept a minute.
+HEALTH_TOPIC_CONFIG = TopicConfig(partitions=1, retention_ms=int(HEALTH_MAX_AGE * 1000))
 
 
 @attrs.frozen(kw_only=True)
@@ -191,8 +195,15 @@ class KafkaOptions:
             raise ConfigError('idempotence=True needs acks="all"')
 
     def topic_config(self, topic: str) -> TopicConfig:
-        """The configuration that applies to *topic*."""
-        return self.topics.get(topic, self.topic)
+        """The configuration that applies to *topic* (the health-probe topic
+        gets one partition and a short retention unless ``topics``
+        configures it)."""
+        configured = self.topics.get(topic)
+        if configured is not None:
+            return configured
+        if topic == HEALTH_TOPIC:
+            return HEALTH_TOPIC_CONFIG
+        return self.topic
 
 
 #: Options settable in the URL query, with their converters.

@@ -15,6 +15,7 @@ import attrs
 from ..._config import positive
 from ..._secrets import secret_field
 from ...errors import ConfigError
+from .._base import HEALTH_MAX_AGE, HEALTH_MAX_MESSAGES, HEALTH_TOPIC
 from .._provisioning import (
     MISMATCH_ACTIONS,
     TOPIC_STRATEGIES,
@@ -74,6 +75,12 @@ class StreamOptions:
     replicas: int = attrs.field(default=1, validator=int_at_least(1))
     duplicate_window: float = attrs.field(default=120.0, validator=positive)
     discard: Discard = attrs.field(default="old", validator=one_of("old", "new"))
+
+
+#: The stream of the health-probe topic: in memory, short-lived, bounded.
+HEALTH_STREAM = StreamOptions(
+    storage="memory", max_age=HEALTH_MAX_AGE, max_msgs=HEALTH_MAX_MESSAGES, duplicate_window=10.0
+)
 
 
 @attrs.frozen(kw_only=True)
@@ -232,8 +239,14 @@ class NatsOptions:
             )
 
     def stream_for(self, topic: str) -> StreamOptions:
-        """The stream settings of *topic*."""
-        return self.topics.get(topic, self.stream)
+        """The stream settings of *topic* (the health-probe topic gets a
+        small memory stream unless ``topics`` configures it)."""
+        configured = self.topics.get(topic)
+        if configured is not None:
+            return configured
+        if topic == HEALTH_TOPIC:
+            return HEALTH_STREAM
+        return self.stream
 
 
 def stream_name(topic: str, prefix: str = "") -> str:
