@@ -45,7 +45,7 @@ from trio_bus.transports.nats import (
 )
 
 from ._nats_server import NatsServer
-from .helpers import Recorder, task_count
+from .helpers import Recorder, collect, task_count
 
 T = TypeVar("T")
 WAIT = 20.0
@@ -450,6 +450,26 @@ async def test_raw_client_publishes_trio_bus_consumes_in_order(nats_bus_url: str
     assert per_aggregate["a0"] == [b"h%d" % i for i in range(0, 20, 3)]
     assert per_aggregate["order-1"] == [b"s%d" % i for i in range(1, 20, 2)]
     assert {m.subject for m in got.items if m.aggregate_id == "order-0"} == {f"{topic}.order-0"}
+
+
+async def test_a_subject_under_a_topic_is_a_topic_of_its_own(nats_bus_url: str) -> None:
+    """``publish("orders.order-7")`` goes to topic ``orders.order-7`` (as on
+    Kafka); ``orders`` subscribers see only what is published to ``orders``
+    (docs/nats.md, "Publishing to a subject under a topic")."""
+    topic = uid("orders")
+    outer: Recorder[trio_bus.Message] = Recorder()
+    inner: Recorder[trio_bus.Message] = Recorder()
+
+    async with trio_bus.open_bus(nats_bus_url, client_id="subjects") as bus:
+        await bus.subscribe(topic, collect(outer))
+        await bus.subscribe(f"{topic}.order-7", collect(inner))
+        await bus.publish(f"{topic}.order-7", b"nested")
+        await bus.publish(topic, b"sentinel", key="order-7")
+        await inner.wait_for_count(1)
+        await outer.wait_for_count(1)  # stored after "nested" in the same stream
+    assert [m.value for m in inner.items] == [b"nested"]
+    assert [m.value for m in outer.items] == [b"sentinel"]
+    assert outer.items[0].aggregate_id == "order-7"
 
 
 async def test_trio_bus_envelope_read_by_raw_client(nats_bus_url: str) -> None:
