@@ -17,8 +17,11 @@ ordered, so anything extra shows up before it).
 from __future__ import annotations
 
 import gc
+import sys
+import traceback
 import uuid
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+import warnings
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from typing import Any, ClassVar
 
@@ -132,6 +135,21 @@ def _task_count() -> int:
     return count(root)
 
 
+def _collect_leaks() -> list[str]:
+    """Run the garbage collector; return what objects dropped unclosed said
+    (ResourceWarnings from ``__del__``, which Python ignores by default)."""
+    leaks: list[str] = []
+    hook = sys.unraisablehook
+    sys.unraisablehook = lambda unraisable: leaks.append(repr(unraisable.exc_value))
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", ResourceWarning)
+            gc.collect()
+    finally:
+        sys.unraisablehook = hook
+    return leaks
+
+
 @attrs.define(eq=False)
 class _Case:
     """One test's view of the target: fresh names and bounded helpers."""
@@ -208,13 +226,24 @@ class TransportContract:
     pytestmark: ClassVar[list[pytest.MarkDecorator]] = [pytest.mark.trio]
 
     @pytest.fixture(autouse=True)
-    def _contract_known_defect(
+    def _contract_checks(
         self, request: pytest.FixtureRequest, contract_target: ContractTarget
-    ) -> None:
+    ) -> Iterator[None]:
         name = getattr(request.node, "originalname", request.node.name)
         reason = contract_target.known_defects.get(name)
         if reason is not None:
             request.applymarker(pytest.mark.xfail(strict=True, reason=reason))
+        _collect_leaks()  # earlier tests' garbage is not this test's
+        yield
+        # The trio run is over: what the transport left unclosed is garbage
+        # now, unless a failure's traceback (kept by pytest in sys.last_*)
+        # holds it; free that too, so a leak is reported here, not later.
+        failure = getattr(sys, "last_traceback", None)
+        if failure is not None:
+            traceback.clear_frames(failure)
+        leaks = _collect_leaks()
+        if leaks:
+            pytest.fail(f"left unclosed: {leaks}", pytrace=False)
 
     async def test_r01_publish_outcomes(self, contract_target: ContractTarget) -> None:
         case = _Case(contract_target)
@@ -403,25 +432,22 @@ class TransportContract:
         self, contract_target: ContractTarget
     ) -> None:
         case, group = _Case(contract_target), _uid("g")
-        try:
-            async with case.transport() as transport:
-                baseline = _task_count()
-                for delay in (0.0, 0.001, 0.01, 0.1, 0.5):
-                    opened: list[Consumer] = []
-                    with trio.move_on_after(delay):
-                        opened.append(await transport.open_consumer(case.spec(group)))
-                    for consumer in opened:  # it returned: the caller owns it
-                        await consumer.aclose()
-                assert _task_count() == baseline
-                consumer = await transport.open_consumer(case.spec(group))
-                await case.publish(transport, 0, 1, 2)
-                # No leftover member of the group took a share.
-                assert _values(await case.fetch_to(consumer, 2)) == _b(0, 1, 2)
-                await consumer.aclose()
-        finally:
-            # A client object the transport dropped unclosed complains when
-            # collected: make that happen in this test, not a later one.
-            gc.collect()
+        async with case.transport() as transport:
+            baseline = _task_count()
+            for delay in (0.0, 0.001, 0.01, 0.1, 0.5):
+                opened: list[Consumer] = []
+                with trio.move_on_after(delay):
+                    opened.append(await transport.open_consumer(case.spec(group)))
+                for consumer in opened:  # it returned: the caller owns it
+                    await consumer.aclose()
+            leftover = _task_count() - baseline
+            consumer = await transport.open_consumer(case.spec(group))
+            await case.publish(transport, 0, 1, 2)
+            # No leftover member of the group took a share.
+            got = _values(await case.fetch_to(consumer, 2))
+            await consumer.aclose()
+        assert leftover == 0, f"{leftover} tasks left behind"
+        assert got == _b(0, 1, 2)
 
     async def test_r11_groups_fan_out_members_share(self, contract_target: ContractTarget) -> None:
         case, group = _Case(contract_target), _uid("g")
