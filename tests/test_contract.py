@@ -10,7 +10,13 @@ from __future__ import annotations
 
 import pytest
 
-from trio_bus.testing.contract import Capabilities, ContractTarget, TransportContract
+from trio_bus.testing.contract import (
+    Capabilities,
+    ContractTarget,
+    TransportContract,
+    contract_settings,
+)
+from trio_bus.transports import resolve
 
 from .conftest import TRANSPORTS
 
@@ -57,3 +63,20 @@ class TestContract(TransportContract):
         return ContractTarget.from_url(
             url, capabilities=CAPABILITIES[name], known_defects=KNOWN_DEFECTS[name]
         )
+
+
+def test_known_defects_must_name_contract_tests() -> None:
+    settings = contract_settings("memory://x")
+    with pytest.raises(ValueError, match="test_r99_nope"):
+        ContractTarget(
+            open_transport=resolve("memory"),
+            settings=settings,
+            known_defects={"test_r99_nope": "typo"},
+        )
+
+
+def test_contract_settings_parse_hosts() -> None:
+    settings = contract_settings("kafka://h1:9092,h2:9093?linger_ms=0")
+    assert settings.hosts == ("h1:9092", "h2:9093")
+    assert settings.url.endswith("?linger_ms=0")
+    assert contract_settings("memory://").hosts == ()
