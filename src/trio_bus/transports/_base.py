@@ -29,6 +29,8 @@ The contract, checked on every transport by :mod:`trio_bus.testing.contract`
 suite). A *lane* is the unit of order: a Kafka partition (one key stays in
 one), else the whole consumer. Where a broker legitimately differs, the
 transport declares it in :class:`~trio_bus.testing.contract.Capabilities`.
+Every test also checks that nothing was left unclosed once the transport's
+context exited.
 
 1. ``publish_batch`` gives one outcome per record, in order; None means the
    record is stored (a consumer can fetch it). An empty batch gives ``[]``.
@@ -51,8 +53,9 @@ transport declares it in :class:`~trio_bus.testing.contract.Capabilities`.
    ``fetch`` afterwards raises :class:`~trio_bus.errors.BusClosedError`.
 9. ``flush`` returns once acks are on the broker: a member joining later, on
    another connection, is not given acked records.
-10. A cancelled ``open_consumer`` leaves nothing behind (no group member, no
-    task, no unclosed socket); a later open gets every record.
+10. A cancelled ``open_consumer`` leaves nothing behind: no group member, no
+    task still running once it raised, no unclosed socket; a later open of
+    the group gets every record.
 11. Every group gets every record; the members of one group share them, each
     record going to one member.
 """
