@@ -55,6 +55,10 @@ KNOWN_DEFECTS: dict[str, dict[str, str]] = {
     },
 }
 
+#: Known defects whose test is not run: the sockets it leaks are freed only
+#: during later tests, and fail those.
+NOT_RUN = {"kafka": {"test_r10_cancelled_open_consumer_leaves_nothing"}}
+
 
 class TestContract(TransportContract):
     @pytest.fixture(params=TRANSPORTS)
@@ -62,7 +66,10 @@ class TestContract(TransportContract):
         name: str = request.param
         url: str = request.getfixturevalue(f"{name}_bus_url")
         return ContractTarget.from_url(
-            url, capabilities=CAPABILITIES[name], known_defects=KNOWN_DEFECTS[name]
+            url,
+            capabilities=CAPABILITIES[name],
+            known_defects=KNOWN_DEFECTS[name],
+            not_run=NOT_RUN.get(name, ()),
         )
 
 
