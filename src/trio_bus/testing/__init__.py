@@ -9,6 +9,8 @@
 * :mod:`trio_bus.testing.plugin`: the pytest plugin (fixtures
   ``trio_bus_memory_url``, ``trio_bus_nats_url``, ``trio_bus_kafka_url``),
   loaded by pytest automatically.
+* :mod:`trio_bus.testing.contract`: the transport contract suite
+  (:class:`TransportContract`) a transport, built-in or not, runs on itself.
 """
 
 from __future__ import annotations
@@ -29,17 +31,25 @@ from ._tls import TLSFiles as TLSFiles
 from ._tls import TLSTerminator as TLSTerminator
 
 if TYPE_CHECKING:
+    from .contract import Capabilities as Capabilities
+    from .contract import ContractTarget as ContractTarget
+    from .contract import TransportContract as TransportContract
+    from .contract import contract_settings as contract_settings
     from .plugin import KAFKA_URL_PARAMS as KAFKA_URL_PARAMS
     from .plugin import kafka_url as kafka_url
 
 __all__ = [
     "KAFKA_URL_PARAMS",
+    "Capabilities",
+    "ContractTarget",
     "FaultProxy",
     "NatsServer",
     "TLSFiles",
     "TLSTerminator",
     "TansuBroker",
     "TestCA",
+    "TransportContract",
+    "contract_settings",
     "find_nats_server",
     "free_port",
     "kafka_url",
@@ -50,11 +60,19 @@ __all__ = [
 ]
 
 
+_CONTRACT_NAMES = {"Capabilities", "ContractTarget", "TransportContract", "contract_settings"}
+
+
 def __getattr__(name: str) -> object:
-    # The plugin's names load lazily: it imports pytest, which users of the
-    # servers and the proxy (benchmarks, scripts) need not have.
+    # The plugin's and the contract's names load lazily: they import pytest,
+    # which users of the servers and the proxy (benchmarks, scripts) need not
+    # have.
     if name in {"KAFKA_URL_PARAMS", "kafka_url"}:
         from . import plugin
 
         return getattr(plugin, name)
+    if name in _CONTRACT_NAMES:
+        from . import contract
+
+        return getattr(contract, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -23,6 +23,41 @@ Rules for implementers:
   possible" (NATS: nak without delay; Kafka: do not commit past it).
 * ``Consumer.aclose`` releases every delivery not acked and leaves the
   group; it must be safe to call from a shielded scope while cancelled.
+
+The contract, checked on every transport by :mod:`trio_bus.testing.contract`
+(test ``test_rNN_*`` checks rule NN; a third-party transport runs the same
+suite). A *lane* is the unit of order: a Kafka partition (one key stays in
+one), else the whole consumer. Where a broker legitimately differs, the
+transport declares it in :class:`~trio_bus.testing.contract.Capabilities`.
+Every test also checks that nothing was left unclosed once the transport's
+context exited.
+
+1. ``publish_batch`` gives one outcome per record, in order; None means the
+   record is stored (a consumer can fetch it). An empty batch gives ``[]``.
+2. Within a lane a record published later is fetched later, across batches
+   too. ``fetch`` waits for a delivery and returns 1..max_records.
+3. A new group starts at ``"latest"`` (only what is published after
+   ``open_consumer`` returned) or ``"earliest"`` (the retained log).
+4. An existing group ignores ``start``: it resumes after what it acked, and
+   what it did not ack comes again.
+5. ``fetch`` is cancel-atomic: it returns deliveries or raises Cancelled
+   having taken none. However often fetches are cancelled, every record
+   still comes exactly once before any redelivery.
+6. Settling is idempotent: a second ack or release of a record, or a release
+   after its ack, changes nothing.
+7. A released record comes again before newer records of its lane, without
+   waiting for ``flush``. Without ``per_message_ack`` (a partitioned log) the
+   lane rewinds to it: settled records after it come again too.
+8. ``aclose`` releases everything unsettled (the group's next consumer gets
+   it first), works in a shielded scope while cancelled, may be repeated;
+   ``fetch`` afterwards raises :class:`~trio_bus.errors.BusClosedError`.
+9. ``flush`` returns once acks are on the broker: a member joining later, on
+   another connection, is not given acked records.
+10. A cancelled ``open_consumer`` leaves nothing behind: no group member, no
+    task still running once it raised, no unclosed socket; a later open of
+    the group gets every record.
+11. Every group gets every record; the members of one group share them, each
+    record going to one member.
 """
 
 from __future__ import annotations

@@ -151,6 +151,7 @@ class _MemoryConsumer(Consumer):
 
     async def fetch(self, max_records: int) -> Sequence[Record]:
         topic, group = self._topic, self._group
+        await trio.lowlevel.checkpoint_if_cancelled()
         while True:
             if self._closed:
                 raise BusClosedError("consumer closed")
@@ -163,7 +164,8 @@ class _MemoryConsumer(Consumer):
         while group.next_index < topic.end and len(out) < max_records:
             out.append(self._deliver(group.next_index))
             group.next_index += 1
-        await trio.lowlevel.checkpoint()
+        # Cancel-atomic: what was taken reaches the caller.
+        await trio.lowlevel.cancel_shielded_checkpoint()
         return out
 
     def _deliver(self, index: int) -> Record:

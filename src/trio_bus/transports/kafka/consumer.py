@@ -4,7 +4,9 @@ Everything here runs in Trio. Records arrive through the subscription's
 :class:`~.._bridge.Handoff`, filled by the group's poll loop; acks and
 releases leave through the group's :class:`~.._bridge.Mailbox`; every other
 question (flush, lanes, close) is one ``bridge.call``. The only state this
-side owns is which records it holds (to release them on close).
+side owns is which records it holds (to release them on close) and which
+lanes it released a record of (their queued records must not be handed
+out: the lane is rewound to the released record, rule 7 of the contract).
 """
 
 from __future__ import annotations
@@ -54,6 +56,9 @@ class KafkaConsumer(Consumer):
         self._bridge = bridge
         self._close_group = close_group
         self._held: set[Record] = set()
+        #: Tracks (lanes) with a record this side released: until the poll
+        #: loop rewinds them, their queued records are released unfetched.
+        self._rewinding: set[object] = set()
         self.closed = False
 
     async def fetch(self, max_records: int) -> Sequence[Record]:
@@ -68,9 +73,25 @@ class KafkaConsumer(Consumer):
         if self.closed:
             await trio.lowlevel.checkpoint()
             raise BusClosedError("subscription closed")
-        out = await self.handoff.take(max_records)
-        self._held.update(out)
-        return out
+        while True:
+            out = await self.handoff.take(max_records)
+            if self._rewinding:
+                out = self._skip_rewinding(out)
+            if out:
+                self._held.update(out)
+                return out
+
+    def _skip_rewinding(self, records: list[Record]) -> list[Record]:
+        """Release, unfetched, records of lanes being rewound (they come
+        again after the released one, in order)."""
+        self._rewinding = {t for t in self._rewinding if getattr(t, "live", False)}
+        kept = []
+        for record in records:
+            if record.token in self._rewinding:
+                self._settles.put(Release(record))
+            else:
+                kept.append(record)
+        return kept
 
     def ack(self, record: Record) -> None:
         """Mark *record* finished; its partition's commit point may pass it."""
@@ -84,6 +105,7 @@ class KafkaConsumer(Consumer):
         held = self._held
         if record in held:
             held.remove(record)
+            self._rewinding.add(record.token)
             self._settles.put(Release(record))
 
     async def lanes(self) -> Sequence[LaneState]:

@@ -90,8 +90,15 @@ class NatsConsumer(Consumer):
         self._settle(record, ACK)
 
     def release(self, record: Record) -> None:
-        """Not handled: ``-NAK`` without delay (sent in a batch)."""
+        """Not handled: ``-NAK`` without delay (sent in a batch).
+
+        Deliveries already waiting in the hand-off are NAK'd after it, in
+        order: the server redelivers NAK'd messages in the order it got the
+        NAKs, so the released one comes again before them (contract rule 7).
+        """
         self._settle(record, NAK)
+        for queued in self._handoff.take_nowait(len(self._handoff)):
+            self._settle(queued, NAK)
 
     async def flush(self) -> None:
         """Send the queued acks/naks now and wait for the server to confirm
