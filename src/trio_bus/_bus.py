@@ -13,12 +13,11 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import Any
 
-import attrs
 import trio
 from opentelemetry.trace import Tracer
 
 from ._batch import DEFAULT_MAX_BATCH, DEFAULT_MAX_WAIT, BatchHandler, Batching
-from ._config import BusConfig, RetryPolicy
+from ._config import UNSET, BusConfig, RetryPolicy
 from ._envelope import Envelope
 from ._message import Message, OutgoingMessage
 from ._names import validate_topic
@@ -35,13 +34,6 @@ from .metrics import registry_for
 from .transports._base import StartPosition, Transport
 
 __all__ = ["Bus", "BusStatistics", "Subscription"]
-
-_UNSET: object = object()
-
-
-def _dead_letter_name(spec: str | Callable[[str], str], topic: str) -> str:
-    name = spec(topic) if callable(spec) else spec.format(topic=topic)
-    return validate_topic(name)
 
 
 class Bus:
@@ -216,8 +208,8 @@ class Bus:
         handler_timeout: float | object | None,
         start: StartPosition,
         wants_envelope: bool,
-        retry: RetryPolicy | object = _UNSET,
-        dead_letter: str | Callable[[str], str] | object = _UNSET,
+        retry: RetryPolicy | object = UNSET,
+        dead_letter: str | Callable[[str], str] | object = UNSET,
         batch: Batching | None = None,
         ephemeral: bool = False,
     ) -> Subscription:
@@ -225,18 +217,16 @@ class Bus:
         group = self._config.client_id if group is None else validate_topic(group)
         if start not in ("latest", "earliest"):
             raise InvalidInputError(f"start must be 'latest' or 'earliest', not {start!r}")
-        # Per-subscription options: the bus's config with them swapped in,
-        # checked by the same validators.
-        given = {"handler_timeout": handler_timeout, "retry": retry, "dead_letter": dead_letter}
-        overrides: dict[str, Any] = {k: v for k, v in given.items() if v is not _UNSET}
-        options = attrs.evolve(self._config, **overrides) if overrides else self._config
+        options = self._config.overridden(
+            handler_timeout=handler_timeout, retry=retry, dead_letter=dead_letter
+        )
         return await self._subscriptions.open(
             topic,
             handler,
             group=group,
             start=start,
             handler_timeout=options.handler_timeout,
-            dead_letter_topic=_dead_letter_name(options.dead_letter, topic),
+            dead_letter_topic=options.dead_letter_topic(topic),
             wants_envelope=wants_envelope,
             retry=options.retry,
             batch=batch,
@@ -263,10 +253,10 @@ class Bus:
         handler: Callable[[Message], Awaitable[None]],
         *,
         group: str | None = None,
-        handler_timeout: float | object | None = _UNSET,
+        handler_timeout: float | object | None = UNSET,
         start: StartPosition = "latest",
-        retry: RetryPolicy | object = _UNSET,
-        dead_letter: str | Callable[[str], str] | object = _UNSET,
+        retry: RetryPolicy | object = UNSET,
+        dead_letter: str | Callable[[str], str] | object = UNSET,
     ) -> Subscription:
         """Subscribe *handler* to *topic*; return once the subscription is live.
 
@@ -319,10 +309,10 @@ class Bus:
         handler: Callable[[Envelope], Awaitable[None]],
         *,
         group: str | None = None,
-        handler_timeout: float | object | None = _UNSET,
+        handler_timeout: float | object | None = UNSET,
         start: StartPosition = "latest",
-        retry: RetryPolicy | object = _UNSET,
-        dead_letter: str | Callable[[str], str] | object = _UNSET,
+        retry: RetryPolicy | object = UNSET,
+        dead_letter: str | Callable[[str], str] | object = UNSET,
     ) -> Subscription:
         """Like :meth:`subscribe`, but the handler receives the decoded and
         validated :class:`Envelope` (:func:`trio_bus.current_message` gives
@@ -351,10 +341,10 @@ class Bus:
         max_batch: int = DEFAULT_MAX_BATCH,
         max_wait: float = DEFAULT_MAX_WAIT,
         group: str | None = None,
-        handler_timeout: float | object | None = _UNSET,
+        handler_timeout: float | object | None = UNSET,
         start: StartPosition = "latest",
-        retry: RetryPolicy | object = _UNSET,
-        dead_letter: str | Callable[[str], str] | object = _UNSET,
+        retry: RetryPolicy | object = UNSET,
+        dead_letter: str | Callable[[str], str] | object = UNSET,
         bisect: bool = False,
     ) -> Subscription:
         """Subscribe a handler that takes a sequence of messages at a time.

@@ -21,10 +21,14 @@ __all__ = [
     "DEFAULT_POOL_SIZE",
     "DEFAULT_RESTART_WINDOW",
     "DEFAULT_SHUTDOWN_GRACE",
+    "UNSET",
     "BusConfig",
     "RateLimit",
     "RetryPolicy",
 ]
+
+#: "Not given: use the bus's setting", for per-subscription options.
+UNSET: Any = object()
 
 #: Actors in the global pool (the seed system's figure).
 DEFAULT_POOL_SIZE = 256
@@ -205,3 +209,14 @@ class BusConfig:
     def _check_dead_letter(self, _: object, value: object) -> None:
         if not (callable(value) or (isinstance(value, str) and "{topic}" in value)):
             raise ConfigError("dead_letter must be a template containing {topic} or a callable")
+
+    def overridden(self, **given: object) -> BusConfig:
+        """This config with the per-subscription options that were given
+        (not :data:`UNSET`) swapped in, checked by the same validators."""
+        overrides: dict[str, Any] = {k: v for k, v in given.items() if v is not UNSET}
+        return attrs.evolve(self, **overrides) if overrides else self
+
+    def dead_letter_topic(self, topic: str) -> str:
+        """The dead-letter topic of *topic* (validated)."""
+        spec = self.dead_letter
+        return validate_topic(spec(topic) if callable(spec) else spec.format(topic=topic))
