@@ -110,7 +110,7 @@ async def proxied_broker(
 def _harness(env: BrokerEnv, tmp_path: Path, nursery: trio.Nursery) -> Iterator[Harness]:
     logs = tmp_path / "logs"
     logs.mkdir(exist_ok=True)
-    harness = Harness(logs, env.transport, env.url, env.address, nursery)
+    harness = Harness(logs, env.transport, env.url, env.address, nursery, proxy=env.proxy)
     try:
         yield harness
     finally:

@@ -20,6 +20,8 @@ from pathlib import Path
 import attrs
 import trio
 
+from trio_bus.testing import FaultProxy
+
 from .checker import CheckParams, DeadLetter, Held, Report, check
 from .events import Event, EventLog, read_events
 
@@ -66,6 +68,8 @@ class Harness:
     nursery: trio.Nursery
     topic: str = attrs.Factory(lambda: f"f{uuid.uuid4().hex[:10]}")
     group: str = "faults"
+    #: The FaultProxy between workers and broker, if the scenario has one.
+    proxy: FaultProxy | None = None
     log: EventLog = attrs.field(init=False)
     workers: list[Worker] = attrs.Factory(list)
     _count: int = 0
@@ -155,6 +159,28 @@ class Harness:
         worker.process.kill()
         await worker.exited.wait()
         return None
+
+    async def stop_quietly(self, worker: Worker) -> None:
+        """SIGTERM a worker as the harness's own control step (a publisher
+        that has run long enough): no ``signal`` event, so T ignores it."""
+        if worker.running:
+            worker.process.send_signal(signal.SIGTERM)
+        with trio.fail_after(WAIT):
+            await worker.exited.wait()
+
+    async def settle_published(self, timeout: float = WAIT) -> int:
+        """Wait until every acked publish finished at least once; return how
+        many that is."""
+        acked: set[tuple[str, int]] = set()
+
+        def done(events: list[Event]) -> bool:
+            acked.clear()
+            acked.update((e["agg"], e["seq"]) for e in events if e["ev"] == "pub" and e["ok"])
+            ended = {(e["agg"], e["seq"]) for e in events if e["ev"] == "end"}
+            return acked <= ended
+
+        await self.wait_for(done, "every acked publish handled", timeout)
+        return len(acked)
 
     async def wait_exit(self, worker: Worker, timeout: float = WAIT) -> int:
         """Wait for a worker that ends by itself (a publisher)."""

@@ -8,6 +8,9 @@ import random
 import signal
 
 import pytest
+import trio
+
+from trio_bus.testing import FaultProxy
 
 from .checker import CheckParams, Report
 from .harness import Harness, scale
@@ -56,24 +59,94 @@ async def test_consumer_sigkill_and_restart(harness: Harness) -> None:
     assert_holds(await harness.finish("consumer SIGKILL+restart", PARAMS))
 
 
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 async def test_signal_at_random_moments(harness: Harness, sig: signal.Signals) -> None:
     """SIGINT (untrapped: KeyboardInterrupt) or SIGTERM (trapped, leave
     open_bus normally) at a random moment of a consumer under load, many
     times: each exit within grace + 4 s with the documented status, and the
-    checker's properties over the whole run."""
+    checker's properties over the whole run. A consumer that hangs is
+    SIGKILLed after the bound + 2 s (and reported under T)."""
     tries = scale(30, 5) if sig == signal.SIGINT else scale(10, 3)
+    grace = 2.0
+    params = CheckParams(shutdown_bound_s=grace + 4)
     rng = random.Random(int(sig))
-    n = tries * 200
     trap = ["--trap-sigterm"] if sig == signal.SIGTERM else []
-    args = [*trap, "--work-ms", "3", "--shutdown-grace", str(GRACE)]
+    args = [*trap, "--work-ms", "3", "--shutdown-grace", str(grace)]
     await harness.sampler()
-    publisher = await harness.publisher("p1", n, "--aggregates", "20", "--interval-ms", "10")
+    publisher = await harness.publisher("p1", 10**6, "--aggregates", "10", "--interval-ms", "50")
     for i in range(tries):
         worker = await harness.consumer(f"c{i}", *args)
-        await harness.count("start", rng.randint(1, 150), proc=f"c{i}", timeout=60)
-        await harness.signal(worker, sig, timeout=GRACE + 20)
+        await harness.count("start", rng.randint(1, 100), proc=f"c{i}")
+        await harness.signal(worker, sig, timeout=params.shutdown_bound_s + 2)
+    await harness.stop_quietly(publisher)
     await harness.consumer("final", *args)
-    await harness.wait_exit(publisher, timeout=180)
-    await harness.settle(n, timeout=120)
-    assert_holds(await harness.finish(f"{sig.name} at random moments", PARAMS))
+    await harness.settle_published(timeout=120)
+    report = await harness.finish(f"{sig.name} at random moments x{tries}", params)
+    assert_holds(report)
+
+
+async def test_proxy_resets_all_connections_five_times(proxied_harness: Harness) -> None:
+    """Reset every connection (TCP RST) 5 times mid-stream: nothing lost,
+    first deliveries per aggregate in publish order, redeliveries settle
+    before later messages of their aggregate (O)."""
+    h = proxied_harness
+    proxy = _proxy(h)
+    await h.sampler()
+    await h.consumer("c1", "--work-ms", "2")
+    publisher = await h.publisher("p1", 10**6, "--aggregates", "20", "--interval-ms", "20")
+    for i in range(5):
+        await h.count("start", 300 * (i + 1))
+        proxy.reset()
+    await h.count("start", 300 * 6, timeout=120)
+    await h.stop_quietly(publisher)
+    await h.settle_published(timeout=120)
+    assert_holds(await h.finish("proxy reset x5", PARAMS))
+
+
+async def test_proxy_blackhole_then_heal(proxied_harness: Harness) -> None:
+    """Blackhole the network for 10 s, then heal: nothing lost, order kept,
+    publishes during the outage wait or fail with a typed error, never
+    succeed without the broker (L: every acked publish is in the broker and
+    handled)."""
+    h = proxied_harness
+    proxy = _proxy(h)
+    await h.sampler()
+    await h.consumer("c1", "--work-ms", "2")
+    publisher = await h.publisher("p1", 10**6, "--aggregates", "20", "--interval-ms", "20")
+    await h.count("start", 500)
+    proxy.blackhole()
+    await trio.sleep(scale(10, 10))  # the outage itself, not a synchronisation
+    proxy.heal()
+    before = sum(e["ev"] == "start" for e in h.events())
+    await h.count("start", before + 500, timeout=120)
+    await h.stop_quietly(publisher)
+    await h.settle_published(timeout=120)
+    assert_holds(await h.finish("proxy blackhole 10 s", PARAMS))
+
+
+@pytest.mark.parametrize("behaviour", ["raise", "hang", "swallow"])
+async def test_misbehaving_handlers(harness: Harness, behaviour: str) -> None:
+    """Every 10th message's handler raises, hangs, or swallows its
+    cancellation: those are retried then dead-lettered (raise, hang), the
+    rest handled, later messages of an aggregate wait behind them (O), and
+    the consumer still shuts down within the bound."""
+    n = scale(1000, 300)
+    args = ["--handler", behaviour, "--bad-every", "10", "--handler-timeout", "0.5"]
+    args += ["--max-attempts", "2", "--trap-sigterm", "--shutdown-grace", str(GRACE)]
+    await harness.sampler()
+    consumer = await harness.consumer("c1", *args)
+    await harness.wait_exit(await harness.publisher("p1", n, "--aggregates", "20"), timeout=120)
+    await harness.settle_published(timeout=180)
+    await harness.signal(consumer, signal.SIGTERM, timeout=GRACE + 6)
+    report = await harness.finish(
+        f"handler {behaviour}", CheckParams(max_attempts=2, shutdown_bound_s=GRACE + 4)
+    )
+    assert_holds(report)
+    if behaviour != "swallow":
+        assert report.dead_lettered >= n // 10, report.summary()
+
+
+def _proxy(h: Harness) -> FaultProxy:
+    proxy = h.proxy
+    assert proxy is not None
+    return proxy
