@@ -135,6 +135,12 @@ class Harness:
         """Start a publisher of *count* messages (``--aggregates`` in *args*)."""
         return await self.spawn("publish", proc, "--count", str(count), *args)
 
+    async def fuzzer(self, count: int) -> Worker:
+        """Start the raw-client fuzzer (:mod:`.fuzz`) publishing *count* messages."""
+        cmd = [sys.executable, "-m", "tests.faults.fuzz", self.transport, self.address]
+        cmd += [self.topic, str(self.dir / "fuzz.log"), "--count", str(count)]
+        return await self._start("fuzz", cmd)
+
     async def sampler(self) -> Worker:
         """Start the ack-floor sampler (stopped by :meth:`finish`)."""
         every = "0.05" if self.transport == "nats" else "0.1"

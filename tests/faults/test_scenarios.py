@@ -4,6 +4,8 @@ scenario fails when any property it enforces fails (docs/reliability.md)."""
 
 from __future__ import annotations
 
+import json
+import os
 import random
 import signal
 
@@ -13,7 +15,7 @@ import trio
 from trio_bus.testing import FaultProxy
 
 from .checker import CheckParams, Report
-from .harness import Harness, scale
+from .harness import QUICK, Harness, scale
 
 pytestmark = pytest.mark.faults
 
@@ -150,3 +152,45 @@ def _proxy(h: Harness) -> FaultProxy:
     proxy = h.proxy
     assert proxy is not None
     return proxy
+
+
+async def test_fuzzed_and_malformed_messages(harness: Harness) -> None:
+    """20k messages from raw clients, half malformed (invalid JSON, missing
+    fields, huge IDs, non-UTF-8 headers, empty keys and bodies, too many
+    headers), half valid envelopes: every malformed one dead-lettered with
+    a reason (L), no malformed one reaches a handler (U), valid ones handled
+    in order (O)."""
+    n = scale(20000, 2000)
+    await harness.sampler()
+    await harness.consumer("c1", "--envelope", "--max-attempts", "1", "--trap-sigterm")
+    rc = await harness.wait_exit(await harness.fuzzer(n), timeout=600)
+    assert rc == 0, (harness.dir / "fuzz.out").read_text()[-2000:]
+    await harness.settle_published(timeout=300)
+    report = await harness.finish(
+        "fuzz 20k", CheckParams(max_attempts=1, shutdown_bound_s=GRACE + 4)
+    )
+    assert_holds(report)
+
+
+async def test_open_close_cycles_do_not_leak(harness: Harness) -> None:
+    """200 open/subscribe/publish/close cycles in one process: no growth in
+    file descriptors, threads or tasks, and RSS within a small allowance."""
+    n = scale(200, 30)
+    worker = await harness.spawn("cycles", "cycles", "--count", str(n))
+    rc = await harness.wait_exit(worker, timeout=600)
+    assert rc == 0, (harness.dir / "cycles.out").read_text()[-2000:]
+    warm, last = (e for e in harness.events() if e["ev"] == "resources")
+    growth = {k: last[k] - warm[k] for k in ("fds", "threads", "tasks", "rss")}
+    _record(harness, f"open/close x{n}", growth)
+    assert growth["fds"] <= 0, growth
+    assert growth["threads"] <= 0, growth
+    assert growth["tasks"] <= 0, growth
+    assert growth["rss"] < 20 * 2**20, growth
+
+
+def _record(harness: Harness, scenario: str, fields: dict[str, int]) -> None:
+    results = os.environ.get("FAULTS_RESULTS")
+    if results:
+        line = {"scenario": scenario, "transport": harness.transport, "quick": QUICK, **fields}
+        with open(results, "a") as f:
+            f.write(json.dumps(line) + "\n")

@@ -79,7 +79,12 @@ def make_handler(
     args: argparse.Namespace, log: EventLog
 ) -> Callable[[trio_bus.Message], Awaitable[None]]:
     async def handle(message: trio_bus.Message) -> None:
-        agg, seq = parse_body(message)
+        try:
+            agg, seq = parse_body(message)
+        except (ValueError, KeyError, TypeError):
+            # Not one of ours: a malformed message reached a handler (U).
+            log.write("start", agg="?", seq=-1, attempt=message.attempt, offset=message.offset)
+            raise
         where = {
             "agg": agg,
             "seq": seq,
@@ -165,9 +170,41 @@ async def publish(args: argparse.Namespace, log: EventLog) -> None:
     log.write("done")
 
 
+def resources() -> dict[str, int]:
+    """What a leak would grow: descriptors, threads, Trio tasks, RSS."""
+    import psutil  # type: ignore[import-untyped]
+
+    me = psutil.Process()
+    return {
+        "fds": me.num_fds(),
+        "threads": len(leftover_threads()),
+        "tasks": task_count(),
+        "rss": me.memory_info().rss,
+    }
+
+
+async def cycles(args: argparse.Namespace, log: EventLog) -> None:
+    """Open a bus, subscribe, publish and handle one message, close; many
+    times. Log ``resources`` after the warm-up and at the end."""
+    warmup = min(10, args.count // 2)
+    for i in range(args.count):
+        handled = trio.Event()
+
+        async def handle(_: trio_bus.Message, handled: trio.Event = handled) -> None:
+            handled.set()
+
+        async with trio_bus.open_bus(args.url, client_id=args.group) as bus:
+            await bus.subscribe(args.topic, handle)
+            await bus.publish(args.topic, b"{}", key=f"k{i}")
+            with trio.fail_after(30):
+                await handled.wait()
+        if i + 1 in (warmup, args.count):
+            log.write("resources", cycle=i + 1, **resources())
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m tests.faults.worker")
-    parser.add_argument("role", choices=["consume", "publish"])
+    parser.add_argument("role", choices=["consume", "publish", "cycles"])
     parser.add_argument("url")
     parser.add_argument("topic")
     parser.add_argument("log", type=Path)
@@ -186,7 +223,7 @@ def main() -> None:
     parser.add_argument("--interval-ms", type=float, default=0.0)
     args = parser.parse_args()
     log = EventLog(args.log, args.proc)
-    run = consume if args.role == "consume" else publish
+    run = {"consume": consume, "publish": publish, "cycles": cycles}[args.role]
     trio.run(run, args, log)
     sys.exit(0)
 
