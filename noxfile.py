@@ -1,7 +1,9 @@
 """Developer tasks: ``nox -s tests``, ``nox -s lint``, ``nox -s typing``,
-``nox -s bench``. One helper installs the project for every session."""
+``nox -s faults``, ``nox -s bench``. One helper installs the project for every session."""
 
 from __future__ import annotations
+
+import os
 
 import nox
 
@@ -37,6 +39,21 @@ def typing(session: nox.Session) -> None:
     install(session)
     session.install("mypy")
     session.run("mypy")
+
+
+@nox.session
+def faults(session: nox.Session) -> None:
+    """The fault-injection scenarios (docs/reliability.md): real brokers,
+    worker subprocesses, one checker. ``nox -s faults -- --quick`` for a
+    short local run; other arguments go to pytest. Results are appended to
+    ``$FAULTS_RESULTS`` (default ``.nox/faults-results.jsonl``)."""
+    install(session)
+    args = [a for a in session.posargs if a != "--quick"]
+    env = {"FAULTS_RESULTS": os.environ.get("FAULTS_RESULTS", ".nox/faults-results.jsonl")}
+    if "--quick" in session.posargs:
+        env["FAULTS_QUICK"] = "1"
+    pytest_args = args or ["-q"]
+    session.run("python", "-m", "pytest", "-m", "faults", "tests/faults", *pytest_args, env=env)
 
 
 @nox.session
