@@ -23,7 +23,7 @@ import trio
 from trio_bus.testing import FaultProxy
 
 from .checker import CheckParams, DeadLetter, Held, Report, check
-from .events import Event, EventLog, read_events
+from .events import Event, EventLog, now_ns, read_events
 
 #: Seconds between two reads of the event logs while waiting.
 POLL = 0.05
@@ -181,12 +181,28 @@ class Harness:
 
         def done(events: list[Event]) -> bool:
             acked.clear()
-            acked.update((e["agg"], e["seq"]) for e in events if e["ev"] == "pub" and e["ok"])
+            acked.update(
+                (e["agg"], e["seq"])
+                for e in events
+                if e["ev"] == "pub" and e["ok"] and e.get("valid", True)
+            )
             ended = {(e["agg"], e["seq"]) for e in events if e["ev"] == "end"}
             return acked <= ended
 
         await self.wait_for(done, "every acked publish handled", timeout)
         return len(acked)
+
+    async def settle_backlog(self, timeout: float = WAIT) -> None:
+        """Wait for a sample, taken from now on, in which the group has
+        nothing pending or unacked (needs :meth:`sampler`)."""
+        since = now_ns()
+
+        def idle(events: list[Event]) -> bool:
+            return any(
+                e["ev"] == "tick" and e["t"] > since and e.get("backlog") == 0 for e in events
+            )
+
+        await self.wait_for(idle, "an empty backlog", timeout)
 
     async def wait_exit(self, worker: Worker, timeout: float = WAIT) -> int:
         """Wait for a worker that ends by itself (a publisher)."""

@@ -3,7 +3,9 @@ with nats-py or aiokafka), run as a subprocess by the harness:
 
 * ``sample``: every ``--every`` seconds, log the group's ack floor (NATS
   consumer info ``ack_floor.stream_seq + 1``) or committed offsets (Kafka
-  OffsetFetch) as ``floor`` events, until SIGTERM;
+  OffsetFetch) as ``floor`` events, then a ``tick`` with the ``backlog``
+  (NATS: pending + ack pending; Kafka: end offsets - committed), until
+  SIGTERM;
 * ``readback``: write what the broker holds in the topic and its dead-letter
   topic as JSON (``{"held": [...], "dead": [...]}``) for the checker.
 
@@ -110,12 +112,14 @@ async def nats_sample(url: str, topic: str, group: str, log: EventLog, every: fl
     js = nc.jetstream()
     try:
         while True:
+            backlog = None
             try:
                 info = await js.consumer_info(topic.replace(".", "_"), group.replace(".", "_"))
                 log.write("floor", partition=0, floor=info.ack_floor.stream_seq + 1)
+                backlog = (info.num_pending or 0) + (info.num_ack_pending or 0)
             except Exception as exc:  # broker away or consumer not there yet: again later
                 _note(exc)
-            log.write("tick")
+            log.write("tick", backlog=backlog)
             await asyncio.sleep(every)  # the sampling period
     finally:
         await nc.close()
@@ -188,14 +192,19 @@ async def kafka_sample(bootstrap: str, topic: str, group: str, log: EventLog, ev
     try:
         partitions = sorted(client.partitions_for_topic(topic))
         while True:
+            backlog = None
             try:
-                for p in partitions:
-                    offset = await client.committed(aiokafka.TopicPartition(topic, p))
-                    if offset is not None:
-                        log.write("floor", partition=p, floor=offset)
+                tps = [aiokafka.TopicPartition(topic, p) for p in partitions]
+                ends = await client.end_offsets(tps)
+                backlog = 0
+                for tp in tps:
+                    offset = await client.committed(tp) or 0
+                    log.write("floor", partition=tp.partition, floor=offset)
+                    backlog += ends[tp] - offset
             except Exception as exc:  # broker away: sample again later
+                backlog = None
                 _note(exc)
-            log.write("tick")
+            log.write("tick", backlog=backlog)
             await asyncio.sleep(every)  # the sampling period
     finally:
         await _stop(client)

@@ -167,6 +167,7 @@ async def test_fuzzed_and_malformed_messages(harness: Harness) -> None:
     rc = await harness.wait_exit(await harness.fuzzer(n), timeout=600)
     assert rc == 0, (harness.dir / "fuzz.out").read_text()[-2000:]
     await harness.settle_published(timeout=300)
+    await harness.settle_backlog(timeout=300)  # the malformed ones too
     report = await harness.finish(
         "fuzz 20k", CheckParams(max_attempts=1, shutdown_bound_s=GRACE + 4)
     )
