@@ -114,6 +114,11 @@ def test_c_commit_moves_backwards() -> None:
     assert clean().floor(1).check() == ["C"]
 
 
+def test_c_applies_to_kafka_commits_not_nats_ack_floors() -> None:
+    run = clean().ev("floor", "sampler", partition=0, floor=1, kind="ack")
+    assert run.check() == []
+
+
 def test_o_overlapping_handlers_of_one_aggregate_across_processes() -> None:
     run = Run().publish("a", 0).publish("b", 0)
     run.ev("start", "c1", agg="a", seq=0, attempt=1, partition=0, offset=0)

@@ -115,7 +115,7 @@ async def nats_sample(url: str, topic: str, group: str, log: EventLog, every: fl
             backlog = None
             try:
                 info = await js.consumer_info(topic.replace(".", "_"), group.replace(".", "_"))
-                log.write("floor", partition=0, floor=info.ack_floor.stream_seq + 1)
+                log.write("floor", partition=0, floor=info.ack_floor.stream_seq + 1, kind="ack")
                 backlog = (info.num_pending or 0) + (info.num_ack_pending or 0)
             except Exception as exc:  # broker away or consumer not there yet: again later
                 _note(exc)
@@ -199,7 +199,7 @@ async def kafka_sample(bootstrap: str, topic: str, group: str, log: EventLog, ev
                 backlog = 0
                 for tp in tps:
                     offset = await client.committed(tp) or 0
-                    log.write("floor", partition=tp.partition, floor=offset)
+                    log.write("floor", partition=tp.partition, floor=offset, kind="commit")
                     backlog += ends[tp] - offset
             except Exception as exc:  # broker away: sample again later
                 backlog = None
