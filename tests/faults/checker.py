@@ -281,7 +281,7 @@ def _check_order(
 def _check_duplicates(evs: Sequence[Event], params: CheckParams, report: Report) -> None:
     firsts: dict[Key, int] = defaultdict(int)
     for e in evs:
-        if e["ev"] == "start" and e["attempt"] == 1:
+        if e["ev"] == "start" and e["attempt"] == 1 and e["seq"] >= 0:  # -1: not ours (U)
             firsts[_key(e)] += 1
     dups = [k for k, n in firsts.items() if n > 1]
     report.duplicates = len(dups)

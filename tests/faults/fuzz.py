@@ -47,11 +47,11 @@ def malformed(rng: random.Random, n: int, transport: str) -> tuple[str, Wire]:
     kind = kinds[n % len(kinds)]
     nonce = f"{n}-{rng.random()}".encode()  # makes every body distinct
     body: dict[str, Any] = json.loads(valid("x", 0))
+    body["payload"] = {"nonce": nonce.decode()}  # never mistaken for one of ours
     if kind == "json":
         return kind, (b"k", b'{"agg": "' + nonce + bytes([rng.randrange(256)]), [])
     if kind == "missing":
         del body["event_type"]
-        body["nonce"] = nonce.decode()
         return kind, (b"k", json.dumps(body).encode(), [])
     if kind == "huge_id":
         body["aggregate_id"] = "h" * 100_000 + nonce.decode()
@@ -63,7 +63,6 @@ def malformed(rng: random.Random, n: int, transport: str) -> tuple[str, Wire]:
     if kind == "empty_body":
         return kind, (b"k", b"", [("X-Nonce", nonce)])
     headers = [(f"X-H{i}", b"v") for i in range(MAX_WIRE_HEADERS + 10)]
-    body["payload"] = {"nonce": nonce.decode()}
     return kind, (b"k", json.dumps(body).encode(), headers)
 
 

@@ -199,7 +199,7 @@ class Harness:
 
         def idle(events: list[Event]) -> bool:
             return any(
-                e["ev"] == "tick" and e["t"] > since and e.get("backlog") == 0 for e in events
+                e["ev"] == "tick" and e["t"] > since and _idle(e.get("backlog")) for e in events
             )
 
         await self.wait_for(idle, "an empty backlog", timeout)
@@ -262,6 +262,11 @@ class Harness:
             with open(results, "a") as f:  # noqa: ASYNC230 - one line at the end
                 f.write(json.dumps(line) + "\n")
         return report
+
+
+def _idle(backlog: object) -> bool:
+    # Tansu's latest offset can lag a commit by one: a negative lag is idle.
+    return isinstance(backlog, int) and backlog <= 0
 
 
 def _row(report: Report) -> dict[str, object]:
