@@ -95,6 +95,7 @@ class Report:
     handled: int = 0
     dead_lettered: int = 0
     lost: int = 0
+    unexpected: int = 0
     early_acks: int = 0
     order_violations: int = 0
     duplicates: int = 0
@@ -114,7 +115,8 @@ class Report:
         """One line for logs and the results table."""
         return (
             f"published={self.published} acked={self.acked} handled={self.handled} "
-            f"dlq={self.dead_lettered} lost={self.lost} early_acks={self.early_acks} "
+            f"dlq={self.dead_lettered} lost={self.lost} unexpected={self.unexpected} "
+            f"early_acks={self.early_acks} "
             f"order={self.order_violations} dups={self.duplicates} "
             f"shutdown_max={self.shutdown_max_s:.2f}s failed={','.join(self.failed()) or '-'}"
         )
@@ -189,6 +191,7 @@ def _check_publishes(
             report.add("L", f"publish of {_key(e)} failed without a typed error")
     for e in evs:
         if e["ev"] == "start" and _key(e) not in published:
+            report.unexpected += 1
             report.add("U", f"{e['proc']} handled {_key(e)}, which nobody published")
 
 

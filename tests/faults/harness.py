@@ -276,6 +276,7 @@ def _row(report: Report) -> dict[str, object]:
         "handled": report.handled,
         "dead_lettered": report.dead_lettered,
         "lost": report.lost,
+        "unexpected": report.unexpected,
         "early_acks": report.early_acks,
         "order_violations": report.order_violations,
         "duplicates": report.duplicates,

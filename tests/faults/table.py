@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-COLUMNS = ["published", "acked", "handled", "dead_lettered", "lost", "early_acks"]
+COLUMNS = ["published", "acked", "handled", "dead_lettered", "lost", "unexpected", "early_acks"]
 COLUMNS += ["order_violations", "duplicates", "shutdown_max_s"]
 
 
@@ -26,7 +26,7 @@ def render(lines: list[dict[str, object]]) -> str:
         cells = [
             str(row["scenario"]),
             str(row["transport"]),
-            *(str(row[c]) for c in COLUMNS),
+            *(str(row.get(c, "")) for c in COLUMNS),
             result,
         ]
         out.append("| " + " | ".join(cells) + " |")
