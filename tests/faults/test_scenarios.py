@@ -169,7 +169,7 @@ async def test_fuzzed_and_malformed_messages(harness: Harness) -> None:
     await harness.settle_published(timeout=300)
     await harness.settle_backlog(timeout=300)  # the malformed ones too
     report = await harness.finish(
-        "fuzz 20k", CheckParams(max_attempts=1, shutdown_bound_s=GRACE + 4)
+        f"fuzz x{n}", CheckParams(max_attempts=1, shutdown_bound_s=GRACE + 4)
     )
     assert_holds(report)
 
