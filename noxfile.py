@@ -1,7 +1,10 @@
 """Developer tasks: ``nox -s tests``, ``nox -s lint``, ``nox -s typing``,
-``nox -s docs``, ``nox -s bench``. One helper installs the project for every session."""
+``nox -s docs``, ``nox -s faults``, ``nox -s bench``. One helper installs the project for
+every session."""
 
 from __future__ import annotations
+
+import os
 
 import nox
 
@@ -48,6 +51,21 @@ def docs(session: nox.Session) -> None:
         session.run(
             "sphinx-build", "-W", "--keep-going", "-b", builder, "docs", f"build/docs/{builder}"
         )
+
+
+@nox.session
+def faults(session: nox.Session) -> None:
+    """The fault-injection scenarios (docs/reliability.md): real brokers,
+    worker subprocesses, one checker. ``nox -s faults -- --quick`` for a
+    short local run; other arguments go to pytest. Results are appended to
+    ``$FAULTS_RESULTS`` (default ``.nox/faults-results.jsonl``)."""
+    install(session)
+    args = [a for a in session.posargs if a != "--quick"]
+    env = {"FAULTS_RESULTS": os.environ.get("FAULTS_RESULTS", ".nox/faults-results.jsonl")}
+    if "--quick" in session.posargs:
+        env["FAULTS_QUICK"] = "1"
+    pytest_args = args or ["-q"]
+    session.run("python", "-m", "pytest", "-m", "faults", "tests/faults", *pytest_args, env=env)
 
 
 @nox.session

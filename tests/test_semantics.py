@@ -21,6 +21,7 @@ import trio
 
 import trio_bus
 from trio_bus import RetryPolicy
+from trio_bus._names import MAX_WIRE_HEADERS
 from trio_bus.errors import ActorCrashedError, ConfigError, HandlerTimeout, NonRetryableError
 
 from .helpers import Recorder, collect, task_count
@@ -644,3 +645,22 @@ async def test_message_carries_the_broker_timestamp(bus_url: str, topic: str) ->
     stamp = got.items[0].timestamp
     assert stamp is not None
     assert before - 1.0 <= stamp <= after + 1.0
+
+
+async def test_headers_over_the_wire_limits_are_dead_lettered(bus_url: str, topic: str) -> None:
+    """A message with more headers than the bus accepts is dead-lettered
+    with the reason, without its headers; the next one is handled."""
+    handled: Recorder[trio_bus.Message] = Recorder()
+    dead: Recorder[trio_bus.Message] = Recorder()
+    async with open_test_bus(bus_url) as bus:
+        await bus.subscribe(topic, collect(handled))
+        await bus.subscribe(f"{topic}.dlq", collect(dead))
+        many = {f"h{i}": "v" for i in range(MAX_WIRE_HEADERS + 1)}
+        await bus.publish(topic, b"bloated", key="a", headers=many)
+        await bus.publish(topic, b"fine", key="a")
+        await handled.wait_for_count(1)
+        await dead.wait_for_count(1)
+    assert [m.value for m in handled.items] == [b"fine"]
+    parked = dead.items[0]
+    assert parked.headers["X-DLQ-Error-Type"] == "HeaderLimitError"
+    assert "h0" not in parked.headers

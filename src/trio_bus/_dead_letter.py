@@ -11,7 +11,7 @@ import trio
 from ._config import RetryPolicy
 from ._message import OutgoingMessage, Record
 from ._names import AGGREGATE_ID_HEADER
-from .errors import InvalidAggregateIDError, NonRetryableError
+from .errors import HeaderLimitError, InvalidAggregateIDError, NonRetryableError
 
 __all__ = ["is_non_retryable", "park"]
 
@@ -68,7 +68,9 @@ def dead_letter_headers(
 ) -> dict[str, str]:
     """The original headers plus the ``X-DLQ-*`` ones describing *exc*
     (*rejected*: the message was malformed and never reached a handler)."""
-    headers = dict(record.headers)
+    # Headers over the wire limits are not carried along: they are the
+    # reason, and would make the dead-letter publish fail too.
+    headers = {} if isinstance(exc, HeaderLimitError) else dict(record.headers)
     headers[DLQ_ERROR_TYPE] = type(exc).__name__
     headers[DLQ_ERROR_MESSAGE] = _one_line(str(exc))
     cause = exc.__cause__

@@ -15,6 +15,10 @@ from .errors import InvalidAggregateIDError, InvalidInputError, InvalidTopicErro
 MAX_TOPIC_LENGTH = 249
 MAX_AGGREGATE_ID_BYTES = 256
 AGGREGATE_ID_HEADER = "X-Aggregate-ID"
+#: Most headers a message from the wire may carry (see check_wire_headers).
+MAX_WIRE_HEADERS = 64
+#: Most bytes of header names plus values a message from the wire may carry.
+MAX_WIRE_HEADER_BYTES = 16 * 1024
 
 _TOPIC_RE = re.compile(r"[A-Za-z0-9_-]+(?:\.[A-Za-z0-9_-]+)*")
 _AGGREGATE_RE = re.compile(r"[A-Za-z0-9:_\-./]+")
@@ -27,14 +31,14 @@ _VALID_TOPICS_CACHE = 4096
 def validate_topic(topic: object) -> str:
     """Return *topic* if it is a portable topic name, else raise
     :class:`~trio_bus.errors.InvalidTopicError`."""
-    if topic in _valid_topics:
-        return topic
     if not isinstance(topic, str):
         raise InvalidTopicError(f"topic must be a str, not {type(topic).__name__}")
     if not 1 <= len(topic) <= MAX_TOPIC_LENGTH:
         raise InvalidTopicError(
             f"topic must have 1-{MAX_TOPIC_LENGTH} characters, got {len(topic)}"
         )
+    if topic in _valid_topics:
+        return topic
     if _TOPIC_RE.fullmatch(topic) is None:
         raise InvalidTopicError(
             f"invalid topic {topic!r}: use [A-Za-z0-9._-] with no empty dot-separated token"
@@ -44,34 +48,50 @@ def validate_topic(topic: object) -> str:
     return topic
 
 
-_normalized: dict[str, str | None] = {}
-_NORMALIZED_CACHE = 65536
+#: Cache of valid, already-trimmed aggregate IDs (each maps to itself). Only
+#: valid IDs are cached, so wire input cannot fill it with junk, and it is
+#: bounded both in entries and in characters (IDs are ASCII: 1 char = 1 byte).
+_normalized: dict[str, str] = {}
+_normalized_chars = 0
+NORMALIZED_CACHE_ENTRIES = 65536
+NORMALIZED_CACHE_BYTES = 4 * 1024 * 1024
 
 
 def normalize_aggregate_id(value: str) -> str | None:
     """Trim *value* and return it if it is a valid aggregate ID, else None.
 
-    Results are cached: the same few aggregates come back message after
-    message.
+    Valid results are cached (the same few aggregates come back message
+    after message); the cache holds at most ``NORMALIZED_CACHE_ENTRIES`` IDs
+    and ``NORMALIZED_CACHE_BYTES`` bytes, and is emptied when either fills.
     """
-    try:
-        return _normalized[value]
-    except KeyError:
-        pass
+    global _normalized_chars
+    cached = _normalized.get(value)
+    if cached is not None:
+        return cached
     result = _normalize(value)
-    if len(_normalized) >= _NORMALIZED_CACHE:
-        _normalized.clear()
-    _normalized[value] = result
+    if result is not None and result == value:  # padded variants are not cached
+        if (
+            len(_normalized) >= NORMALIZED_CACHE_ENTRIES
+            or _normalized_chars + len(result) > NORMALIZED_CACHE_BYTES
+        ):
+            _normalized.clear()
+            _normalized_chars = 0
+        _normalized[result] = result
+        _normalized_chars += len(result)
     return result
+
+
+def normalized_cache_size() -> tuple[int, int]:
+    """``(entries, bytes)`` held by the aggregate-ID cache (for tests and
+    monitoring)."""
+    return len(_normalized), _normalized_chars
 
 
 def _normalize(value: str) -> str | None:
     value = value.strip()
-    if (
-        value
-        and len(value.encode()) <= MAX_AGGREGATE_ID_BYTES
-        and _AGGREGATE_RE.fullmatch(value) is not None
-    ):
+    # The pattern is ASCII only, so characters = bytes: checking the length
+    # first rejects a huge ID without encoding or scanning it.
+    if 0 < len(value) <= MAX_AGGREGATE_ID_BYTES and _AGGREGATE_RE.fullmatch(value) is not None:
         return value
     return None
 
@@ -105,6 +125,34 @@ def validate_headers(headers: Mapping[str, str] | None) -> dict[str, str]:
             raise InvalidInputError(f"header {name!r}: value has a line break")
         out[name] = value
     return out
+
+
+def check_wire_headers(headers: Mapping[str, str]) -> str | None:
+    """Return why *headers* of a message from the wire are over the limits,
+    or None if they are within them.
+
+    A broker accepts far more than a handler should ever have to hold
+    (Kafka: any number of headers up to the record size; NATS: up to
+    ``max_payload``). The bus dead-letters a message over these limits with
+    the returned reason instead of handing it on: at most
+    ``MAX_WIRE_HEADERS`` headers and ``MAX_WIRE_HEADER_BYTES`` bytes of
+    names plus values (UTF-8, a stray surrogate counting three bytes).
+    The limits leave room for the dead-letter headers the bus adds.
+    """
+    if not headers:
+        return None
+    if len(headers) > MAX_WIRE_HEADERS:
+        return f"{len(headers)} headers, more than the limit of {MAX_WIRE_HEADERS}"
+    # Fast path (every message comes here): a character is at most 4 bytes.
+    if 4 * sum(len(name) + len(value) for name, value in headers.items()) <= MAX_WIRE_HEADER_BYTES:
+        return None
+    total = 0
+    for name, value in headers.items():
+        total += len(name.encode("utf-8", "surrogatepass"))
+        total += len(value.encode("utf-8", "surrogatepass"))
+        if total > MAX_WIRE_HEADER_BYTES:
+            return f"headers exceed the limit of {MAX_WIRE_HEADER_BYTES} bytes"
+    return None
 
 
 def header_lookup(headers: Mapping[str, str], name: str) -> str | None:

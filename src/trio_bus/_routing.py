@@ -8,8 +8,13 @@ from __future__ import annotations
 
 from ._envelope import Envelope, decode_envelope
 from ._message import Record
-from ._names import AGGREGATE_ID_HEADER, header_lookup, normalize_aggregate_id
-from .errors import EnvelopeError, InvalidAggregateIDError
+from ._names import (
+    AGGREGATE_ID_HEADER,
+    check_wire_headers,
+    header_lookup,
+    normalize_aggregate_id,
+)
+from .errors import EnvelopeError, HeaderLimitError, InvalidAggregateIDError
 
 __all__ = ["classify"]
 
@@ -32,8 +37,12 @@ def classify(
     Order: envelope ``aggregate_id`` > header ``X-Aggregate-ID`` (any case)
     > key > last valid token of the subject after the topic. An aggregate ID
     given explicitly but invalid makes the message malformed (rejection);
-    so does a body that is not a valid envelope when *wants_envelope*.
+    so does a body that is not a valid envelope when *wants_envelope*, and
+    headers over the wire limits (checked first: the lookup scans them).
     """
+    reason = check_wire_headers(record.headers)
+    if reason is not None:
+        return None, None, HeaderLimitError(reason)
     envelope: Envelope | None = None
     envelope_error: Exception | None = None
     if record.value[:1] == b"{":

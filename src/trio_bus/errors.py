@@ -18,6 +18,7 @@ __all__ = [
     "BusError",
     "ConfigError",
     "EnvelopeError",
+    "HeaderLimitError",
     "HandlerTimeout",
     "InvalidAggregateIDError",
     "InvalidInputError",
@@ -63,6 +64,13 @@ class InvalidTopicError(InvalidInputError):
 class InvalidAggregateIDError(InvalidInputError):
     """An aggregate ID is empty, too long or has characters outside
     ``[A-Za-z0-9:_\\-./]``."""
+
+
+class HeaderLimitError(InvalidInputError):
+    """A message from the wire carries more headers, or more header bytes,
+    than the bus accepts (``trio_bus._names.MAX_WIRE_HEADERS``,
+    ``MAX_WIRE_HEADER_BYTES``): it is dead-lettered with this reason,
+    without its original headers."""
 
 
 class EnvelopeError(InvalidInputError):

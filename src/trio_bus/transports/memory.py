@@ -16,8 +16,12 @@ Choices, documented in docs/transports.md:
   beginning (``"earliest"``); an existing group resumes.
 * Released (unacked) messages are delivered again before newer ones,
   lowest log index first.
-* Logs are kept whole while the broker lives (``MemoryBroker.trim`` drops
-  what every group has acked).
+* Retention: entries every group of a topic has acked are dropped
+  automatically (amortised: a trim runs once per quarter-log of acks); a log
+  nobody has subscribed to is kept. :class:`MemoryRetention` bounds each log
+  further by messages, bytes and age, dropping the oldest entries even if a
+  group has not acked them (as Kafka's retention does); a group positioned
+  before the retained log resumes at its start.
 """
 
 from __future__ import annotations
@@ -30,11 +34,36 @@ from contextlib import asynccontextmanager
 import attrs
 import trio
 
+from .._config import at_least, positive
 from .._message import OutgoingMessage, Record
-from ..errors import BusClosedError
+from ..errors import BusClosedError, ConfigError
 from ._base import Consumer, ConsumerSpec, LaneState, Transport, TransportSettings
 
-__all__ = ["MemoryBroker", "get_broker", "open_transport"]
+__all__ = ["MemoryBroker", "MemoryRetention", "get_broker", "open_transport"]
+
+#: Fewest acks between two automatic trims of a topic.
+_MIN_ACKS_PER_TRIM = 64
+
+
+@attrs.frozen(kw_only=True)
+class MemoryRetention:
+    """Limits on each topic log of a :class:`MemoryBroker`, beyond dropping
+    what every group acked. Pass it as ``open_bus("memory://name",
+    transport_options=MemoryRetention(...))`` or to :class:`MemoryBroker`.
+
+    Attributes:
+        max_messages: Most entries kept per topic (None: no limit).
+        max_bytes: Most bytes of keys, values and headers kept per topic.
+        max_age: Seconds an entry is kept after it was appended.
+    """
+
+    max_messages: int | None = attrs.field(
+        default=None, validator=attrs.validators.optional(at_least(1, integer=True))
+    )
+    max_bytes: int | None = attrs.field(
+        default=None, validator=attrs.validators.optional(at_least(1, integer=True))
+    )
+    max_age: float | None = attrs.field(default=None, validator=attrs.validators.optional(positive))
 
 
 @attrs.define(slots=True)
@@ -43,6 +72,8 @@ class _Entry:
     value: bytes
     headers: dict[str, str]
     timestamp: float
+    #: Bytes of key, value and headers, for byte retention.
+    size: int
 
 
 @attrs.define(eq=False)
@@ -61,6 +92,15 @@ class _Group:
         pending = [*self.redeliver, *self.delivery_counts]
         return min(pending, default=self.next_index)
 
+    def forget_before(self, base: int) -> None:
+        """Entries below *base* are gone: move past them."""
+        self.next_index = max(self.next_index, base)
+        if self.redeliver and self.redeliver[0] < base:
+            self.redeliver = [i for i in self.redeliver if i >= base]
+            heapq.heapify(self.redeliver)
+        for index in [i for i in self.delivery_counts if i < base]:
+            del self.delivery_counts[index]
+
 
 @attrs.define(eq=False)
 class _Topic:
@@ -68,17 +108,65 @@ class _Topic:
     entries: list[_Entry] = attrs.Factory(list)
     groups: dict[str, _Group] = attrs.Factory(dict)
     changed: trio.lowlevel.ParkingLot = attrs.Factory(trio.lowlevel.ParkingLot)
+    size: int = 0  # bytes of the retained entries
+    acks_since_trim: int = 0
 
     @property
     def end(self) -> int:
         return self.base + len(self.entries)
 
+    def drop(self, count: int) -> int:
+        """Drop the *count* oldest entries; return how many went."""
+        count = min(count, len(self.entries))
+        if count <= 0:
+            return 0
+        self.size -= sum(e.size for e in self.entries[:count])
+        del self.entries[:count]
+        self.base += count
+        for group in self.groups.values():
+            group.forget_before(self.base)
+        return count
+
+    def trim_acked(self) -> int:
+        """Drop the prefix every group has acked (none without groups)."""
+        self.acks_since_trim = 0
+        if not self.groups:
+            return 0
+        floor = min(g.low_water() for g in self.groups.values())
+        return self.drop(floor - self.base)
+
+    def note_ack(self) -> None:
+        self.acks_since_trim += 1
+        if self.acks_since_trim >= max(_MIN_ACKS_PER_TRIM, len(self.entries) // 4):
+            self.trim_acked()
+
+    def enforce(self, retention: MemoryRetention, now: float) -> None:
+        """Apply *retention*'s limits, oldest entries first."""
+        excess = 0
+        if retention.max_messages is not None:
+            excess = len(self.entries) - retention.max_messages
+        if retention.max_age is not None:
+            cutoff = now - retention.max_age
+            stale = max(excess, 0)
+            while stale < len(self.entries) and self.entries[stale].timestamp < cutoff:
+                stale += 1
+            excess = max(excess, stale)
+        if retention.max_bytes is not None:
+            size, count = self.size, 0
+            while count < len(self.entries) and size > retention.max_bytes:
+                size -= self.entries[count].size
+                count += 1
+            excess = max(excess, count)
+        self.drop(excess)
+
 
 class MemoryBroker:
     """An in-process broker: topic logs and consumer groups."""
 
-    def __init__(self, name: str = "") -> None:
+    def __init__(self, name: str = "", *, retention: MemoryRetention | None = None) -> None:
         self.name = name
+        #: Limits on each log beyond dropping what every group acked.
+        self.retention = retention or MemoryRetention()
         self._topics: dict[str, _Topic] = {}
 
     def _topic(self, name: str) -> _Topic:
@@ -92,11 +180,18 @@ class MemoryBroker:
         touched: set[str] = set()
         now = time.time()
         for rec in records:
-            entry = _Entry(rec.key, rec.value, dict(rec.headers), now)
-            self._topic(rec.topic).entries.append(entry)
+            headers = dict(rec.headers)
+            size = (
+                len(rec.value) + len(rec.key or "") + sum(map(len, [*headers, *headers.values()]))
+            )
+            topic = self._topic(rec.topic)
+            topic.entries.append(_Entry(rec.key, rec.value, headers, now, size))
+            topic.size += size
             touched.add(rec.topic)
         for name in touched:
-            self._topics[name].changed.unpark_all()
+            topic = self._topics[name]
+            topic.enforce(self.retention, now)
+            topic.changed.unpark_all()
 
     def end_offset(self, topic: str) -> int:
         """Index one past the newest message of *topic*."""
@@ -113,14 +208,20 @@ class MemoryBroker:
         g = t.groups.get(group)
         return 0 if g is None else g.pending(t.end)
 
-    def trim(self, topic: str) -> int:
-        """Drop the log prefix every group has acked; return how many."""
+    def retained(self, topic: str) -> tuple[int, int]:
+        """``(entries, bytes)`` of *topic*'s retained log."""
         t = self._topic(topic)
-        floor = min((g.low_water() for g in t.groups.values()), default=t.end)
-        dropped = max(0, floor - t.base)
-        del t.entries[:dropped]
-        t.base += dropped
-        return dropped
+        return len(t.entries), t.size
+
+    def trim(self, topic: str) -> int:
+        """Drop the log prefix every group has acked and apply the retention
+        limits now; return how many entries went. (Both also happen by
+        themselves; this makes it happen at once.)"""
+        t = self._topic(topic)
+        before = t.base
+        t.trim_acked()
+        t.enforce(self.retention, time.time())
+        return t.base - before
 
 
 _brokers: dict[str, MemoryBroker] = {}
@@ -160,7 +261,9 @@ class _MemoryConsumer(Consumer):
             await topic.changed.park()
         out: list[Record] = []
         while group.redeliver and len(out) < max_records:
-            out.append(self._deliver(heapq.heappop(group.redeliver)))
+            index = heapq.heappop(group.redeliver)
+            if index >= topic.base:  # else retention dropped it meanwhile
+                out.append(self._deliver(index))
         while group.next_index < topic.end and len(out) < max_records:
             out.append(self._deliver(group.next_index))
             group.next_index += 1
@@ -191,6 +294,7 @@ class _MemoryConsumer(Consumer):
         if index in self._held:
             self._held.discard(index)
             self._group.delivery_counts.pop(index, None)
+            self._topic.note_ack()
 
     def release(self, record: Record) -> None:
         index = record.offset
@@ -247,6 +351,15 @@ class MemoryTransport(Transport):
 @asynccontextmanager
 async def open_transport(settings: TransportSettings) -> AsyncIterator[MemoryTransport]:
     """Open the memory transport named by ``settings.hosts`` (default broker
-    when empty)."""
+    when empty); ``settings.options``, if given, sets the broker's
+    :class:`MemoryRetention`."""
     name = settings.hosts[0] if settings.hosts else ""
-    yield MemoryTransport(get_broker(name))
+    broker = get_broker(name)
+    if settings.options is not None:
+        if not isinstance(settings.options, MemoryRetention):
+            raise ConfigError(
+                f"memory transport options must be a MemoryRetention, "
+                f"not {type(settings.options).__name__}"
+            )
+        broker.retention = settings.options
+    yield MemoryTransport(broker)
