@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import pickle
+import ssl
 
 import attrs
 import pytest
@@ -18,6 +19,7 @@ from trio_bus._secrets import (
     redact_url,
     secret_field,
     url_secrets,
+    warn_if_unverified,
 )
 from trio_bus.errors import AuthenticationError, TransportUnavailableError
 
@@ -151,3 +153,16 @@ def test_authentication_error_names_broker_and_mechanism() -> None:
     assert str(AuthenticationError("h:9092", "TLS")) == "authentication with h:9092 failed (TLS)"
     copy = pickle.loads(pickle.dumps(exc))
     assert (type(copy), str(copy), copy.mechanism) == (type(exc), str(exc), exc.mechanism)
+
+
+def test_an_unverified_tls_context_is_logged_once(caplog: pytest.LogCaptureFixture) -> None:
+    context = ssl.create_default_context()
+    warn_if_unverified(context, "verified:1")
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    with caplog.at_level(logging.WARNING, logger="trio_bus.security"):
+        warn_if_unverified(context, "broker:9093")
+        warn_if_unverified(context, "broker:9093")
+    warnings = [r for r in caplog.records if r.name == "trio_bus.security"]
+    assert len(warnings) == 1
+    assert "broker:9093" in warnings[0].getMessage()

@@ -25,11 +25,13 @@ from __future__ import annotations
 
 import logging
 import re
+import ssl
 from collections.abc import Iterable
 
 import attrs
 
 __all__ = [
+    "warn_if_unverified",
     "REDACTED",
     "SecretFilter",
     "is_secret_name",
@@ -197,3 +199,21 @@ class SecretFilter(logging.Filter):
         if record.stack_info:
             record.stack_info = redact_text(record.stack_info, self.secrets)
         return True
+
+
+_warned_unverified: set[str] = set()
+
+
+def warn_if_unverified(context: ssl.SSLContext | None, where: str) -> None:
+    """Log once per *where* at WARNING when *context* does not verify the
+    broker's certificate or host name: turning verification off must be
+    explicit and visible (it is on with ``ssl.create_default_context()``)."""
+    if context is None or where in _warned_unverified:
+        return
+    if context.verify_mode == ssl.CERT_NONE or not context.check_hostname:
+        _warned_unverified.add(where)
+        logging.getLogger("trio_bus.security").warning(
+            "TLS to %s does not verify the broker's %s",
+            where,
+            "certificate" if context.verify_mode == ssl.CERT_NONE else "host name",
+        )

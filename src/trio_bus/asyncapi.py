@@ -37,7 +37,6 @@ from ._router import Router, _is_pydantic
 from .errors import ConfigError
 
 if TYPE_CHECKING:
-    from ._bus import Bus
     from ._work import Route
 
 __all__ = ["Publication", "build_document", "main"]
@@ -292,7 +291,9 @@ def _load(target: str) -> object:
     return obj
 
 
-async def _document_of(setup: Callable[[Bus], Awaitable[object]], title: str | None) -> Any:
+async def _document_of(setup: Callable[[Any], Awaitable[object]], title: str | None) -> Any:
+    # setup takes the Bus; typed Any so this module need not import _bus
+    # (which imports it: no import circle).
     from ._open import open_bus
 
     async with open_bus(f"memory://asyncapi-{uuid.uuid4().hex}", monitoring=None) as bus:

@@ -32,6 +32,7 @@ from aiokafka.admin import AIOKafkaAdminClient
 
 from ..._exceptions import unwrap_lone_exception
 from ..._message import OutgoingMessage
+from ..._secrets import warn_if_unverified
 from ...errors import BusClosedError, TransportError
 from .._base import Consumer, ConsumerSpec, Transport, TransportSettings
 from .._bridge import Bridge, open_bridge
@@ -115,6 +116,7 @@ class KafkaTransport(Transport):
 
     async def _aio_start(self) -> None:
         opts = self.options
+        warn_if_unverified(opts.ssl_context, ",".join(self.hosts))
         try:
             self._admin = AIOKafkaAdminClient(
                 request_timeout_ms=int(opts.publish_timeout * 1000),

@@ -16,7 +16,7 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-from ..._secrets import redact_text
+from ..._secrets import redact_text, warn_if_unverified
 from ...errors import AuthenticationError, TransportUnavailableError
 from .options import NatsOptions
 from .security import connect_bound, connect_error, secrets_of, shown
@@ -158,6 +158,7 @@ class Connection:
             value = getattr(c, key)
             if value is not None:
                 kwargs[key] = value
+        warn_if_unverified(c.tls, shown(servers))
         for key in ("tls", "tls_hostname"):
             value = getattr(c, key)
             if value is not None:
