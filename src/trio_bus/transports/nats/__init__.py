@@ -23,6 +23,15 @@ hold on redelivery and reconnection.
 
 from __future__ import annotations
 
+try:
+    import nats  # noqa: F401 - fail early with the extra to install
+except ImportError as exc:  # pragma: no cover - depends on the environment
+    from ...errors import MissingExtraError
+
+    raise MissingExtraError(
+        f'the NATS transport needs nats-py: pip install "trio-bus[nats]" ({exc})'
+    ) from exc
+
 from .options import (
     TOPIC_HEADER as TOPIC_HEADER,
 )

@@ -13,20 +13,13 @@ import logging
 from datetime import datetime
 from typing import Any, Literal
 
+import nats.js.errors
+from nats.js import api
+
 from ...errors import TopicConfigError
 from .._base import ConsumerSpec
 from .connection import Connection
 from .streams import ERR_STREAM_NOT_FOUND, TopicInfo, map_api_error
-
-try:
-    import nats.js.errors
-    from nats.js import api
-except ImportError as exc:  # pragma: no cover - depends on the environment
-    from ...errors import MissingExtraError
-
-    raise MissingExtraError(
-        f'the NATS transport needs nats-py: pip install "trio-bus[nats]" ({exc})'
-    ) from exc
 
 __all__ = ["EPHEMERAL_INACTIVE", "Resume", "bind"]
 

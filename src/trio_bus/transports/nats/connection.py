@@ -16,20 +16,13 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
+from nats.aio.client import Client as _NatsClient
+from nats.aio.msg import Msg
+
 from ..._secrets import redact_text, warn_if_unverified
 from ...errors import AuthenticationError, TransportUnavailableError
 from .options import NatsOptions
 from .security import connect_bound, connect_error, secrets_of, shown
-
-try:
-    from nats.aio.client import Client as _NatsClient
-    from nats.aio.msg import Msg
-except ImportError as exc:  # pragma: no cover - depends on the environment
-    from ...errors import MissingExtraError
-
-    raise MissingExtraError(
-        f'the NATS transport needs nats-py: pip install "trio-bus[nats]" ({exc})'
-    ) from exc
 
 __all__ = ["Client", "Connection"]
 

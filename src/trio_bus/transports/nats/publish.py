@@ -18,6 +18,9 @@ import uuid
 from collections.abc import Mapping, Sequence
 
 import attrs
+import nats.errors
+import nats.js.errors
+from nats.aio.msg import Msg
 
 from ..._message import OutgoingMessage
 from ..._names import AGGREGATE_ID_HEADER
@@ -25,17 +28,6 @@ from ...errors import PublishError, PublishOutcomeUnknownError, TransportError
 from .connection import Connection
 from .options import TOPIC_HEADER
 from .streams import Streams, TopicInfo
-
-try:
-    import nats.errors
-    import nats.js.errors
-    from nats.aio.msg import Msg
-except ImportError as exc:  # pragma: no cover - depends on the environment
-    from ...errors import MissingExtraError
-
-    raise MissingExtraError(
-        f'the NATS transport needs nats-py: pip install "trio-bus[nats]" ({exc})'
-    ) from exc
 
 __all__ = ["MSG_ID_HEADER", "Publisher"]
 

@@ -27,6 +27,9 @@ from collections.abc import Iterable
 from datetime import datetime
 from typing import Any
 
+import nats.js.errors
+from nats.aio.msg import Msg
+
 from ..._message import Record
 from ...errors import (
     BusClosedError,
@@ -43,16 +46,6 @@ from .pulls import Pulls
 from .resume import Barrier, GapWatch, plan_resync
 from .settle import ACK, NAK, Delivery, Settler, parse_reply
 from .streams import Streams, TopicInfo, map_api_error
-
-try:
-    import nats.js.errors
-    from nats.aio.msg import Msg
-except ImportError as exc:  # pragma: no cover - depends on the environment
-    from ...errors import MissingExtraError
-
-    raise MissingExtraError(
-        f'the NATS transport needs nats-py: pip install "trio-bus[nats]" ({exc})'
-    ) from exc
 
 __all__ = ["ACK_BATCH", "ACK_DELAY", "RESYNC_TIMEOUT", "Puller", "Settlement"]
 

@@ -13,22 +13,14 @@ import logging
 from typing import Any
 
 import attrs
+import nats.errors
+import nats.js.errors
+from nats.js import api
 
 from ...errors import TopicConfigError, TransportError, TransportUnavailableError
 from .._provisioning import mismatch
 from .connection import Connection
 from .options import duplicate_window, stream_name
-
-try:
-    import nats.errors
-    import nats.js.errors
-    from nats.js import api
-except ImportError as exc:  # pragma: no cover - depends on the environment
-    from ...errors import MissingExtraError
-
-    raise MissingExtraError(
-        f'the NATS transport needs nats-py: pip install "trio-bus[nats]" ({exc})'
-    ) from exc
 
 __all__ = ["ERR_STREAM_NOT_FOUND", "Streams", "TopicInfo", "map_api_error"]
 
