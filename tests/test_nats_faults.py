@@ -38,7 +38,7 @@ from trio_bus.errors import (
     TransportError,
     TransportUnavailableError,
 )
-from trio_bus.testing import FaultProxy
+from trio_bus.testing import FaultProxy, contract_settings
 from trio_bus.testing._servers import find_nats_server, free_port, stop_process, wait_for_port
 from trio_bus.transports._base import ConsumerSpec, TransportSettings
 from trio_bus.transports._bridge import UNWIND_TIMEOUT
@@ -281,13 +281,7 @@ async def test_blackhole_then_heal_keeps_order_and_loses_nothing(nats_bus_url: s
 
 
 def settings(url: str, options: object | None = None) -> TransportSettings:
-    return TransportSettings(
-        url=url,
-        hosts=tuple(url.split("://", 1)[1].split(",")),
-        client_id="test",
-        options=options,
-        max_message_bytes=1 << 20,
-    )
+    return contract_settings(url, options=options)
 
 
 async def test_close_is_bounded_while_blackholed(nats_bus_url: str) -> None:

@@ -32,6 +32,7 @@ from trio_bus.errors import (
     TopicConfigError,
     TransportUnavailableError,
 )
+from trio_bus.testing import contract_settings
 from trio_bus.transports._base import ConsumerSpec, TransportSettings
 from trio_bus.transports.nats import (
     ConnectOptions,
@@ -56,13 +57,7 @@ def uid(prefix: str) -> str:
 
 
 def settings(url: str, options: object | None = None) -> TransportSettings:
-    return TransportSettings(
-        url=url,
-        hosts=tuple(url.split("://", 1)[1].split(",")),
-        client_id="test",
-        options=options,
-        max_message_bytes=1 << 20,
-    )
+    return contract_settings(url, options=options)
 
 
 @asynccontextmanager
