@@ -199,3 +199,14 @@ async def test_probe_publishes_stay_out_of_the_result_stream(memory_bus_url: str
         assert result.topic == "t"
         with pytest.raises(trio.WouldBlock):
             results.receive_nowait()
+
+
+async def test_a_plain_function_batch_handler_is_refused(memory_bus_url: str) -> None:
+    def not_async(messages: object) -> None:
+        pass
+
+    async with trio_bus.open_bus(memory_bus_url) as bus:
+        with pytest.raises(TypeError, match="async def"):
+            await bus.subscribe_batch("t", not_async)  # type: ignore[arg-type]
+        with pytest.raises(errors.InvalidInputError):
+            await bus.subscribe_batch("t", "nope")  # type: ignore[arg-type]

@@ -26,7 +26,7 @@ from ._publisher import Publisher
 from ._ratelimit import PublishLimits
 from ._results import FullPolicy, PublishResult, PublishResultStream
 from ._stats import BusStatistics, TopicStats
-from ._subscription import Subscription, Subscriptions
+from ._subscription import Subscription, Subscriptions, check_async_handler
 from .asyncapi import Publication, build_document
 from .errors import BusClosedError, InvalidInputError
 from .health import HealthReport, Monitor, Monitoring
@@ -378,8 +378,7 @@ class Bus:
             bisect: Split a batch that keeps failing instead of
                 dead-lettering all of it.
         """
-        if not callable(handler):
-            raise InvalidInputError("handler must be an async callable")
+        check_async_handler(handler)  # Subscriptions.open sees only batching.one
         batching = Batching(invoke=handler, max_batch=max_batch, max_wait=max_wait, bisect=bisect)
         return await self._subscribe(
             topic,
