@@ -22,6 +22,7 @@ from ...errors import BusClosedError, TransportError
 from .._base import Consumer, ConsumerSpec, LaneState
 from .._bridge import Bridge, Handoff
 from .flow import Release
+from .offsets import PartitionTrack
 
 if TYPE_CHECKING:
     from .group import Group
@@ -58,7 +59,7 @@ class KafkaConsumer(Consumer):
         self._held: set[Record] = set()
         #: Tracks (lanes) with a record this side released: until the poll
         #: loop rewinds them, their queued records are released unfetched.
-        self._rewinding: set[object] = set()
+        self._rewinding: set[PartitionTrack] = set()
         self.closed = False
 
     async def fetch(self, max_records: int) -> Sequence[Record]:
@@ -84,7 +85,7 @@ class KafkaConsumer(Consumer):
     def _skip_rewinding(self, records: list[Record]) -> list[Record]:
         """Release, unfetched, records of lanes being rewound (they come
         again after the released one, in order)."""
-        self._rewinding = {t for t in self._rewinding if getattr(t, "live", False)}
+        self._rewinding = {t for t in self._rewinding if t.live}
         kept = []
         for record in records:
             if record.token in self._rewinding:
@@ -105,7 +106,9 @@ class KafkaConsumer(Consumer):
         held = self._held
         if record in held:
             held.remove(record)
-            self._rewinding.add(record.token)
+            track = record.token
+            assert isinstance(track, PartitionTrack)
+            self._rewinding.add(track)
             self._settles.put(Release(record))
 
     async def lanes(self) -> Sequence[LaneState]:
