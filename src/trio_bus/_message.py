@@ -9,6 +9,7 @@ import attrs
 
 if TYPE_CHECKING:
     from ._envelope import Envelope
+    from ._lease import Lease
 
 __all__ = ["Message", "OutgoingMessage", "Record"]
 
@@ -35,6 +36,9 @@ class Record:
         token: Transport-private ack handle.
         timestamp: When the message was published (seconds since the epoch)
             where the broker says so; for end-to-end latency metrics.
+        lease: The member's lease on the partition it came from, where the
+            transport fences partitions between processes (see
+            :mod:`trio_bus._lease`); None: no fence.
     """
 
     topic: str
@@ -47,6 +51,7 @@ class Record:
     delivery_count: int | None = None
     token: object = None
     timestamp: float | None = None
+    lease: Lease | None = None
 
 
 @attrs.frozen(slots=True, eq=False)

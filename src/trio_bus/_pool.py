@@ -258,6 +258,8 @@ class ActorPool:
         if route.closing:
             self.finish(actor, release=True)
             return True
+        if self._fenced(actor):
+            return True
         if work.rejection is not None:
             scope.deadline = math.inf
             await self._dead_letter(work, work.rejection, attempts=0, rejected=True)
@@ -311,8 +313,15 @@ class ActorPool:
             slack = min(timeout * TIMEOUT_SLACK, MAX_TIMEOUT_SLACK)
             if not earliest <= scope.deadline <= earliest + slack:
                 scope.deadline = earliest + slack
+        lease = work.record.lease
+        if lease is not None:
+            lease.enter(scope)
         try:
-            await handler(arg)
+            try:
+                await handler(arg)
+            finally:
+                if lease is not None:
+                    lease.exit(scope)
         except Exception as exc:
             scope.deadline = math.inf
             if scope.cancel_called:
@@ -350,7 +359,7 @@ class ActorPool:
     async def _after_cancelled_attempt(self, actor: Actor) -> None:
         abandoned, actor.abandoned = actor.abandoned, False
         failure, actor.pending_failure = actor.pending_failure, None
-        if actor.current is None:
+        if actor.current is None or self._fenced(actor):
             return
         if abandoned or actor.current.route.closing:
             self.finish(actor, release=True)
@@ -359,6 +368,8 @@ class ActorPool:
 
     async def _failed(self, actor: Actor, exc: Exception) -> None:
         """Count a failed attempt; retry after a backoff or dead-letter."""
+        if self._fenced(actor):
+            return
         work = actor.current
         assert work is not None
         route = work.route
@@ -381,6 +392,25 @@ class ActorPool:
         route.stats.retried += 1
         await trio.sleep(route.retry.delay(actor.attempt))
         actor.attempt += 1
+
+    def _fenced(self, actor: Actor) -> bool:
+        """Hand back what the actor holds if its lease lapsed (see _lease.py):
+        no call, retry or dead-lettering without it; the transport drops the
+        release and the partition's new owner handles the message."""
+        work = actor.current
+        assert work is not None
+        lease = work.record.lease
+        if lease is None or lease.held():
+            return False
+        logger.debug(
+            "lease %r lapsed: handing back %s offset %s",
+            lease,
+            work.record.topic,
+            work.record.offset,
+        )
+        actor.pending_failure = None
+        self.finish(actor, release=True)
+        return True
 
     def finish(self, actor: Actor, *, release: bool = False) -> None:
         """Settle what the actor holds (one message or a batch); after a
