@@ -3,18 +3,18 @@ AsyncAPI 3.0.0 JSON schema (tests/data/asyncapi/, from @asyncapi/specs)."""
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import attrs
 import msgspec
 import pytest
 
 import trio_bus
 from trio_bus import asyncapi
+
+from ._events import OrderPaid, OrderShipped
 
 # Not in the [test] extra yet (pyproject.toml is not this module's to change).
 jsonschema = pytest.importorskip("jsonschema")
@@ -30,18 +30,6 @@ class OrderPlaced(msgspec.Struct):
 class Line(msgspec.Struct):
     sku: str
     quantity: int
-
-
-@dataclasses.dataclass
-class OrderPaid:
-    order_id: str
-    amount: float
-
-
-@attrs.define
-class OrderShipped:
-    order_id: str
-    carrier: str
 
 
 def validate(document: dict[str, Any]) -> None:

@@ -3,10 +3,8 @@ suite runs the routed path on every transport."""
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
-import attrs
 import msgspec
 import pytest
 import trio
@@ -14,24 +12,13 @@ import trio
 import trio_bus
 from trio_bus.errors import ConfigError, PayloadDecodeError, UnknownEventTypeError
 
+from ._events import OrderPaid, OrderShipped
 from .helpers import Recorder, collect
 
 
 class OrderPlaced(msgspec.Struct):
     order_id: str
     total: int
-
-
-@dataclasses.dataclass
-class OrderPaid:
-    order_id: str
-    amount: float
-
-
-@attrs.define
-class OrderShipped:
-    order_id: str
-    carrier: str
 
 
 def envelope(event_type: str, payload: object, *, version: int = 1, agg: str = "o-1") -> Any:
