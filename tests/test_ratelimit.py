@@ -5,8 +5,10 @@ the real clock."""
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Sequence
 
+import prometheus_client
 import pytest
 import trio
 import trio.testing
@@ -199,6 +201,26 @@ async def test_publish_waits_for_tokens(
                 nursery.start_soon(bus.publish, "t", b"%d" % i)
         times = [t - start for t in sends.times]
     assert times == pytest.approx([0.0] * 4 + [0.05 * k for k in range(1, 9)], abs=EXACT)
+
+
+async def test_throttling_is_counted_in_statistics_and_metrics(
+    memory_bus_url: str, autojump_clock: trio.testing.MockClock
+) -> None:
+    limit = RateLimit(per_second=20, burst=4)
+    async with trio_bus.open_bus(memory_bus_url, monitoring=None, publish_rate=limit) as bus:
+        assert bus.statistics().publish_throttled == 0
+        async with trio.open_nursery() as nursery:
+            for i in range(12):
+                nursery.start_soon(bus.publish, "t", b"%d" % i)
+        stats = bus.statistics()
+        exposition = prometheus_client.generate_latest(bus.metrics_registry).decode()
+    # 4 went at once; the other 8 waited 0.05, 0.10, ... 0.40 s.
+    assert stats.publish_throttled == 8
+    assert stats.publish_throttled_seconds == pytest.approx(0.05 * 36, abs=EXACT)
+    assert re.search(r"_publish_throttled_total 8\.0$", exposition, re.M)
+    waited = re.search(r"_publish_throttled_seconds_total (\S+)$", exposition, re.M)
+    assert waited is not None
+    assert float(waited[1]) == pytest.approx(1.8, abs=EXACT)
 
 
 async def test_publish_envelope_is_limited_too(

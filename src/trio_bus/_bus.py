@@ -114,6 +114,7 @@ class Bus:
         depths = pool.inbox_depths()
         # Each counter is kept once, per topic; the bus-wide ones are sums.
         topics = tuple(s.snapshot(t) for t, s in sorted(self._topic_stats.items()))
+        throttled, throttled_seconds = self._publisher.throttling()
         return BusStatistics(
             pool_size=pool.size,
             actors_alive=pool.actors_alive(),
@@ -132,6 +133,8 @@ class Bus:
             publish_results_dropped=self._publisher.results.dropped,
             running=tuple(pool.running()),
             topics=topics,
+            publish_throttled=throttled,
+            publish_throttled_seconds=throttled_seconds,
         )
 
     # ---------------------------------------------------------------- publish

@@ -89,6 +89,10 @@ class Publisher:
         self.published = 0
         self.closed = False
 
+    def throttling(self) -> tuple[int, float]:
+        """``(requests that waited for the rate limit, seconds waited)``."""
+        return (0, 0.0) if self._limits is None else self._limits.throttling()
+
     # ------------------------------------------------------------ checks
 
     def outgoing(

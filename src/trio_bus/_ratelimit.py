@@ -40,6 +40,10 @@ class TokenBucketStatistics:
     """Tokens available now (refilled up to the current time)."""
     waiting: int
     """Requests queued for tokens."""
+    throttled: int = 0
+    """Requests that had to wait for tokens, since the bucket was made."""
+    throttled_seconds: float = 0.0
+    """Seconds those requests waited in all (cancelled waits included)."""
 
 
 @attrs.define(eq=False)
@@ -64,6 +68,8 @@ class TokenBucket:
         self._tokens = float(limit.burst)
         self._stamp = trio.current_time()
         self._queue: deque[_Waiter] = deque()
+        self._throttled = 0
+        self._throttled_seconds = 0.0
 
     def _refill(self) -> float:
         now = trio.current_time()
@@ -79,7 +85,12 @@ class TokenBucket:
 
     def statistics(self) -> TokenBucketStatistics:
         """Tokens available and requests waiting, right now."""
-        return TokenBucketStatistics(tokens=self._refill(), waiting=len(self._queue))
+        return TokenBucketStatistics(
+            tokens=self._refill(),
+            waiting=len(self._queue),
+            throttled=self._throttled,
+            throttled_seconds=self._throttled_seconds,
+        )
 
     async def acquire(self, tokens: int = 1) -> None:
         """Wait until *tokens* are available and every earlier request was
@@ -100,6 +111,8 @@ class TokenBucket:
             return
         waiter = _Waiter(tokens)
         self._queue.append(waiter)
+        self._throttled += 1
+        since = trio.current_time()
         try:
             if self._queue[0] is not waiter:
                 await waiter.turn.wait()
@@ -110,6 +123,7 @@ class TokenBucket:
                     break
                 await trio.sleep_until(self._stamp + (tokens - self._tokens) / self._rate)
         finally:
+            self._throttled_seconds += trio.current_time() - since
             if self._queue[0] is waiter:
                 self._queue.popleft()
                 if self._queue:
@@ -151,3 +165,9 @@ class PublishLimits:
     def bucket_for(self, topic: str) -> TokenBucket | None:
         """The bucket a message to *topic* takes its token from, if any."""
         return self._per_topic.get(topic, self._default)
+
+    def throttling(self) -> tuple[int, float]:
+        """``(requests that waited, seconds waited)`` over every bucket."""
+        buckets = [b for b in (self._default, *self._per_topic.values()) if b is not None]
+        stats = [b.statistics() for b in buckets]
+        return sum(s.throttled for s in stats), sum(s.throttled_seconds for s in stats)

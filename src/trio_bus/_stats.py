@@ -188,6 +188,9 @@ class BusStatistics:
             answered for by the broker.
         publish_results_dropped: Publish results dropped because a reader
             of :meth:`Bus.open_publish_results` fell behind.
+        publish_throttled: Publish requests that waited for the publish
+            rate limit (``open_bus(publish_rate=...)``).
+        publish_throttled_seconds: Seconds they waited in all.
         running: Handler calls in progress (not in the repr).
         topics: Per-topic counters and histograms (not in the repr).
     """
@@ -209,3 +212,5 @@ class BusStatistics:
     publish_results_dropped: int
     running: tuple[RunningHandler, ...] = attrs.field(repr=False)
     topics: tuple[TopicStatistics, ...] = attrs.field(repr=False)
+    publish_throttled: int = 0
+    publish_throttled_seconds: float = 0.0

@@ -29,6 +29,8 @@ Metrics (``<ns>_`` prefix omitted; counters end in ``_total``):
 ``actor_restarts_total``            supervisor restarts
 ``publish_backlog_messages``        awaiting a broker acknowledgement
 ``publish_results_dropped_total``   publish results dropped (reader behind, policy drop)
+``publish_throttled_total``         publish requests that waited for the rate limit
+``publish_throttled_seconds_total`` seconds they waited
 ``consumer_lag_messages``           lag per topic, group, partition (Kafka: end - committed;
                                     NATS: pending; memory: unacked)
 ``consumer_committed_offset``       commit point per lane (Kafka offset, NATS ack floor)
@@ -130,6 +132,16 @@ class BusCollector(Collector):
         )
         dropped.add_metric([], statistics.publish_results_dropped)
         yield dropped
+        throttled = CounterMetricFamily(
+            f"{ns}_publish_throttled", "Publish requests that waited for the rate limit."
+        )
+        throttled.add_metric([], statistics.publish_throttled)
+        yield throttled
+        waited = CounterMetricFamily(
+            f"{ns}_publish_throttled_seconds", "Seconds publish requests waited for the rate limit."
+        )
+        waited.add_metric([], statistics.publish_throttled_seconds)
+        yield waited
         yield from self._lanes()
 
     def _lanes(self) -> Iterator[Metric]:

@@ -70,6 +70,8 @@ from typing import Literal, Protocol
 import attrs
 
 from .._message import OutgoingMessage, Record
+from .._topics import PersistencePolicy, TopicDescription, TopicRequest
+from ..errors import TopicConfigError
 
 __all__ = [
     "HEALTH_TOPIC",
@@ -103,6 +105,9 @@ class TransportSettings:
         options: The transport-specific options object passed to
             ``open_bus(transport_options=...)``, or None for defaults.
         max_message_bytes: Largest body the bus accepts.
+        persistence: Each topic's persistence mode (see
+            :mod:`trio_bus._topics`); transports without storage-less
+            delivery may treat every mode as ``"persistent"``.
     """
 
     url: str
@@ -110,6 +115,7 @@ class TransportSettings:
     client_id: str
     options: object | None
     max_message_bytes: int
+    persistence: PersistencePolicy = attrs.field(factory=PersistencePolicy)
 
 
 @attrs.frozen(kw_only=True)
@@ -210,6 +216,23 @@ class Transport(abc.ABC):
     async def open_consumer(self, spec: ConsumerSpec) -> Consumer:
         """Join *spec.group* on *spec.topic*; return once deliveries can flow
         (the group is joined and positions are assigned)."""
+
+    # Topic administration (``bus.topics``). Optional: a transport that
+    # cannot do it says so with a TopicConfigError.
+
+    async def configure_topic(self, topic: str, request: TopicRequest) -> TopicDescription:
+        """Create or update *topic* as *request* says (the transport's
+        strategy and mismatch action unless it overrides them); remember its
+        options and persistence for later use; describe the result."""
+        raise TopicConfigError(f"the {self.name} transport cannot configure topics")
+
+    async def describe_topic(self, topic: str) -> TopicDescription:
+        """The broker's view of *topic*."""
+        raise TopicConfigError(f"the {self.name} transport cannot describe topics")
+
+    async def list_topics(self) -> Sequence[str]:
+        """The topics the broker stores."""
+        raise TopicConfigError(f"the {self.name} transport cannot list topics")
 
 
 class TransportFactory(Protocol):
