@@ -218,7 +218,7 @@ async def test_throttling_is_counted_in_statistics_and_metrics(
     assert stats.publish_throttled == 8
     assert stats.publish_throttled_seconds == pytest.approx(0.05 * 36, abs=EXACT)
     assert re.search(r"_publish_throttled_total 8\.0$", exposition, re.M)
-    waited = re.search(r"_publish_throttled_seconds_total (\S+)$", exposition, re.M)
+    waited = re.search(r"^\S+_publish_throttled_seconds_total (\S+)$", exposition, re.M)
     assert waited is not None
     assert float(waited[1]) == pytest.approx(1.8, abs=EXACT)
 
