@@ -15,7 +15,7 @@ NATS JetStream or an embedded in-memory transport::
 
 Layers, each importing only from those above it: ``errors`` -> ``_names``,
 ``_envelope``, ``_message``, ``_config``, ``_stats`` -> ``_ratelimit``,
-``transports._base`` -> ``_pool``, ``_publisher`` -> ``_subscription`` ->
+``_topics``, ``transports._base`` -> ``_pool``, ``_publisher`` -> ``_subscription`` ->
 ``health``, ``metrics`` -> ``_bus`` -> ``_open``. Concrete transports are imported lazily by URL
 scheme; only they and ``transports._bridge`` import trio-asyncio.
 """
@@ -43,6 +43,9 @@ from ._stats import BusStatistics as BusStatistics
 from ._stats import RunningHandler as RunningHandler
 from ._stats import TopicStatistics as TopicStatistics
 from ._subscription import Subscription as Subscription
+from ._topics import Persistence as Persistence
+from ._topics import TopicAdmin as TopicAdmin
+from ._topics import TopicDescription as TopicDescription
 from .health import BacklogEvent as BacklogEvent
 from .health import HealthReport as HealthReport
 from .health import Monitoring as Monitoring
@@ -58,6 +61,7 @@ __all__ = [
     "Message",
     "Monitoring",
     "OutgoingMessage",
+    "Persistence",
     "PublishResult",
     "RateLimit",
     "RetryPolicy",
@@ -65,6 +69,8 @@ __all__ = [
     "RunningHandler",
     "Stall",
     "Subscription",
+    "TopicAdmin",
+    "TopicDescription",
     "TopicStatistics",
     "current_message",
     "decode_envelope",

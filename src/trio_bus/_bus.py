@@ -27,6 +27,7 @@ from ._ratelimit import PublishLimits
 from ._results import FullPolicy, PublishResult, PublishResultStream
 from ._stats import BusStatistics, TopicStats
 from ._subscription import Subscription, Subscriptions, check_async_handler
+from ._topics import TopicAdmin
 from .asyncapi import Publication, build_document
 from .errors import BusClosedError, InvalidInputError
 from .health import HealthReport, Monitor, Monitoring
@@ -83,6 +84,9 @@ class Bus:
             publish_probe=self._publish_probe,
         )
         self._publications: list[Publication] = []
+        self.topics = TopicAdmin(transport)
+        """Configure, describe and list topics while running (see
+        :class:`~trio_bus.TopicAdmin`)."""
         self.metrics_registry = registry_for(self, self._monitor)
         """This bus's own Prometheus registry (see :mod:`trio_bus.metrics`)."""
 

@@ -34,6 +34,7 @@ from ._config import (
 )
 from ._exceptions import lone_exception, raise_as_is
 from ._signals import sigint_cancels
+from ._topics import Persistence, PersistencePolicy
 from ._tracing import tracer_for
 from .errors import ConfigError
 from .health import Monitoring
@@ -103,6 +104,7 @@ async def open_bus(
     tracing: bool | TracerProvider | None = None,
     publish_rate: RateLimit | None = None,
     publish_rates: Mapping[str, RateLimit | None] | None = None,
+    persistence: Persistence | Mapping[str, Persistence] = "persistent",
 ) -> AsyncIterator[Bus]:
     """Open an event bus for the duration of an ``async with`` block.
 
@@ -150,6 +152,11 @@ async def open_bus(
         publish_rates: Per-topic limits, each replacing *publish_rate* for
             its topic (its own bucket; None: that topic is not limited),
             e.g. ``{"orders": RateLimit(per_second=50, burst=10)}``.
+        persistence: ``"persistent"`` (stored, at-least-once: the default),
+            ``"ephemeral"`` (no storage where the broker allows it,
+            at-most-once) or ``"auto"`` (persistent if the broker already
+            stores the topic) for every topic, or a mapping of topics to
+            modes (the others persistent). See docs/topics.md.
 
     Raises:
         ConfigError, UnsupportedURLError: bad configuration.
@@ -185,6 +192,7 @@ async def open_bus(
         client_id=client_id,
         options=transport_options,
         max_message_bytes=max_message_bytes,
+        persistence=PersistencePolicy.parse(persistence),
     )
     # Ctrl-C cancels this scope (see _signals.py): the body and a graceful
     # drain stop, the shielded shutdown still runs, then KeyboardInterrupt.

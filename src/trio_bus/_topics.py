@@ -38,12 +38,15 @@ __all__ = [
     "PERSISTENCE_MODES",
     "Persistence",
     "PersistencePolicy",
+    "StoredAs",
     "TopicAdmin",
     "TopicDescription",
     "TopicRequest",
 ]
 
 Persistence = Literal["persistent", "ephemeral", "auto"]
+#: What ``auto`` resolves to.
+StoredAs = Literal["persistent", "ephemeral"]
 PERSISTENCE_MODES: tuple[Persistence, ...] = ("persistent", "ephemeral", "auto")
 
 
@@ -124,7 +127,7 @@ class TopicDescription:
     """
 
     topic: str
-    persistence: Literal["persistent", "ephemeral"]
+    persistence: StoredAs
     exists: bool
     location: str | None = None
     config: Mapping[str, object] = attrs.field(factory=dict)

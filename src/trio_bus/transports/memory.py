@@ -21,12 +21,19 @@ Choices, documented in docs/transports.md:
   nobody has subscribed to is kept. :class:`MemoryRetention` bounds each log
   further by messages, bytes and age, dropping the oldest entries even if a
   group has not acked them (as Kafka's retention does); a group positioned
-  before the retained log resumes at its start.
+  before the retained log resumes at its start. ``bus.topics.configure``
+  sets a topic's own retention.
+* Persistence (docs/topics.md): an *ephemeral* topic keeps no log — a
+  message reaches only the groups that exist when it is published, each
+  delivery counts as acked when fetched (at-most-once, never redelivered).
+  A topic's mode is fixed by whoever touches it first (``auto``: persistent
+  if the log exists, else ephemeral) and changed only by ``configure``.
 """
 
 from __future__ import annotations
 
 import heapq
+import logging
 import time
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
@@ -36,10 +43,14 @@ import trio
 
 from .._config import at_least, positive
 from .._message import OutgoingMessage, Record
-from ..errors import BusClosedError, ConfigError
+from .._topics import Persistence, PersistencePolicy, StoredAs, TopicDescription, TopicRequest
+from ..errors import BusClosedError, ConfigError, TopicConfigError
 from ._base import Consumer, ConsumerSpec, LaneState, Transport, TransportSettings
+from ._provisioning import mismatch
 
 __all__ = ["MemoryBroker", "MemoryRetention", "get_broker", "open_transport"]
+
+logger = logging.getLogger("trio_bus.memory")
 
 #: Fewest acks between two automatic trims of a topic.
 _MIN_ACKS_PER_TRIM = 64
@@ -110,6 +121,10 @@ class _Topic:
     changed: trio.lowlevel.ParkingLot = attrs.Factory(trio.lowlevel.ParkingLot)
     size: int = 0  # bytes of the retained entries
     acks_since_trim: int = 0
+    #: No log kept (see the module docstring).
+    ephemeral: bool = False
+    #: This topic's own limits (``bus.topics.configure``), else the broker's.
+    retention: MemoryRetention | None = None
 
     @property
     def end(self) -> int:
@@ -185,12 +200,14 @@ class MemoryBroker:
                 len(rec.value) + len(rec.key or "") + sum(map(len, [*headers, *headers.values()]))
             )
             topic = self._topic(rec.topic)
+            if topic.ephemeral and not topic.groups:
+                continue  # nobody to deliver to, and nothing is kept
             topic.entries.append(_Entry(rec.key, rec.value, headers, now, size))
             topic.size += size
             touched.add(rec.topic)
         for name in touched:
             topic = self._topics[name]
-            topic.enforce(self.retention, now)
+            topic.enforce(topic.retention or self.retention, now)
             topic.changed.unpark_all()
 
     def end_offset(self, topic: str) -> int:
@@ -220,8 +237,68 @@ class MemoryBroker:
         t = self._topic(topic)
         before = t.base
         t.trim_acked()
-        t.enforce(self.retention, time.time())
+        t.enforce(t.retention or self.retention, time.time())
         return t.base - before
+
+    # ---------------------------------------------------------- topics
+
+    def declare(self, topic: str, mode: Persistence) -> None:
+        """Fix *topic*'s persistence the first time anyone names it."""
+        if topic not in self._topics:
+            self._topic(topic).ephemeral = mode != "persistent"  # auto: no log yet
+
+    def configure(self, topic: str, request: TopicRequest) -> TopicDescription:
+        """``bus.topics.configure`` on this broker (default strategy:
+        ``create_or_update`` -- the application owns an embedded broker)."""
+        options = request.options
+        if options is not None and not isinstance(options, MemoryRetention):
+            raise ConfigError(
+                f"memory topic options must be a MemoryRetention, not {type(options).__name__}"
+            )
+        strategy = request.strategy or "create_or_update"
+        exists = topic in self._topics
+        if not exists and strategy == "validate_only":
+            raise TopicConfigError(f"memory topic {topic!r} does not exist")
+        if strategy == "skip":
+            return self.describe(topic)
+        t = self._topic(topic)
+        if exists and strategy != "create_or_update":
+            mode = None if request.persistence == "auto" else request.persistence
+            wanted = {"retention": options, "persistence": mode}
+            have = {"retention": t.retention, "persistence": _mode(t)}
+            diff = {k: v for k, v in wanted.items() if v is not None and v != have[k]}
+            if diff:
+                message = f"memory topic {topic!r} differs: {diff}"
+                mismatch(request.on_mismatch or "warn", message, logger=logger)
+                return self.describe(topic)
+        if options is not None:
+            t.retention = options
+            t.enforce(options, time.time())
+        if request.persistence is not None:
+            t.ephemeral = request.persistence == "ephemeral" or (
+                request.persistence == "auto" and not exists
+            )
+        return self.describe(topic)
+
+    def describe(self, topic: str) -> TopicDescription:
+        """The broker's view of *topic*."""
+        t = self._topics.get(topic)
+        retention = (t.retention if t is not None else None) or self.retention
+        return TopicDescription(
+            topic=topic,
+            persistence="persistent" if t is None else _mode(t),
+            exists=t is not None and not t.ephemeral,
+            config=attrs.asdict(retention),
+            messages=None if t is None else len(t.entries),
+        )
+
+    def topic_names(self) -> list[str]:
+        """The topics with a log."""
+        return [name for name, t in self._topics.items() if not t.ephemeral]
+
+
+def _mode(topic: _Topic) -> StoredAs:
+    return "ephemeral" if topic.ephemeral else "persistent"
 
 
 _brokers: dict[str, MemoryBroker] = {}
@@ -267,6 +344,9 @@ class _MemoryConsumer(Consumer):
         while group.next_index < topic.end and len(out) < max_records:
             out.append(self._deliver(group.next_index))
             group.next_index += 1
+        if topic.ephemeral:  # at-most-once: delivered counts as acked
+            for record in out:
+                self.ack(record)
         # Cancel-atomic: what was taken reaches the caller.
         await trio.lowlevel.cancel_shielded_checkpoint()
         return out
@@ -335,17 +415,40 @@ class MemoryTransport(Transport):
 
     name = "memory"
 
-    def __init__(self, broker: MemoryBroker) -> None:
+    def __init__(self, broker: MemoryBroker, persistence: PersistencePolicy | None = None) -> None:
         self.broker = broker
+        self._persistence = persistence or PersistencePolicy()
+        self._declared: set[str] = set()
+
+    def _declare(self, topic: str) -> None:
+        if topic not in self._declared:
+            self.broker.declare(topic, self._persistence.of(topic))
+            self._declared.add(topic)
 
     async def publish_batch(self, records: Sequence[OutgoingMessage]) -> Sequence[Exception | None]:
+        for record in records:
+            self._declare(record.topic)
         self.broker.append(records)
         await trio.lowlevel.checkpoint()
         return [None] * len(records)
 
     async def open_consumer(self, spec: ConsumerSpec) -> Consumer:
         await trio.lowlevel.checkpoint()
+        self._declare(spec.topic)
         return _MemoryConsumer(self.broker, spec)
+
+    async def configure_topic(self, topic: str, request: TopicRequest) -> TopicDescription:
+        await trio.lowlevel.checkpoint()
+        self._declared.add(topic)
+        return self.broker.configure(topic, request)
+
+    async def describe_topic(self, topic: str) -> TopicDescription:
+        await trio.lowlevel.checkpoint()
+        return self.broker.describe(topic)
+
+    async def list_topics(self) -> Sequence[str]:
+        await trio.lowlevel.checkpoint()
+        return self.broker.topic_names()
 
 
 @asynccontextmanager
@@ -362,4 +465,4 @@ async def open_transport(settings: TransportSettings) -> AsyncIterator[MemoryTra
                 f"not {type(settings.options).__name__}"
             )
         broker.retention = settings.options
-    yield MemoryTransport(broker)
+    yield MemoryTransport(broker, settings.persistence)
