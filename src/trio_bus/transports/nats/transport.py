@@ -20,16 +20,19 @@ import trio
 
 from ..._exceptions import unwrap_lone_exception
 from ..._message import OutgoingMessage, Record
+from ..._topics import PersistencePolicy, TopicDescription, TopicRequest
 from ...errors import BusClosedError, ConfigError, TransportError
 from .._base import Consumer, ConsumerSpec, LaneState, Transport, TransportSettings
 from .._bridge import Bridge, open_bridge
 from .connection import Connection
+from .ephemeral import CoreConsumer, CoreSubscription, Modes, publish_core
 from .options import NatsOptions
 from .publish import Publisher
 from .puller import Puller
 from .settle import ACK, NAK, Delivery
 from .streams import Streams
 from .supervisor import Supervisor
+from .topics import TopicAdmin
 
 __all__ = ["CLOSE_TIMEOUT", "NatsConsumer", "NatsTransport", "open_transport"]
 
@@ -138,13 +141,17 @@ class NatsTransport(Transport):
     name = "nats"
     coalesce_publishes = True
 
-    def __init__(self, bridge: Bridge, conn: Connection) -> None:
+    def __init__(
+        self, bridge: Bridge, conn: Connection, persistence: PersistencePolicy | None = None
+    ) -> None:
         self._bridge = bridge
         self._conn = conn
         self._streams = Streams(conn)
         self._publisher = Publisher(conn, self._streams)
         self._supervisor = Supervisor(conn)
-        self._consumers: set[NatsConsumer] = set()
+        self._consumers: set[NatsConsumer | CoreConsumer] = set()
+        self._modes = Modes(conn, persistence or PersistencePolicy())
+        self._topics = TopicAdmin(conn, self._streams, self._modes)
 
     @property
     def connected(self) -> bool:
@@ -162,10 +169,40 @@ class NatsTransport(Transport):
         if not records:
             await trio.lowlevel.checkpoint()
             return []
-        return await self._bridge.call(self._publisher.publish_many, records)
+        return await self._bridge.call(self._publish, records)
 
-    async def open_consumer(self, spec: ConsumerSpec) -> NatsConsumer:
-        """Bind the group's durable consumer; return once a pull is out."""
+    async def _publish(self, records: Sequence[OutgoingMessage]) -> list[Exception | None]:
+        # Asyncio side: JetStream for persistent topics, Core NATS for
+        # ephemeral ones (see ephemeral.py), one outcome per record in order.
+        core: list[int] = []
+        for i, record in enumerate(records):
+            if await self._modes.of(record.topic) == "ephemeral":
+                core.append(i)
+        if not core:
+            return await self._publisher.publish_many(records)
+        outcomes: list[Exception | None] = [None] * len(records)
+        stored = [i for i in range(len(records)) if i not in set(core)]
+        for indices, outcome in (
+            (core, await publish_core(self._conn, [records[i] for i in core])),
+            (stored, await self._publisher.publish_many([records[i] for i in stored])),
+        ):
+            for i, each in zip(indices, outcome, strict=True):
+                outcomes[i] = each
+        return outcomes
+
+    async def open_consumer(self, spec: ConsumerSpec) -> Consumer:
+        """Bind the group's durable consumer (return once a pull is out), or
+        subscribe to an ephemeral topic's subject."""
+        if await self._bridge.call(self._modes.of, spec.topic) == "ephemeral":
+            sub = CoreSubscription(self._conn, spec)
+            core = CoreConsumer(self._bridge, sub, self._consumers.discard)
+            try:
+                await self._bridge.call(sub.start)
+            except BaseException:
+                await core.aclose()
+                raise
+            self._consumers.add(core)
+            return core
         puller = Puller(self._conn, self._streams, spec)
         supervisor = self._supervisor
         try:
@@ -178,6 +215,21 @@ class NatsTransport(Transport):
         consumer = NatsConsumer(self, puller)
         self._consumers.add(consumer)
         return consumer
+
+    async def configure_topic(self, topic: str, request: TopicRequest) -> TopicDescription:
+        """``bus.topics.configure``: see :mod:`.topics`."""
+        result: TopicDescription = await self._bridge.call(self._topics.configure, topic, request)
+        return result
+
+    async def describe_topic(self, topic: str) -> TopicDescription:
+        """``bus.topics.describe``: the stream storing *topic*, if any."""
+        result: TopicDescription = await self._bridge.call(self._topics.describe, topic)
+        return result
+
+    async def list_topics(self) -> Sequence[str]:
+        """``bus.topics.list``: topics stored in this prefix's streams."""
+        result: list[str] = await self._bridge.call(self._topics.list)
+        return result
 
     async def run_on_loop(self, fn: Callable[..., Awaitable[Any]], *args: Any) -> Any:
         """Run an asyncio coroutine function on the transport's loop (one
@@ -225,7 +277,7 @@ async def _open_transport(settings: TransportSettings) -> AsyncIterator[NatsTran
         try:
             await bridge.call(conn.connect, servers, settings.client_id)
             async with trio.open_nursery() as nursery:
-                transport = NatsTransport(bridge, conn)
+                transport = NatsTransport(bridge, conn, settings.persistence)
                 supervisor = transport._supervisor
                 nursery.start_soon(bridge.call, supervisor.run, name="trio_bus.nats-loops")
                 await bridge.call(supervisor.wait_ready)
