@@ -33,15 +33,16 @@ from aiokafka.admin import AIOKafkaAdminClient
 from ..._exceptions import unwrap_lone_exception
 from ..._message import OutgoingMessage
 from ..._secrets import warn_if_unverified
+from ..._topics import TopicDescription, TopicRequest
 from ...errors import BusClosedError, TransportError
 from .._base import Consumer, ConsumerSpec, Transport, TransportSettings
 from .._bridge import Bridge, open_bridge
-from .admin import TopicProvisioner
 from .consumer import KafkaConsumer
 from .errors import connect_error, tls_refusal, transport_error
 from .group import Group
 from .options import CONNECTION_CHECK_INTERVAL, KafkaOptions, client_kwargs, resolve_options
 from .producer import Producer
+from .topics import Topics
 
 __all__ = ["KafkaTransport", "open_transport"]
 
@@ -93,7 +94,8 @@ class KafkaTransport(Transport):
         # Written by the asyncio side only (the connection watch).
         self._connected = True
         self._admin: Any = None
-        self._topics: TopicProvisioner | None = None
+        self._topics: Topics | None = None
+        self._persistence = settings.persistence
         self._producer: Producer | None = None
 
     @property
@@ -123,7 +125,7 @@ class KafkaTransport(Transport):
                 **client_kwargs(opts, self.hosts, self.client_id),
             )
             await self._admin.start()
-            self._topics = TopicProvisioner(self._admin, opts)
+            self._topics = Topics(self._admin, opts, self._persistence)
             self._producer = Producer(
                 opts, self.hosts, self.client_id, self._max_message_bytes, self._topics
             )
@@ -300,6 +302,24 @@ class KafkaTransport(Transport):
         except kafka_errors.KafkaError as exc:
             raise transport_error(exc, f"joining consumer group {spec.group!r}") from exc
         return consumer
+
+    async def configure_topic(self, topic: str, request: TopicRequest) -> TopicDescription:
+        """``bus.topics.configure``: see :mod:`.topics`."""
+        assert self._topics is not None
+        result: TopicDescription = await self.bridge.call(self._topics.configure, topic, request)
+        return result
+
+    async def describe_topic(self, topic: str) -> TopicDescription:
+        """``bus.topics.describe``: partitions, replicas and topic configs."""
+        assert self._topics is not None
+        result: TopicDescription = await self.bridge.call(self._topics.describe_topic, topic)
+        return result
+
+    async def list_topics(self) -> Sequence[str]:
+        """``bus.topics.list``: the broker's topics but internal ones."""
+        assert self._topics is not None
+        result: list[str] = await self.bridge.call(self._topics.topic_names)
+        return result
 
     async def topic_metadata(self, topic: str) -> tuple[int, int]:
         """``(partitions, replication_factor)`` of *topic* as the broker
