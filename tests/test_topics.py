@@ -197,3 +197,20 @@ async def test_kafka_ephemeral_is_a_short_retention(kafka_bus_url: str, topic: s
         description = await bus.topics.describe(topic)
     assert description.persistence == "ephemeral"
     assert description.config["retention.ms"] == "60000"
+
+
+async def test_dead_letter_topics_stay_persistent(storeless_url: str, topic: str) -> None:
+    async def poison(message: trio_bus.Message) -> None:
+        raise trio_bus.errors.NonRetryableError("bad")
+
+    async with trio_bus.open_bus(storeless_url, monitoring=None, persistence="ephemeral") as bus:
+        await bus.subscribe(topic, poison)
+        await bus.publish(topic, b"poison", key="a")
+        parked: Recorder[trio_bus.Message] = Recorder()
+        await parked.poll_until(lambda: bus.statistics().dead_lettered == 1)
+        # Subscribed only once it was parked, from the start: it was stored.
+        await bus.subscribe(f"{topic}.dlq", collect(parked), start="earliest")
+        await parked.wait_for_count(1)
+        assert parked.items[0].value == b"poison"
+        assert (await bus.topics.describe(f"{topic}.dlq")).persistence == "persistent"
+        assert (await bus.topics.describe(topic)).persistence == "ephemeral"

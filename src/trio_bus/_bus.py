@@ -227,13 +227,15 @@ class Bus:
         options = self._config.overridden(
             handler_timeout=handler_timeout, retry=retry, dead_letter=dead_letter
         )
+        dead_letter_topic = options.dead_letter_topic(topic)
+        self._config.persistence.keep(dead_letter_topic)
         return await self._subscriptions.open(
             topic,
             handler,
             group=group,
             start=start,
             handler_timeout=options.handler_timeout,
-            dead_letter_topic=options.dead_letter_topic(topic),
+            dead_letter_topic=dead_letter_topic,
             wants_envelope=wants_envelope,
             retry=options.retry,
             batch=batch,

@@ -9,6 +9,7 @@ from typing import Any
 import attrs
 
 from ._names import validate_topic
+from ._topics import PersistencePolicy
 from .errors import ConfigError
 
 __all__ = [
@@ -193,6 +194,8 @@ class BusConfig:
     publish_rates: Mapping[str, RateLimit | None] = attrs.field(
         factory=dict, validator=_check_rates
     )
+    #: Each topic's persistence mode (shared with the transport).
+    persistence: PersistencePolicy = attrs.field(factory=PersistencePolicy)
 
     @client_id.validator
     def _check_client_id(self, _: object, value: object) -> None:

@@ -183,6 +183,7 @@ async def open_bus(
         max_message_bytes=max_message_bytes,
         publish_rate=publish_rate,
         publish_rates={} if publish_rates is None else publish_rates,
+        persistence=PersistencePolicy.parse(persistence),
     )
     scheme, hosts = parse_url(url)
     factory = resolve(scheme)
@@ -192,7 +193,7 @@ async def open_bus(
         client_id=client_id,
         options=transport_options,
         max_message_bytes=max_message_bytes,
-        persistence=PersistencePolicy.parse(persistence),
+        persistence=config.persistence,
     )
     # Ctrl-C cancels this scope (see _signals.py): the body and a graceful
     # drain stop, the shielded shutdown still runs, then KeyboardInterrupt.

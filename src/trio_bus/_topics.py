@@ -24,15 +24,10 @@ import attrs
 
 from ._names import validate_topic
 from .errors import ConfigError
-from .transports._provisioning import (
-    MISMATCH_ACTIONS,
-    TOPIC_STRATEGIES,
-    MismatchAction,
-    TopicStrategy,
-)
 
 if TYPE_CHECKING:
     from .transports._base import Transport
+    from .transports._provisioning import MismatchAction, TopicStrategy
 
 __all__ = [
     "PERSISTENCE_MODES",
@@ -58,16 +53,18 @@ def check_persistence(value: object, what: str = "persistence") -> Persistence:
     raise ConfigError(f"{what} must be one of {PERSISTENCE_MODES!r}, got {value!r}")
 
 
-@attrs.frozen
+@attrs.define
 class PersistencePolicy:
     """The persistence mode of each topic: ``topics`` overrides ``default``.
 
     ``open_bus(persistence="ephemeral")`` sets the default;
     ``open_bus(persistence={"signals": "ephemeral"})`` sets single topics.
+    Dead-letter topics are persistent unless named in ``topics`` (see
+    :meth:`keep`): parking a message where nothing is stored would lose it.
     """
 
     default: Persistence = "persistent"
-    topics: Mapping[str, Persistence] = attrs.field(factory=dict)
+    topics: dict[str, Persistence] = attrs.field(factory=dict)
 
     @classmethod
     def parse(cls, value: Persistence | Mapping[str, Persistence] | PersistencePolicy) -> Self:
@@ -86,6 +83,12 @@ class PersistencePolicy:
     def of(self, topic: str) -> Persistence:
         """The mode configured for *topic*."""
         return self.topics.get(topic, self.default)
+
+    def keep(self, topic: str) -> None:
+        """Make *topic* (a dead-letter topic) persistent unless it was
+        configured explicitly."""
+        if self.default != "persistent":
+            self.topics.setdefault(topic, "persistent")
 
 
 @attrs.frozen(kw_only=True)
@@ -186,6 +189,9 @@ class TopicAdmin:
 
 
 def _check_policy(request: TopicRequest) -> None:
+    # Imported here: _config (below the transports) imports this module.
+    from .transports._provisioning import MISMATCH_ACTIONS, TOPIC_STRATEGIES
+
     if request.strategy is not None and request.strategy not in TOPIC_STRATEGIES:
         raise ConfigError(f"strategy must be one of {TOPIC_STRATEGIES!r}, got {request.strategy!r}")
     if request.on_mismatch is not None and request.on_mismatch not in MISMATCH_ACTIONS:
