@@ -3,13 +3,17 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
+import uuid
 from importlib import metadata
 from pathlib import Path
 
 import pytest
+import trio
 
+import trio_bus
 from trio_bus.__main__ import main
 
 
@@ -30,6 +34,7 @@ def test_help_describes_the_tool_and_every_command(capsys: pytest.CaptureFixture
         ("demo", "run the orders demo"),
         ("check", "round-trip a probe message"),
         ("bench", "benchmark trio_bus"),
+        ("topics", "list the topics a broker stores"),
     ]:
         assert f"    {command}  " in out
         assert summary in out
@@ -41,6 +46,7 @@ def test_help_describes_the_tool_and_every_command(capsys: pytest.CaptureFixture
     [
         ("demo", ["--orders N", "number of orders (default: 8)", "0 skips it"]),
         ("check", ["kafka://HOST:PORT", "--timeout SECONDS", "exit status:", "2  could not"]),
+        ("topics", ["[topic]", "describe this topic", "as JSON", "--tls-ca"]),
     ],
 )
 def test_each_command_has_its_own_help(
@@ -95,3 +101,24 @@ def test_installed_bench_says_it_needs_a_source_checkout(
     assert "benchmarks/ directory of a" in done.stderr
     assert "source checkout" in done.stderr
     assert 'pip install -e ".[bench]"' in done.stderr
+
+
+def test_topics_lists_and_describes(
+    capsys: pytest.CaptureFixture[str], trio_bus_nats_url: str
+) -> None:
+    topic = f"cli-{uuid.uuid4().hex[:8]}"
+
+    async def create() -> None:
+        async with trio_bus.open_bus(trio_bus_nats_url, monitoring=None) as bus:
+            await bus.topics.configure(topic)
+
+    trio.run(create)
+    assert main(["topics", trio_bus_nats_url]) == 0
+    assert topic in capsys.readouterr().out.split()
+    assert main(["topics", trio_bus_nats_url, topic]) == 0
+    description = json.loads(capsys.readouterr().out)
+    assert description["topic"] == topic
+    assert description["exists"] is True
+    assert description["location"] == topic
+    assert main(["topics", "nats://127.0.0.1:1", topic, "--timeout", "3"]) == 2
+    assert "trio-bus topics nats://127.0.0.1:1" in capsys.readouterr().out

@@ -15,6 +15,7 @@ from pathlib import Path
 import trio
 
 from ._secrets import url_secrets
+from ._topics_cli import TOPICS_DESCRIPTION, TOPICS_EPILOG, TOPICS_HELP, run_topics
 
 logger = logging.getLogger("trio_bus.check")
 
@@ -28,6 +29,7 @@ EPILOG = """\
 examples:
   trio-bus demo                          the orders demo, no server needed
   trio-bus check nats://127.0.0.1:4222   is this broker usable right now?
+  trio-bus topics kafka://127.0.0.1:9092 the topics the broker stores
   trio-bus asyncapi app:setup            the AsyncAPI document of a service
   trio-bus bench --help                  benchmark options (source checkout)
 
@@ -136,6 +138,13 @@ def _parser() -> argparse.ArgumentParser:
         help="bound on the whole check, connecting included (default: 10)",
     )
     _add_security_options(check)
+    topics = command("topics", TOPICS_HELP, TOPICS_DESCRIPTION, TOPICS_EPILOG)
+    topics.add_argument("url", help="bus URL, as for check")
+    topics.add_argument("topic", nargs="?", help="describe this topic instead of listing")
+    topics.add_argument(
+        "--timeout", type=float, default=10.0, metavar="SECONDS", help="(default: 10)"
+    )
+    _add_security_options(topics)
     # Its options belong to the benchmark suite: "trio-bus bench --help".
     commands.add_parser("bench", help=BENCH_HELP, add_help=False)
     # Its options: "trio-bus asyncapi --help".
@@ -163,9 +172,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         password, token = _password(args), _token(args)
         options = _transport_options(args, password, token)
     except _UsageError as exc:
-        print(f"trio-bus check: {exc}", file=sys.stderr)
+        print(f"trio-bus {args.command}: {exc}", file=sys.stderr)
         return 2
     secrets = [s for s in (password, token, *url_secrets(args.url)) if s]
+    if args.command == "topics":
+        return trio.run(run_topics, args.url, args.topic, args.timeout, options, secrets)
     return trio.run(_check, args.url, args.timeout, options, secrets)
 
 
