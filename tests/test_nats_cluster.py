@@ -230,6 +230,6 @@ def test_placement_validation() -> None:
     with pytest.raises(ConfigError):
         Placement()
     with pytest.raises(ConfigError):
-        Placement(tags="ssd")  # type: ignore[arg-type]
+        Placement(tags="ssd")
     with pytest.raises(ConfigError):
-        StreamOptions(placement="east")
+        StreamOptions(placement="east")  # type: ignore[arg-type]
