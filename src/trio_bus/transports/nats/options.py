@@ -177,6 +177,12 @@ class ConsumerOptions:
         return self.ack_wait / 3
 
 
+#: Default of ``ConnectOptions.auth_failure_grace``: long enough for an
+#: operator's credential rotation to land on every server, short enough
+#: that a revoked service fails loudly.
+AUTH_FAILURE_GRACE = 5.0
+
+
 @attrs.frozen(kw_only=True)
 class ConnectOptions:
     """Connection settings passed through to ``nats.connect``.
@@ -197,6 +203,12 @@ class ConnectOptions:
             unnoticed.
         max_outstanding_pings: Unanswered pings that mark the connection dead.
         pending_size: Bytes buffered while reconnecting.
+        auth_failure_grace: Seconds the server may go on refusing our
+            credentials while the bus runs (revoked, expired, changed
+            password) before the transport fails with
+            :class:`~trio_bus.errors.AuthenticationError`; meanwhile health
+            reports the refusal. See docs/security.md, "Credentials revoked
+            while running".
         extra: Any other ``nats.connect`` keyword arguments.
     """
 
@@ -213,6 +225,7 @@ class ConnectOptions:
     ping_interval: float = attrs.field(default=5.0, validator=positive)
     max_outstanding_pings: int = attrs.field(default=2, validator=int_at_least(1))
     pending_size: int = attrs.field(default=8 * 1024 * 1024, validator=int_at_least(0))
+    auth_failure_grace: float = attrs.field(default=AUTH_FAILURE_GRACE, validator=positive)
     extra: Mapping[str, Any] = attrs.field(factory=dict)
 
 
