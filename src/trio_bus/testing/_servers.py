@@ -239,7 +239,7 @@ class NatsServer:
         disconnected with ``Authorization Violation`` and cannot log in
         again. Needs ``reloadable=True``."""
         if not self.reloadable or self.proc is None:
-            raise RuntimeError("change_credentials needs a running server made with reloadable=True")
+            raise RuntimeError("change_credentials needs a running reloadable server")
         if password is not None:
             self.password = password
         if token is not None:
