@@ -154,8 +154,8 @@ class HealthReport:
     """What :meth:`Bus.health` found.
 
     Attributes:
-        healthy: Connected, every subscription live, every actor alive, no
-            stall, and the probe (if any) not failing.
+        healthy: Connected, no transport problem, every subscription live,
+            every actor alive, no stall, and the probe (if any) not failing.
         transport: The transport's name.
         connected: The transport's connection is up.
         subscriptions: Each subscription's state.
