@@ -27,7 +27,10 @@ from ._security import assert_no_secret, exception_texts, log_texts
 from .helpers import WAIT, Recorder, collect
 
 USER, PASSWORD, ROTATED = "svc", "pw-Revoked-3c9e1a", "pw-Rotated-7d2b4f"
-GRACE = 2.0
+GRACE = 3.0
+#: bus.health() asks the server for every consumer's state; while
+#: disconnected each request waits out request_timeout, so keep it short.
+REQUEST_TIMEOUT = 0.5
 
 
 @pytest.fixture
@@ -40,7 +43,8 @@ def server(trio_bus_nats_server: NatsServer, tmp_path: Path) -> Iterator[NatsSer
 
 def options() -> NatsOptions:
     return NatsOptions(
-        connect=ConnectOptions(user=USER, password=PASSWORD, auth_failure_grace=GRACE)
+        connect=ConnectOptions(user=USER, password=PASSWORD, auth_failure_grace=GRACE),
+        request_timeout=REQUEST_TIMEOUT,
     )
 
 
@@ -74,18 +78,25 @@ async def test_revoked_password_is_reported_then_fails_the_bus(
             await trio.to_thread.run_sync(lambda: server.change_credentials(password=ROTATED))
             revoked_at.append(trio.current_time())
             report = await wait_health(bus, healthy=False)
+            unhealthy_after = trio.current_time() - revoked_at[0]
             # Within the grace: reported, with the mechanism, still running.
             assert report.problem is not None
             assert "user/password" in report.problem
-            assert "Authorization Violation" in report.problem
+            assert "authorization violation" in report.problem.lower()
             assert "user/password" in report.describe()
             shown += [report.describe(), repr(report)]
             await trio.sleep_forever()  # until the transport fails the bus
     failed_after = trio.current_time() - revoked_at[0]
+    logging.getLogger(__name__).warning(
+        "revoked: unhealthy after %.2f s, AuthenticationError after %.2f s (grace %s s)",
+        unhealthy_after,
+        failed_after,
+        GRACE,
+    )
 
     error = raised.value
     assert error.mechanism == "user/password"
-    assert "Authorization Violation" in error.detail
+    assert "authorization violation" in error.detail.lower()
     assert GRACE * 0.9 <= failed_after <= GRACE + 3.0, failed_after
     records = [r.getMessage() for r in caplog.records if r.name.startswith("trio_bus")]
     assert sum("refuses our credentials:" in m for m in records) == 1, records
@@ -100,7 +111,8 @@ async def test_credentials_restored_within_the_grace_keep_the_bus(
     topic = f"rv-{uuid.uuid4().hex[:10]}"
     got: Recorder[trio_bus.Message] = Recorder()
     grace_long = NatsOptions(
-        connect=ConnectOptions(user=USER, password=PASSWORD, auth_failure_grace=WAIT)
+        connect=ConnectOptions(user=USER, password=PASSWORD, auth_failure_grace=WAIT),
+        request_timeout=REQUEST_TIMEOUT,
     )
     with trio.fail_after(WAIT):
         async with trio_bus.open_bus(

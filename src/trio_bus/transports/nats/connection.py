@@ -126,6 +126,7 @@ class Connection:
         # the timer ending its grace.
         self._auth_refusal: BaseException | None = None
         self._auth_timer: asyncio.TimerHandle | None = None
+        self._auth_deadline = 0.0
 
     @property
     def problem(self) -> str | None:
@@ -249,6 +250,7 @@ class Connection:
         logger.error("nats refuses our credentials: %s", self.problem)
         grace = self.options.connect.auth_failure_grace
         loop = asyncio.get_running_loop()
+        self._auth_deadline = loop.time() + grace
         self._auth_timer = loop.call_later(grace, self._events.put_nowait, "auth_deadline")
 
     def _end_refusal(self) -> None:
@@ -277,7 +279,9 @@ class Connection:
             event = await self._events.get()
             if event == "auth_deadline":
                 error = self._auth_error()
-                if error is not None and not self.closing:
+                # (A deadline of an earlier episode may arrive late: ignored.)
+                late = asyncio.get_running_loop().time() >= self._auth_deadline - 0.01
+                if error is not None and late and not self.closing:
                     raise error from self._auth_refusal
             elif event == "disconnected" and not self.closing:
                 logger.warning("disconnected from nats: %s", self.cause())
