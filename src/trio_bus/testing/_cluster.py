@@ -270,13 +270,14 @@ class NatsCluster:
         if proc is not None:
             stop_process(proc, sig)
 
-    def restart(self, name: str) -> None:
+    def restart(self, name: str, timeout: float = START_TIMEOUT) -> None:
         """Start server *name* again (same ports, same store) after
-        :meth:`kill`; return once it has rejoined the cluster."""
+        :meth:`kill`; return once it has rejoined the cluster (within
+        *timeout*)."""
         if self.nodes[name].running:
             self.kill(name, signal.SIGTERM)
         self._spawn(name)
-        self.wait_ready()
+        self.wait_ready(timeout)
 
     def stop(self) -> None:
         """Stop every server by PID."""
