@@ -24,6 +24,7 @@ pytest_plugins: list[str] = [
     *([] if _PLUGIN_BY_ENTRY_POINT else ["trio_bus.testing.plugin"]),
     "pytester",
     "tests._kafka_broker",
+    "tests._nats_cluster",
     "tests._nats_server",
 ]
 

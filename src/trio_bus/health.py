@@ -154,8 +154,8 @@ class HealthReport:
     """What :meth:`Bus.health` found.
 
     Attributes:
-        healthy: Connected, every subscription live, every actor alive, no
-            stall, and the probe (if any) not failing.
+        healthy: Connected, no transport problem, every subscription live,
+            every actor alive, no stall, and the probe (if any) not failing.
         transport: The transport's name.
         connected: The transport's connection is up.
         subscriptions: Each subscription's state.
@@ -166,6 +166,8 @@ class HealthReport:
         probe_failures: Consecutive failed probes.
         stalls: What is stuck.
         lanes: Lag and commit points per lane, as last sampled.
+        problem: What the transport reports failing (e.g. its credentials
+            refused), without secrets; None if nothing.
     """
 
     healthy: bool
@@ -179,6 +181,7 @@ class HealthReport:
     probe_failures: int
     stalls: tuple[Stall, ...]
     lanes: tuple[LaneReport, ...]
+    problem: str | None = None
 
     def describe(self) -> str:
         """A few human-readable lines."""
@@ -187,6 +190,8 @@ class HealthReport:
             f"{'connected' if self.connected else 'disconnected'}, "
             f"{self.actors_alive}/{self.pool_size} actors)",
         ]
+        if self.problem is not None:
+            lines.append(f"transport problem: {self.problem}")
         if self.round_trip_latency is not None:
             lines.append(f"round trip: {self.round_trip_latency * 1000:.1f} ms")
         if self.probe_failures:
@@ -449,11 +454,13 @@ class Monitor:
         )
         stalls = tuple(self.stalls())
         connected = bus.transport.connected
+        problem = bus.transport.problem
         statistics = bus.statistics()
         alive = statistics.actors_alive
         now = trio.current_time()
         healthy = (
             connected
+            and problem is None
             and all(s.live for s in subs)
             and alive == statistics.pool_size
             and not stalls
@@ -463,6 +470,7 @@ class Monitor:
             healthy=healthy,
             transport=bus.transport.name,
             connected=connected,
+            problem=problem,
             subscriptions=subs,
             actors_alive=alive,
             pool_size=statistics.pool_size,

@@ -3,7 +3,7 @@
 * :class:`FaultProxy`: a TCP proxy that resets or blackholes connections.
 * Real brokers on free loopback ports, started as processes and stopped by
   PID (:class:`NatsServer`, :func:`run_tansu`, ...), NATS with TLS and
-  credentials if asked.
+  credentials if asked; :class:`NatsCluster`: three routed JetStream servers.
 * :class:`TestCA`: throwaway certificates for TLS tests (needs trustme);
   :class:`TLSTerminator`: TLS in front of a plaintext broker.
 * :mod:`trio_bus.testing.plugin`: the pytest plugin (fixtures
@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from ._cluster import NatsCluster as NatsCluster
 from ._proxy import FaultProxy as FaultProxy
 from ._servers import NatsServer as NatsServer
 from ._servers import TansuBroker as TansuBroker
@@ -43,6 +44,7 @@ __all__ = [
     "Capabilities",
     "ContractTarget",
     "FaultProxy",
+    "NatsCluster",
     "NatsServer",
     "TLSFiles",
     "TLSTerminator",

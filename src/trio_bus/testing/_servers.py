@@ -123,9 +123,13 @@ class NatsServer:
         user: ``--user``; needs *password*.
         password: ``--pass``.
         token: ``--auth``: the token clients must present (not with *user*).
+        reloadable: Put the credentials in a config file (``auth.conf`` in
+            *store*, ``-c``) instead of on the command line, so that
+            :meth:`change_credentials` can change them while the server
+            runs (a config reload, as operators revoke a credential).
 
-    The secrets sit on the server's command line: fine for a test server,
-    which is what this is.
+    The secrets sit on the server's command line or in its store: fine for
+    a test server, which is what this is.
     """
 
     def __init__(
@@ -138,6 +142,7 @@ class NatsServer:
         user: str | None = None,
         password: str | None = None,
         token: str | None = None,
+        reloadable: bool = False,
     ) -> None:
         if (user is None) != (password is None):
             raise ValueError("user and password go together")
@@ -154,6 +159,8 @@ class NatsServer:
         self.user = user
         self.password = password
         self.token = token
+        self.reloadable = reloadable
+        self.config = store / "auth.conf"
 
     @property
     def url(self) -> str:
@@ -206,11 +213,51 @@ class NatsServer:
             args += ["--tls", "--tlscert", str(self.tls.cert), "--tlskey", str(self.tls.key)]
             if self.verify_clients:
                 args += ["--tlsverify", "--tlscacert", str(self.tls.ca)]
+        if self.reloadable:
+            self._write_config()
+            return [*args, "-c", str(self.config)]
         if self.user is not None and self.password is not None:
             args += ["--user", self.user, "--pass", self.password]
         if self.token is not None:
             args += ["--auth", self.token]
         return args
+
+    def _write_config(self) -> None:
+        if self.user is not None:
+            user, password = json.dumps(self.user), json.dumps(self.password)
+            auth = f"users = [{{user: {user}, password: {password}}}]"
+        elif self.token is not None:
+            auth = f"token: {json.dumps(self.token)}"
+        else:
+            auth = ""
+        self.config.write_text(f"authorization {{ {auth} }}\n" if auth else "")
+
+    def change_credentials(self, *, password: str | None = None, token: str | None = None) -> None:
+        """Give the running server a new password (or token) by rewriting
+        its config file and reloading it (``SIGHUP``); return once the
+        server logged the reload. Clients logged in with the old one are
+        disconnected with ``Authorization Violation`` and cannot log in
+        again. Needs ``reloadable=True``."""
+        if not self.reloadable or self.proc is None:
+            raise RuntimeError("change_credentials needs a running reloadable server")
+        if password is not None:
+            self.password = password
+        if token is not None:
+            self.token = token
+        done = self._reloads() + 1
+        self._write_config()
+        os.kill(self.proc.pid, signal.SIGHUP)
+        deadline = time.monotonic() + START_TIMEOUT
+        while self._reloads() < done:
+            if time.monotonic() > deadline or not self.running:
+                raise RuntimeError("nats-server did not reload: " + self._log_tail())
+            time.sleep(0.01)  # polling a subprocess's log: no event to wait on
+
+    def _reloads(self) -> int:
+        return self.log.read_text(errors="replace").count("Reloaded server configuration")
+
+    def _log_tail(self) -> str:
+        return self.log.read_text(errors="replace")[-2000:]
 
     def _probe_socket(self, sock: socket.socket) -> socket.socket:
         # Upgrade after the plaintext INFO, as NATS clients do; under mutual

@@ -207,6 +207,13 @@ class Transport(abc.ABC):
         """Whether the connection to the broker is up right now."""
         return True
 
+    @property
+    def problem(self) -> str | None:
+        """Why the transport is failing in a way waiting will not mend (e.g.
+        the broker refuses its credentials), for health reports; never a
+        secret. None when there is none."""
+        return None
+
     @abc.abstractmethod
     async def publish_batch(self, records: Sequence[OutgoingMessage]) -> Sequence[Exception | None]:
         """Publish *records* in order; return one outcome per record once the

@@ -45,6 +45,9 @@ from .options import (
     NatsOptions as NatsOptions,
 )
 from .options import (
+    Placement as Placement,
+)
+from .options import (
     StreamOptions as StreamOptions,
 )
 from .options import (
@@ -66,6 +69,7 @@ __all__ = [
     "NatsConsumer",
     "NatsOptions",
     "NatsTransport",
+    "Placement",
     "StreamOptions",
     "TOPIC_HEADER",
     "open_transport",

@@ -7,6 +7,15 @@ reconnection it tells the publisher and every puller (which resync, see
 :mod:`.resume`); when nats-py gives up and closes the connection it raises
 :class:`~trio_bus.errors.TransportUnavailableError`, which ends the
 transport and so ``open_bus``.
+
+Credentials refused while running (a revoked or expired credential, a
+changed password): nats-py would close the client for good at the
+server's ``-ERR 'Authorization Violation'``; :class:`Client` makes that a
+lost connection instead, so reconnection attempts go on and each refusal
+reaches the error callback. The connection then reports the refusal
+(:attr:`Connection.problem`, read by health) and, if the server still
+refuses after ``ConnectOptions.auth_failure_grace`` seconds, the watch
+raises :class:`~trio_bus.errors.AuthenticationError`.
 """
 
 from __future__ import annotations
@@ -16,13 +25,22 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
+import nats.errors
 from nats.aio.client import Client as _NatsClient
 from nats.aio.msg import Msg
 
 from ..._secrets import redact_text, warn_if_unverified
 from ...errors import AuthenticationError, TransportUnavailableError
 from .options import NatsOptions
-from .security import connect_bound, connect_error, secrets_of, shown
+from .security import (
+    AUTH_REFUSALS,
+    auth_failure,
+    authentication_error,
+    connect_bound,
+    connect_error,
+    secrets_of,
+    shown,
+)
 
 __all__ = ["Client", "Connection"]
 
@@ -30,12 +48,32 @@ logger = logging.getLogger("trio_bus.nats")
 
 
 class Client(_NatsClient):
-    """nats-py's client with a cheaper header parser.
+    """nats-py's client with a cheaper header parser, and which reconnects
+    when the server refuses its credentials while connected.
 
     nats-py checks each header name for whitespace with a generator over its
     characters: a few microseconds per message, a fifth of our per-message
     cost. Same result, computed with ``str.split`` (tests compare both).
     """
+
+    async def _process_err(self, err_msg: str) -> None:
+        # nats-py closes the client at any -ERR; a refusal of our
+        # credentials while connected becomes a lost connection, so the
+        # Connection decides (auth_failure_grace) instead of nats-py.
+        if self.is_connected and any(r in err_msg.lower() for r in AUTH_REFUSALS):
+            error = nats.errors.Error(f"nats: {err_msg.strip()}")
+            await self._error_cb(error)
+            await self._process_op_err(error)
+            return
+        await super()._process_err(err_msg)
+
+    async def _connect_to_server(self, s: Any) -> None:
+        # nats-py keeps its transport object across reconnection attempts
+        # and opens a new socket in it without closing the one a refused
+        # attempt left open (a leak per attempt while refused).
+        if self.is_reconnecting and self._transport is not None:
+            self._transport.close()  # type: ignore[no-untyped-call]
+        await super()._connect_to_server(s)
 
     @staticmethod
     def _parse_header_lines(raw: bytes) -> dict[str, str]:
@@ -82,6 +120,23 @@ class Connection:
         self._echo_inbox: str | None = None
         self._echo_seq = 0
         self._echo_waiters: dict[bytes, asyncio.Future[None]] = {}
+        self._servers: list[str] = []
+        self._was_connected = False
+        # The refusal of our credentials since the last (re)connection and
+        # the timer ending its grace.
+        self._auth_refusal: BaseException | None = None
+        self._auth_timer: asyncio.TimerHandle | None = None
+        self._auth_deadline = 0.0
+
+    @property
+    def problem(self) -> str | None:
+        """Why the connection is failing in a way waiting will not mend
+        (the server refuses our credentials), without secrets; or None."""
+        if self._auth_refusal is None:
+            return None
+        error = authentication_error(self.options.connect, self._servers, self._auth_refusal)
+        grace = self.options.connect.auth_failure_grace
+        return f"{error}; the transport fails if still refused after {grace:g}s"
 
     @property
     def jsm(self) -> Any:
@@ -112,6 +167,7 @@ class Connection:
         c = self.options.connect
         events = self._events
         self._secrets = secrets_of(c, servers)
+        self._servers = list(servers)
         seen: list[BaseException] = []  # for the first connect's error
 
         async def on_error(exc: Exception) -> None:
@@ -119,6 +175,9 @@ class Connection:
             self._last_error = exc
             if not isinstance(exc, OSError | TimeoutError | asyncio.TimeoutError):
                 self._server_error = exc
+            if self._was_connected and auth_failure([exc]) is not None:
+                self._refused(exc)
+                return
             logger.warning("nats connection error: %s", redact_text(repr(exc), self._secrets))
 
         async def on_disconnected() -> None:
@@ -127,6 +186,7 @@ class Connection:
 
         async def on_reconnected() -> None:
             self._server_error = None
+            self._end_refusal()
             self._connected.set()
             events.put_nowait("reconnected")
 
@@ -175,18 +235,55 @@ class Connection:
             await self.nc.close()
             raise AuthenticationError(shown(servers), "TLS", "the server offers no TLS")
         self.nc.options["max_reconnect_attempts"] = -1
+        self._was_connected = True
         self._connected.set()
+
+    def _refused(self, exc: BaseException) -> None:
+        """Record a refusal of our credentials after the first connection;
+        the first of an episode starts its grace and is logged loudly, the
+        repeats (one per reconnection attempt) quietly."""
+        repeat = self._auth_refusal is not None
+        self._auth_refusal = exc
+        if repeat:
+            logger.debug("nats refuses our credentials again: %s", self.problem)
+            return
+        logger.error("nats refuses our credentials: %s", self.problem)
+        grace = self.options.connect.auth_failure_grace
+        loop = asyncio.get_running_loop()
+        self._auth_deadline = loop.time() + grace
+        self._auth_timer = loop.call_later(grace, self._events.put_nowait, "auth_deadline")
+
+    def _end_refusal(self) -> None:
+        if self._auth_refusal is not None and not self.closing:
+            logger.warning("nats accepts our credentials again")
+        self._auth_refusal = None
+        if self._auth_timer is not None:
+            self._auth_timer.cancel()
+            self._auth_timer = None
+
+    def _auth_error(self) -> AuthenticationError | None:
+        if self._auth_refusal is None:
+            return None
+        return authentication_error(self.options.connect, self._servers, self._auth_refusal)
 
     async def watch(self) -> None:
         """React to connection events until cancelled (a lifetime loop).
 
         Raises:
+            AuthenticationError: the server refused our credentials for
+                ``auth_failure_grace`` seconds.
             TransportUnavailableError: nats-py closed the connection by
                 itself (it reconnects forever, so the cause is fatal).
         """
         while True:
             event = await self._events.get()
-            if event == "disconnected" and not self.closing:
+            if event == "auth_deadline":
+                error = self._auth_error()
+                # (A deadline of an earlier episode may arrive late: ignored.)
+                late = asyncio.get_running_loop().time() >= self._auth_deadline - 0.01
+                if error is not None and late and not self.closing:
+                    raise error from self._auth_refusal
+            elif event == "disconnected" and not self.closing:
                 logger.warning("disconnected from nats: %s", self.cause())
             elif event == "reconnected":
                 self.generation += 1
@@ -199,7 +296,17 @@ class Connection:
                     if asyncio.iscoroutine(result):
                         await result
             elif event == "closed" and not self.closing:
+                refused = self._auth_error() or self._closed_by_refusal()
+                if refused is not None:
+                    raise refused
                 raise TransportUnavailableError(f"the nats connection closed: {self.cause()}")
+
+    def _closed_by_refusal(self) -> AuthenticationError | None:
+        # nats-py closed the client at a refusal Client did not intercept.
+        last = self.nc.last_error
+        if last is None or auth_failure([last]) is None:
+            return None
+        return authentication_error(self.options.connect, self._servers, last)
 
     async def wait_connected(self, seconds: float) -> bool:
         """True once connected, False after *seconds*."""
@@ -257,6 +364,7 @@ class Connection:
     async def close(self) -> None:
         """Close the client (bounded by the caller)."""
         self.closing = True
+        self._end_refusal()
         if not self.nc.is_closed:
             try:
                 await self.nc.close()

@@ -7,7 +7,7 @@ Kafka transport (:mod:`trio_bus.transports._provisioning`).
 from __future__ import annotations
 
 import ssl
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any, Literal
 
 import attrs
@@ -31,6 +31,7 @@ __all__ = [
     "ConnectOptions",
     "ConsumerOptions",
     "NatsOptions",
+    "Placement",
     "StreamOptions",
     "TOPIC_HEADER",
     "duplicate_window",
@@ -48,6 +49,35 @@ Retention = Literal["limits", "interest", "workqueue"]
 Discard = Literal["old", "new"]
 
 
+def _tags(value: Iterable[str]) -> tuple[str, ...]:
+    if isinstance(value, str):  # a lone tag would become one tag per letter
+        raise ConfigError(f"placement tags must be a sequence of strings, not {value!r}")
+    return tuple(value)
+
+
+@attrs.frozen(kw_only=True)
+class Placement:
+    """Where JetStream puts a stream's replicas: a cluster, servers with
+    tags (``server_tags`` in their config), or both.
+
+    ::
+
+        StreamOptions(replicas=3, placement=Placement(cluster="east", tags=("ssd",)))
+
+    Attributes:
+        cluster: Cluster name (``cluster { name: ... }``; None: the one the
+            creating request reached).
+        tags: Every replica's server must carry all of these tags.
+    """
+
+    cluster: str | None = None
+    tags: tuple[str, ...] = attrs.field(default=(), converter=_tags)
+
+    def __attrs_post_init__(self) -> None:
+        if self.cluster is None and not self.tags:
+            raise ConfigError("a Placement needs a cluster, tags or both")
+
+
 @attrs.frozen(kw_only=True)
 class StreamOptions:
     """How a topic's JetStream stream is created (and validated).
@@ -58,7 +88,11 @@ class StreamOptions:
         max_age: Seconds a message is kept (None: no limit).
         max_bytes: Stream size limit in bytes (None: no limit).
         max_msgs: Message count limit (None: no limit).
-        replicas: Replica count (clustered servers).
+        replicas: Replica count (clustered servers; at most the number of
+            servers, else :class:`~trio_bus.errors.TopicConfigError`).
+        placement: Which cluster / tagged servers hold the replicas (None:
+            the server decides). See docs/nats.md, "Clusters, replicas and
+            placement".
         duplicate_window: Seconds the server remembers ``Nats-Msg-Id`` values
             to drop duplicate publishes.
         discard: What the server does at a limit: drop ``"old"`` messages or
@@ -73,8 +107,14 @@ class StreamOptions:
     max_bytes: int | None = attrs.field(default=None, validator=optional(int_at_least(1)))
     max_msgs: int | None = attrs.field(default=None, validator=optional(int_at_least(1)))
     replicas: int = attrs.field(default=1, validator=int_at_least(1))
+    placement: Placement | None = attrs.field(default=None)
     duplicate_window: float = attrs.field(default=120.0, validator=positive)
     discard: Discard = attrs.field(default="old", validator=one_of("old", "new"))
+
+    @placement.validator
+    def _check_placement(self, _: object, value: object) -> None:
+        if value is not None and not isinstance(value, Placement):
+            raise ConfigError(f"placement must be a Placement, not {type(value).__name__}")
 
 
 #: The stream of the health-probe topic: in memory, short-lived, bounded.
@@ -137,6 +177,12 @@ class ConsumerOptions:
         return self.ack_wait / 3
 
 
+#: Default of ``ConnectOptions.auth_failure_grace``: long enough for an
+#: operator's credential rotation to land on every server, short enough
+#: that a revoked service fails loudly.
+AUTH_FAILURE_GRACE = 5.0
+
+
 @attrs.frozen(kw_only=True)
 class ConnectOptions:
     """Connection settings passed through to ``nats.connect``.
@@ -157,6 +203,12 @@ class ConnectOptions:
             unnoticed.
         max_outstanding_pings: Unanswered pings that mark the connection dead.
         pending_size: Bytes buffered while reconnecting.
+        auth_failure_grace: Seconds the server may go on refusing our
+            credentials while the bus runs (revoked, expired, changed
+            password) before the transport fails with
+            :class:`~trio_bus.errors.AuthenticationError`; meanwhile health
+            reports the refusal. See docs/security.md, "Credentials revoked
+            while running".
         extra: Any other ``nats.connect`` keyword arguments.
     """
 
@@ -173,6 +225,7 @@ class ConnectOptions:
     ping_interval: float = attrs.field(default=5.0, validator=positive)
     max_outstanding_pings: int = attrs.field(default=2, validator=int_at_least(1))
     pending_size: int = attrs.field(default=8 * 1024 * 1024, validator=int_at_least(0))
+    auth_failure_grace: float = attrs.field(default=AUTH_FAILURE_GRACE, validator=positive)
     extra: Mapping[str, Any] = attrs.field(factory=dict)
 
 

@@ -20,7 +20,7 @@ from nats.js import api
 from ...errors import TopicConfigError, TransportError, TransportUnavailableError
 from .._provisioning import mismatch
 from .connection import Connection
-from .options import duplicate_window, stream_name
+from .options import StreamOptions, duplicate_window, stream_name
 
 __all__ = ["ERR_STREAM_NOT_FOUND", "Streams", "TopicInfo", "map_api_error"]
 
@@ -30,6 +30,9 @@ logger = logging.getLogger("trio_bus.nats")
 ERR_STREAM_NOT_FOUND = 10059
 _ERR_SUBJECTS_OVERLAP = 10065
 _ERR_STREAM_NAME_IN_USE = 10058
+# No servers for the replicas: too many replicas, or placement unmatched.
+_ERR_NO_PEERS = 10005
+_ERR_REPLICAS_UNCLUSTERED = 10074
 
 
 @attrs.frozen(slots=True)
@@ -62,6 +65,12 @@ def map_api_error(exc: BaseException, doing: str) -> TransportError:
         error = TopicConfigError(f"{doing} failed: {exc}")
     error.__cause__ = exc
     return error
+
+
+def _placement(s: StreamOptions) -> Any:
+    if s.placement is None:
+        return None
+    return api.Placement(cluster=s.placement.cluster, tags=list(s.placement.tags) or None)
 
 
 class Streams:
@@ -121,6 +130,13 @@ class Streams:
                     f"nested inside {topic!r}, e.g. {topic + '.dlq'!r}, was created first). "
                     "See docs/nats.md, 'Nested topics'."
                 ) from exc
+            if exc.err_code in (_ERR_NO_PEERS, _ERR_REPLICAS_UNCLUSTERED):
+                s = opts.stream_for(topic)
+                raise TopicConfigError(
+                    f"cannot create stream {name!r} for topic {topic!r} with replicas="
+                    f"{s.replicas}, placement={s.placement}: the server says "
+                    f"{exc.description!r} (more replicas than servers that match?)"
+                ) from exc
             if exc.err_code == _ERR_STREAM_NAME_IN_USE:  # a racing creator won
                 info = await jsm.stream_info(name)
                 return await self._check_existing(topic, name, info)
@@ -152,6 +168,7 @@ class Streams:
             max_bytes=s.max_bytes if s.max_bytes is not None else -1,
             max_msgs=s.max_msgs if s.max_msgs is not None else -1,
             num_replicas=s.replicas,
+            placement=_placement(s),
             duplicate_window=duplicate_window(s),
             discard=api.DiscardPolicy(s.discard),
         )
@@ -201,6 +218,15 @@ class Streams:
             ("max_bytes", limit(s.max_bytes), limit(cfg.max_bytes)),
             ("max_msgs", limit(s.max_msgs), limit(cfg.max_msgs)),
         ]
+        if s.placement is not None:  # unset: whatever the server chose
+            have = cfg.placement
+            pairs.append(
+                (
+                    "placement",
+                    (s.placement.cluster, sorted(s.placement.tags)),
+                    (getattr(have, "cluster", None), sorted(getattr(have, "tags", None) or ())),
+                )
+            )
         out = [f"{n}: wanted {w!r}, server has {h!r}" for n, w, h in pairs if w != h]
         for label, wanted, have in (
             ("max_age", s.max_age or 0.0, cfg.max_age or 0.0),

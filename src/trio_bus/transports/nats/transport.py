@@ -159,6 +159,11 @@ class NatsTransport(Transport):
         return bool(self._conn.nc.is_connected)
 
     @property
+    def problem(self) -> str | None:
+        """The server refusing our credentials (see ``auth_failure_grace``)."""
+        return self._conn.problem
+
+    @property
     def options(self) -> NatsOptions:
         """The options in effect."""
         return self._conn.options
