@@ -293,8 +293,8 @@ async def test_close_is_bounded_while_blackholed(nats_bus_url: str) -> None:
         started = 0.0
         with trio.fail_after(WAIT):
             async with open_transport(settings(f"nats://127.0.0.1:{proxy.port}", OPTIONS)) as t:
-                consumer = await t.open_consumer(ConsumerSpec(topic=topic, group="g"))
-                other = await t.open_consumer(ConsumerSpec(topic=topic, group="h"))
+                consumer = await t.open_durable(ConsumerSpec(topic=topic, group="g"))
+                other = await t.open_durable(ConsumerSpec(topic=topic, group="h"))
                 records = trio_bus.OutgoingMessage(topic=topic, value=b"x", key="k")
                 assert await t.publish_batch([records, records]) == [None, None]
                 got = await consumer.fetch(10)
@@ -383,7 +383,7 @@ async def test_a_deleted_consumer_is_bound_again(nats_bus_url: str) -> None:
     topic = uid("t")
     message = trio_bus.OutgoingMessage(topic=topic, value=b"0", key="k")
     async with open_transport(settings(nats_bus_url, OPTIONS)) as t:
-        consumer = await t.open_consumer(ConsumerSpec(topic=topic, group="g"))
+        consumer = await t.open_durable(ConsumerSpec(topic=topic, group="g"))
         assert await t.publish_batch([message]) == [None]
         await fetch_value(consumer, b"0")
         await consumer.flush()
@@ -399,6 +399,6 @@ async def test_a_stream_gone_for_good_ends_the_transport(nats_bus_url: str) -> N
     options = attrs.evolve(OPTIONS, topic_strategy="validate_only")
     with trio.fail_after(WAIT), pytest.raises(TopicConfigError, match="does not exist"):
         async with open_transport(settings(nats_bus_url, options)) as t:
-            consumer = await t.open_consumer(ConsumerSpec(topic=topic, group="g"))
+            consumer = await t.open_durable(ConsumerSpec(topic=topic, group="g"))
             await t.run_on_loop(t._conn.jsm.delete_stream, consumer.stream)
             await trio.sleep_forever()

@@ -120,7 +120,7 @@ FAST = NatsOptions(
 async def test_publish_fetch_ack(nats_bus_url: str) -> None:
     topic = uid("t")
     async with transport(nats_bus_url) as t:
-        consumer = await t.open_consumer(ConsumerSpec(topic=topic, group="g"))
+        consumer = await t.open_durable(ConsumerSpec(topic=topic, group="g"))
         batch = [*msgs(topic, 3), OutgoingMessage(topic=topic, value=b"nokey", message_id="id-1")]
         assert await t.publish_batch(batch) == [None] * 4
         records = await fetch_n(consumer, 4)
@@ -145,7 +145,7 @@ async def test_publish_fetch_ack(nats_bus_url: str) -> None:
 async def test_publish_is_deduplicated_by_message_id(nats_bus_url: str) -> None:
     topic = uid("t")
     async with transport(nats_bus_url) as t:
-        consumer = await t.open_consumer(ConsumerSpec(topic=topic, group="g"))
+        consumer = await t.open_durable(ConsumerSpec(topic=topic, group="g"))
         once = OutgoingMessage(topic=topic, value=b"x", message_id="same")
         assert await t.publish_batch([once, once]) == [None, None]
         assert await t.publish_batch(msgs(topic, 1)) == [None]
@@ -156,7 +156,7 @@ async def test_publish_is_deduplicated_by_message_id(nats_bus_url: str) -> None:
 async def test_release_redelivers_before_newer(nats_bus_url: str) -> None:
     topic = uid("t")
     async with transport(nats_bus_url) as t:
-        consumer = await t.open_consumer(ConsumerSpec(topic=topic, group="g", max_batch=2))
+        consumer = await t.open_durable(ConsumerSpec(topic=topic, group="g", max_batch=2))
         await t.publish_batch(msgs(topic, 2))
         first = await fetch_n(consumer, 2)
         consumer.release(first[0])
@@ -170,7 +170,7 @@ async def test_release_redelivers_before_newer(nats_bus_url: str) -> None:
 async def test_aclose_naks_unsettled_for_the_next_holder(nats_bus_url: str) -> None:
     topic = uid("t")
     async with transport(nats_bus_url) as t:
-        consumer = await t.open_consumer(ConsumerSpec(topic=topic, group="g"))
+        consumer = await t.open_durable(ConsumerSpec(topic=topic, group="g"))
         await t.publish_batch(msgs(topic, 5))
         records = await fetch_n(consumer, 5)
         consumer.ack(records[0])
@@ -179,7 +179,7 @@ async def test_aclose_naks_unsettled_for_the_next_holder(nats_bus_url: str) -> N
         with pytest.raises(trio_bus.errors.BusClosedError):
             await consumer.fetch(1)
     async with transport(nats_bus_url) as t:
-        consumer = await t.open_consumer(ConsumerSpec(topic=topic, group="g"))
+        consumer = await t.open_durable(ConsumerSpec(topic=topic, group="g"))
         await t.publish_batch(msgs(topic, 1, start=5))
         again = await fetch_n(consumer, 4)
         # The released ones first, in stream order, then the new one.
@@ -191,8 +191,8 @@ async def test_groups_and_start_positions(nats_bus_url: str) -> None:
     topic = uid("t")
     async with transport(nats_bus_url) as t:
         await t.publish_batch(msgs(topic, 2))
-        earliest = await t.open_consumer(ConsumerSpec(topic=topic, group="e", start="earliest"))
-        latest = await t.open_consumer(ConsumerSpec(topic=topic, group="l", start="latest"))
+        earliest = await t.open_durable(ConsumerSpec(topic=topic, group="e", start="earliest"))
+        latest = await t.open_durable(ConsumerSpec(topic=topic, group="l", start="latest"))
         await t.publish_batch(msgs(topic, 1, start=2))
         assert [r.value for r in await fetch_n(earliest, 3)] == [b"0", b"1", b"2"]
         got = await fetch_n(latest, 1)
@@ -202,7 +202,7 @@ async def test_groups_and_start_positions(nats_bus_url: str) -> None:
         await latest.aclose()
         # An existing group resumes where it acked, whatever start says.
         await t.publish_batch(msgs(topic, 1, start=3))
-        resumed = await t.open_consumer(ConsumerSpec(topic=topic, group="l", start="earliest"))
+        resumed = await t.open_durable(ConsumerSpec(topic=topic, group="l", start="earliest"))
         assert [r.value for r in await fetch_n(resumed, 1)] == [b"3"]
 
 
@@ -212,7 +212,7 @@ async def test_in_progress_acks_keep_held_messages(nats_bus_url: str) -> None:
     topic = uid("t")
     options = NatsOptions(consumer=ConsumerOptions(ack_wait=1.0, idle_heartbeat=0.25))
     async with transport(nats_bus_url, options) as t:
-        consumer = await t.open_consumer(ConsumerSpec(topic=topic, group="g"))
+        consumer = await t.open_durable(ConsumerSpec(topic=topic, group="g"))
         await t.publish_batch(msgs(topic, 1))
         (held,) = await fetch_n(consumer, 1)
         assert await nothing_within(consumer, 3.0)
@@ -230,7 +230,7 @@ async def test_without_in_progress_acks_the_server_redelivers(nats_bus_url: str)
         consumer=ConsumerOptions(ack_wait=1.0, idle_heartbeat=0.25, in_progress_interval=60)
     )
     async with transport(nats_bus_url, options) as t:
-        consumer = await t.open_consumer(ConsumerSpec(topic=topic, group="g"))
+        consumer = await t.open_durable(ConsumerSpec(topic=topic, group="g"))
         await t.publish_batch(msgs(topic, 1))
         await fetch_n(consumer, 1)
         (again,) = await fetch_n(consumer, 1, timeout=5)
@@ -241,7 +241,7 @@ async def test_backpressure_bounds_prefetch(nats_bus_url: str) -> None:
     topic = uid("t")
     options = NatsOptions(consumer=ConsumerOptions(prefetch=10))
     async with transport(nats_bus_url, options) as t:
-        consumer = await t.open_consumer(ConsumerSpec(topic=topic, group="g"))
+        consumer = await t.open_durable(ConsumerSpec(topic=topic, group="g"))
         await t.publish_batch(msgs(topic, 100))
         first = await fetch_n(consumer, 1)
         info = await consumer_info(nats_bus_url, topic, "g")
@@ -260,7 +260,7 @@ async def test_stream_layout_and_options(nats_bus_url: str) -> None:
         stream=StreamOptions(storage="memory", max_age=3600, max_msgs=1000, duplicate_window=30)
     )
     async with transport(nats_bus_url, options) as t:
-        await t.open_consumer(ConsumerSpec(topic=topic, group="g"))
+        await t.open_durable(ConsumerSpec(topic=topic, group="g"))
 
     async def info(nc: Any) -> Any:
         return await nc.jetstream().stream_info(stream_name(topic))
@@ -278,7 +278,7 @@ async def test_validate_only_refuses_a_missing_stream(nats_bus_url: str) -> None
     topic = uid("t")
     async with transport(nats_bus_url, NatsOptions(topic_strategy="validate_only")) as t:
         with pytest.raises(TopicConfigError, match="does not exist"):
-            await t.open_consumer(ConsumerSpec(topic=topic, group="g"))
+            await t.open_durable(ConsumerSpec(topic=topic, group="g"))
         first, second = await t.publish_batch(msgs(topic, 2))
         assert isinstance(first, PublishError)
         assert isinstance(first.__cause__, TopicConfigError)
@@ -290,18 +290,18 @@ async def test_mismatch_warn_fail_and_update(
 ) -> None:
     topic = uid("t")
     async with transport(nats_bus_url, NatsOptions(stream=StreamOptions(max_age=60))) as t:
-        await t.open_consumer(ConsumerSpec(topic=topic, group="g"))
+        await t.open_durable(ConsumerSpec(topic=topic, group="g"))
     wanted = NatsOptions(stream=StreamOptions(max_age=120), on_mismatch="fail")
     async with transport(nats_bus_url, wanted) as t:
         with pytest.raises(TopicConfigError, match="max_age"):
-            await t.open_consumer(ConsumerSpec(topic=topic, group="g"))
+            await t.open_durable(ConsumerSpec(topic=topic, group="g"))
     with caplog.at_level(logging.WARNING, logger="trio_bus.nats"):
         async with transport(nats_bus_url, attrs_evolve(wanted, on_mismatch="warn")) as t:
-            await t.open_consumer(ConsumerSpec(topic=topic, group="g"))
+            await t.open_durable(ConsumerSpec(topic=topic, group="g"))
     assert any("max_age" in r.getMessage() for r in caplog.records)
     update = attrs_evolve(wanted, topic_strategy="create_or_update")
     async with transport(nats_bus_url, update) as t:
-        await t.open_consumer(ConsumerSpec(topic=topic, group="g"))
+        await t.open_durable(ConsumerSpec(topic=topic, group="g"))
 
     async def info(nc: Any) -> Any:
         return await nc.jetstream().stream_info(stream_name(topic))
@@ -309,7 +309,7 @@ async def test_mismatch_warn_fail_and_update(
     assert (await run_raw(info, nats_bus_url)).config.max_age == 120
     # The comparison is against the server, not a cache: now it matches.
     async with transport(nats_bus_url, wanted) as t:
-        await t.open_consumer(ConsumerSpec(topic=topic, group="g"))
+        await t.open_durable(ConsumerSpec(topic=topic, group="g"))
 
 
 def attrs_evolve(options: NatsOptions, **changes: Any) -> NatsOptions:
@@ -325,15 +325,15 @@ async def test_skip_strategy_touches_nothing(nats_bus_url: str) -> None:
         assert isinstance(outcome, PublishError)
         assert "stream" in str(outcome)
         with pytest.raises(TopicConfigError):
-            await t.open_consumer(ConsumerSpec(topic=topic, group="g"))
+            await t.open_durable(ConsumerSpec(topic=topic, group="g"))
 
 
 async def test_stream_name_collision_is_an_error(nats_bus_url: str) -> None:
     base = uid("c")
     async with transport(nats_bus_url) as t:
-        await t.open_consumer(ConsumerSpec(topic=f"{base}.x", group="g"))
+        await t.open_durable(ConsumerSpec(topic=f"{base}.x", group="g"))
         with pytest.raises(TopicConfigError, match="does not store topic"):
-            await t.open_consumer(ConsumerSpec(topic=f"{base}_x", group="g"))
+            await t.open_durable(ConsumerSpec(topic=f"{base}_x", group="g"))
 
 
 async def test_nested_topic_lives_in_the_outer_stream_apart(nats_bus_url: str) -> None:
@@ -341,8 +341,8 @@ async def test_nested_topic_lives_in_the_outer_stream_apart(nats_bus_url: str) -
     messages reach only its own consumers."""
     topic = uid("t")
     async with transport(nats_bus_url) as t:
-        outer = await t.open_consumer(ConsumerSpec(topic=topic, group="g"))
-        inner = await t.open_consumer(ConsumerSpec(topic=f"{topic}.dlq", group="g"))
+        outer = await t.open_durable(ConsumerSpec(topic=topic, group="g"))
+        inner = await t.open_durable(ConsumerSpec(topic=f"{topic}.dlq", group="g"))
         assert inner.stream == outer.stream == stream_name(topic)
         assert await t.publish_batch(msgs(f"{topic}.dlq", 2)) == [None, None]
         assert await t.publish_batch(msgs(topic, 1)) == [None]
@@ -355,9 +355,9 @@ async def test_nested_topic_lives_in_the_outer_stream_apart(nats_bus_url: str) -
 async def test_outer_topic_after_nested_is_a_clear_error(nats_bus_url: str) -> None:
     topic = uid("t")
     async with transport(nats_bus_url) as t:
-        await t.open_consumer(ConsumerSpec(topic=f"{topic}.dlq", group="g"))
+        await t.open_durable(ConsumerSpec(topic=f"{topic}.dlq", group="g"))
         with pytest.raises(TopicConfigError, match="overlap"):
-            await t.open_consumer(ConsumerSpec(topic=topic, group="g"))
+            await t.open_durable(ConsumerSpec(topic=topic, group="g"))
 
 
 # ------------------------------------------------------------------ errors
@@ -387,7 +387,7 @@ async def test_pulling_resumes_after_server_restart(
     server = private_nats_server
     topic = uid("t")
     async with transport(server.url, FAST) as t:
-        consumer = await t.open_consumer(ConsumerSpec(topic=topic, group="g"))
+        consumer = await t.open_durable(ConsumerSpec(topic=topic, group="g"))
         await t.publish_batch(msgs(topic, 3))
         before = await fetch_n(consumer, 3)
         for r in before:
@@ -512,7 +512,7 @@ async def test_ordered_resume_after_a_holder_died(nats_bus_url: str) -> None:
     topic = uid("t")
     options = NatsOptions(consumer=ConsumerOptions(ack_wait=1.0, idle_heartbeat=0.25))
     async with transport(nats_bus_url, options) as t:
-        consumer = await t.open_consumer(ConsumerSpec(topic=topic, group="g"))
+        consumer = await t.open_durable(ConsumerSpec(topic=topic, group="g"))
         await t.publish_batch(msgs(topic, 4))
         await consumer.aclose()
 
@@ -526,7 +526,7 @@ async def test_ordered_resume_after_a_holder_died(nats_bus_url: str) -> None:
     # still registered. The ordered resume below sorts that out.)
     assert sorted(await run_raw(take_and_die, nats_bus_url)) == [b"0", b"1", b"2", b"3"]
     async with transport(nats_bus_url, options) as t:
-        consumer = await t.open_consumer(ConsumerSpec(topic=topic, group="g"))
+        consumer = await t.open_durable(ConsumerSpec(topic=topic, group="g"))
         await t.publish_batch(msgs(topic, 2, start=4))
         records = await fetch_n(consumer, 6, timeout=10)
         assert [r.value for r in records] == [b"%d" % i for i in range(6)]
@@ -545,8 +545,8 @@ async def test_lanes_connected_timestamp_and_ephemeral(nats_bus_url: str) -> Non
     topic = uid("t")
     async with transport(nats_bus_url) as t:
         assert t.connected
-        consumer = await t.open_consumer(ConsumerSpec(topic=topic, group="g"))
-        probe = await t.open_consumer(ConsumerSpec(topic=topic, group="probe", ephemeral=True))
+        consumer = await t.open_durable(ConsumerSpec(topic=topic, group="g"))
+        probe = await t.open_durable(ConsumerSpec(topic=topic, group="probe", ephemeral=True))
         before = time.time()
         await t.publish_batch(msgs(topic, 3))
         records = await fetch_n(consumer, 3)
@@ -581,7 +581,7 @@ async def test_memory_stream_lost_in_a_restart_is_recreated(
     topic = uid("t")
     options = attrs_evolve(FAST, stream=StreamOptions(storage="memory"))
     async with transport(server.url, options) as t:
-        consumer = await t.open_consumer(ConsumerSpec(topic=topic, group="g"))
+        consumer = await t.open_durable(ConsumerSpec(topic=topic, group="g"))
         await t.publish_batch(msgs(topic, 1))
         consumer.ack((await fetch_n(consumer, 1))[0])
         await trio.to_thread.run_sync(server.restart)
@@ -626,7 +626,7 @@ async def test_closing_while_the_server_is_down_is_bounded(
     baseline = task_count()
     with trio.fail_after(10):
         async with transport(server.url, FAST) as t:
-            consumer = await t.open_consumer(ConsumerSpec(topic=topic, group="g"))
+            consumer = await t.open_durable(ConsumerSpec(topic=topic, group="g"))
             await t.publish_batch(msgs(topic, 2))
             held = await fetch_n(consumer, 2)
             consumer.ack(held[0])
@@ -652,7 +652,7 @@ async def test_a_connection_closed_for_good_ends_the_transport(nats_bus_url: str
     topic = uid("t")
     with trio.fail_after(WAIT), pytest.raises(TransportUnavailableError, match="closed"):
         async with transport(nats_bus_url) as t:
-            consumer = await t.open_consumer(ConsumerSpec(topic=topic, group="g"))
+            consumer = await t.open_durable(ConsumerSpec(topic=topic, group="g"))
             # What nats-py does on a fatal error: close the connection itself.
             await t.run_on_loop(t.client.close)
             await consumer.fetch(1)
@@ -666,7 +666,7 @@ async def test_publish_waits_out_a_short_outage(private_nats_server: NatsServer)
     topic = uid("t")
     options = attrs_evolve(FAST, publish_timeout=10.0)
     async with transport(server.url, options) as t:
-        consumer = await t.open_consumer(ConsumerSpec(topic=topic, group="g"))
+        consumer = await t.open_durable(ConsumerSpec(topic=topic, group="g"))
         assert await t.publish_batch(msgs(topic, 1)) == [None]
         server.stop()
         with trio.fail_after(WAIT):
@@ -704,7 +704,7 @@ async def test_cancelled_open_consumer_leaves_nothing_behind(nats_bus_url: str) 
         for delay in (0, 0.001, 0.003, 0.01, 0.03):
             opened: list[NatsConsumer] = []
             with trio.move_on_after(delay):
-                opened.append(await t.open_consumer(ConsumerSpec(topic=uid("t"), group="g")))
+                opened.append(await t.open_durable(ConsumerSpec(topic=uid("t"), group="g")))
             # Either it returned a consumer (the caller owns it) or it left
             # nothing behind.
             for consumer in opened:

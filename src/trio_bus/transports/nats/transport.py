@@ -208,6 +208,11 @@ class NatsTransport(Transport):
                 raise
             self._consumers.add(core)
             return core
+        return await self.open_durable(spec)
+
+    async def open_durable(self, spec: ConsumerSpec) -> NatsConsumer:
+        """Bind the group's JetStream durable consumer whatever the topic's
+        persistence; return once a pull is out."""
         puller = Puller(self._conn, self._streams, spec)
         supervisor = self._supervisor
         try:
