@@ -60,9 +60,7 @@ async def test_a_hundred_topics_go_live_in_one_rebalance(kafka_broker: KafkaBrok
             all_seen.set()
 
     options = KafkaOptions(topic=TopicConfig(partitions=2))
-    async with trio_bus.open_bus(
-        kafka_broker.url, client_id=tag, transport_options=options
-    ) as bus:
+    async with trio_bus.open_bus(kafka_broker.url, client_id=tag, transport_options=options) as bus:
         await _create(bus, topics)
         with trio.fail_after(WAIT):
             subs = await bus.subscribe_many([(t, handler) for t in topics], group=group)
