@@ -88,13 +88,14 @@ async def test_a_member_whose_heartbeats_stop_is_fenced_before_takeover(
     a_after_await: list[tuple[int, int]] = []
     b_started: dict[tuple[int, int], float] = {}
     b_may_finish = trio.Event()
+    never = trio.Event()
 
     async def on_a(message: trio_bus.Message) -> None:
         assert message.partition is not None
         where = (message.partition, message.offset)
         a_started[where] = trio.current_time()
         try:
-            await trio.sleep_forever()  # a handler stuck at an await
+            await never.wait()  # a handler stuck at an await
         except trio.Cancelled:
             a_cancelled[where] = trio.current_time()
             raise
