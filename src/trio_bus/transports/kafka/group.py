@@ -141,6 +141,7 @@ class Group:
         consumer = aiokafka.AIOKafkaConsumer(**kwargs)
         await consumer.start()
         self.fence.install(consumer._coordinator)
+        self.joins.watch(consumer._coordinator)
         self.joins.client = consumer._client
         self._consumer = self.flow.consumer = self.commits.consumer = consumer
 
@@ -251,6 +252,7 @@ class Group:
         joined = (
             set(current.topics) if current is not None and current.assignment is not None else set()
         )
+        joined = self.joins.covered(joined, assigned, self._consumer._coordinator.generation)
         ours = sorted(tp for tp in assigned if tp.topic in self.flow.routes)
         for attempt in range(4):
             try:

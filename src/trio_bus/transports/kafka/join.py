@@ -23,7 +23,7 @@ group's ``on_assigned`` before it calls :meth:`Joiner.assigned`).
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Collection, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Collection, Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from ...errors import BusClosedError, TransportUnavailableError
@@ -32,12 +32,16 @@ from .errors import retrieve_when_done
 from .options import KafkaOptions
 
 if TYPE_CHECKING:
+    from aiokafka import TopicPartition
+
     from .consumer import KafkaConsumer
 
 __all__ = ["Joiner"]
 
 #: Seconds between metadata requests while a topic's partitions are unknown.
 _METADATA_RETRY = 0.05
+#: Kafka API key of JoinGroup, and its "rejoin with this member id" answer.
+_JOIN_GROUP, _MEMBER_ID_REQUIRED = 11, 79
 
 
 class Joiner:
@@ -70,6 +74,12 @@ class Joiner:
         # Subscriptions waiting for a join that includes all of their topics.
         self._waiters: list[tuple[frozenset[str], asyncio.Future[None]]] = []
         self.closed = False
+        # (generation, member -> topics) of the last assignment this member
+        # computed as the group's leader.
+        self._led: tuple[int, dict[str, set[str]]] | None = None
+        # Member ids the broker gave this consumer (some abandoned), and it.
+        self._own_ids: set[str] = set()
+        self._coordinator: Any = None
 
     async def add(self, subs: Sequence[KafkaConsumer]) -> None:
         """Route *subs* here; return once the group assigned all their topics.
@@ -187,6 +197,66 @@ class Joiner:
                 self._waiters.remove(waiter)
                 if not done.done():
                     done.set_result(None)
+
+    def watch(self, coordinator: Any) -> None:
+        """Remember the assignments *coordinator* computes as the group's
+        leader (aiokafka's ``_perform_assignment``) and the member ids the
+        broker handed this consumer (JoinGroup ``MEMBER_ID_REQUIRED``), for
+        :meth:`covered`."""
+        perform: Callable[[Any], Awaitable[Any]] = coordinator._perform_assignment
+        send: Callable[[Any], Awaitable[Any]] = coordinator._send_req
+
+        async def perform_assignment(response: Any) -> Any:
+            assignments = await perform(response)
+            self._led = (
+                coordinator.generation,
+                {member: {tp.topic for tp in a.partitions()} for member, a in assignments.items()},
+            )
+            return assignments
+
+        async def send_req(request: Any) -> Any:
+            response = await send(request)
+            if getattr(request, "API_KEY", None) == _JOIN_GROUP:
+                if getattr(response, "error_code", None) == _MEMBER_ID_REQUIRED:
+                    self._own_ids.add(response.member_id)
+            return response
+
+        coordinator._perform_assignment = perform_assignment
+        coordinator._send_req = send_req
+        self._coordinator = coordinator
+
+    def covered(
+        self, joined: set[str], assigned: Collection[TopicPartition], generation: int
+    ) -> set[str]:
+        """The topics of *joined* that the assignment *assigned* (this
+        member's, of *generation*) really covers.
+
+        A join can include a topic that the leader did not assign: its
+        metadata lacked the topic when it assigned (a metadata answer for
+        fewer topics, still in flight, replaced a fuller one), or the broker
+        answered SyncGroup with the previous assignment of the generation
+        (seen on Tansu when a join changed its topics). Waking that topic's
+        subscription now would resolve "latest" only at the next rebalance,
+        after messages published in between. When this member led the join
+        it knows what was assigned: alone in the group, a topic counts when
+        some partition of it is ours; with others, when some member got
+        one. A follower trusts the leader (another process with the same
+        check).
+
+        Members that are this consumer's own abandoned ids do not count:
+        aiokafka restarts a first join whose subscription changed between
+        the broker's ``MEMBER_ID_REQUIRED`` answer and the retry, with a
+        fresh id, and Tansu keeps the first id as a member (a ghost that
+        never fetches, until its session expires).
+        """
+        led = self._led
+        if led is None or led[0] != generation:
+            return joined
+        me = getattr(self._coordinator, "member_id", None)
+        members = {m: t for m, t in led[1].items() if m == me or m not in self._own_ids}
+        mine = {tp.topic for tp in assigned}
+        anyone = mine.union(*members.values()) if len(members) > 1 else mine
+        return joined & anyone
 
     def fail(self, error: BaseException) -> None:
         """The group stopped or failed: every waiting add raises *error*."""
