@@ -216,9 +216,11 @@ class Joiner:
 
         async def send_req(request: Any) -> Any:
             response = await send(request)
-            if getattr(request, "API_KEY", None) == _JOIN_GROUP:
-                if getattr(response, "error_code", None) == _MEMBER_ID_REQUIRED:
-                    self._own_ids.add(response.member_id)
+            if (
+                getattr(request, "API_KEY", None) == _JOIN_GROUP
+                and getattr(response, "error_code", None) == _MEMBER_ID_REQUIRED
+            ):
+                self._own_ids.add(response.member_id)
             return response
 
         coordinator._perform_assignment = perform_assignment
