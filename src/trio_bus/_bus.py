@@ -347,8 +347,8 @@ class Bus:
 
     async def subscribe_many(
         self,
-        handlers: Mapping[str, Callable[[Message], Awaitable[None]]]
-        | Iterable[tuple[str, Callable[[Message], Awaitable[None]]]],
+        handlers: Mapping[str, Handler | Callable[[Envelope], Awaitable[None]]]
+        | Iterable[tuple[str, Handler | Callable[[Envelope], Awaitable[None]]]],
         *,
         group: str | None = None,
         handler_timeout: float | object | None = UNSET,
@@ -380,7 +380,9 @@ class Bus:
         Args:
             handlers: ``{topic: handler}`` or ``(topic, handler)`` pairs (a
                 topic may appear twice in pairs: the subscriptions then split
-                its partitions, as two ``subscribe`` calls would).
+                its partitions, as two ``subscribe`` calls would). Handlers
+                take a :class:`Message`, or an :class:`Envelope` with
+                ``envelope=True``.
             group: As for :meth:`subscribe`; shared by all.
             handler_timeout: As for :meth:`subscribe`; shared by all.
             start: As for :meth:`subscribe`; shared by all.
