@@ -21,9 +21,11 @@ from typing import Any
 
 import aiokafka
 import trio
+import trio.testing
 
 import trio_bus
 from trio_bus.transports.kafka import KafkaOptions, KafkaTransport, TopicConfig
+from trio_bus.transports.kafka.fence import Fence
 from trio_bus.transports.kafka.group import Group
 
 from ._kafka_broker import KafkaBroker
@@ -163,3 +165,90 @@ async def test_a_member_whose_heartbeats_stop_is_fenced_before_takeover(
         )
         assert len(a_started) == count
         assert all(t <= bound + SLACK for t in a_started.values())
+
+
+# -- the fence's rules, on a fake coordinator (pure logic, MockClock) --------
+
+
+class _Request:
+    def __init__(self, api_key: int) -> None:
+        self.API_KEY = api_key
+
+
+class _Response:
+    def __init__(self, error_code: int) -> None:
+        self.error_code = error_code
+
+
+class _Coordinator:
+    """Answers every request after ``delay`` seconds with ``code``; records
+    whether the fence's leases were held when a request was sent."""
+
+    def __init__(self, fence: Fence) -> None:
+        self.code = 0
+        self.delay = 0.5
+        self.held_at_send: list[bool] = []
+        self._fence = fence
+
+    async def _send_req(self, request: _Request) -> _Response:
+        self.held_at_send.append(all(lease.held() for lease in self._fence.leases.values()))
+        await trio.sleep(self.delay)
+        return _Response(self.code)
+
+
+HEARTBEAT, SYNC_GROUP, LEAVE_GROUP = 12, 14, 13
+
+
+async def test_fence_rules(autojump_clock: trio.testing.MockClock) -> None:
+    fence = Fence("g", session_timeout=10.0, rebalance_timeout=13.0, margin=1.0)
+    coordinator = _Coordinator(fence)
+    fence.install(coordinator)
+    send = coordinator._send_req
+    tp = aiokafka.TopicPartition("t", 0)
+    t0 = trio.current_time()
+
+    # A new assignment's leases run from the SyncGroup's send time.
+    await send(_Request(SYNC_GROUP))
+    fence.grant([tp])
+    lease = fence.leases[tp]
+    assert lease.expires == t0 + 10.0 - 1.0  # sent at t0, answered at t0 + 0.5
+
+    # An answered heartbeat renews from its send time, not its answer.
+    await trio.sleep(2.0)
+    sent = trio.current_time()
+    await send(_Request(HEARTBEAT))
+    assert lease.expires == sent + 9.0
+
+    # An unanswered (failed) heartbeat renews nothing.
+    coordinator.code = 7  # REQUEST_TIMED_OUT
+    await send(_Request(HEARTBEAT))
+    assert lease.expires == sent + 9.0
+
+    # REBALANCE_IN_PROGRESS: at most the rebalance timeout after the last
+    # stable answer's send time.
+    coordinator.code = 27
+    await trio.sleep(8.0)
+    await send(_Request(HEARTBEAT))
+    assert lease.expires == sent + 13.0 - 1.0
+
+    # The member is gone: leases void now, and a running call is cancelled.
+    scope = trio.CancelScope()
+    lease.enter(scope)
+    coordinator.code = 25  # UNKNOWN_MEMBER_ID
+    await send(_Request(HEARTBEAT))
+    assert lease.revoked
+    assert scope.cancel_called
+    assert not fence.held(tp)
+    lease.exit(scope)
+    # ...and records fetched meanwhile carry the void lease, not none.
+    assert fence.leases[tp] is lease
+
+    # A new generation: fresh leases; LeaveGroup voids them before it is sent.
+    coordinator.code = 0
+    await send(_Request(SYNC_GROUP))
+    fence.grant([tp])
+    assert fence.held(tp)
+    assert fence.leases[tp] is not lease
+    await send(_Request(LEAVE_GROUP))
+    assert coordinator.held_at_send[-1] is False
+    assert not fence.held(tp)
