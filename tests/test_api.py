@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import uuid
 from typing import Any
 
 import pytest
@@ -210,3 +211,48 @@ async def test_a_plain_function_batch_handler_is_refused(memory_bus_url: str) ->
             await bus.subscribe_batch("t", not_async)  # type: ignore[arg-type]
         with pytest.raises(errors.InvalidInputError):
             await bus.subscribe_batch("t", "nope")  # type: ignore[arg-type]
+
+
+async def test_subscribe_many_returns_live_subscriptions_in_order(bus_url: str) -> None:
+    """subscribe_many works on every transport: all live when it returns,
+    one subscription per pair, in order, each getting its own topic."""
+    tag = uuid.uuid4().hex[:8]
+    topics = [f"many-{tag}-{i}" for i in range(3)]
+    got: dict[str, list[bytes]] = {}
+    done = trio.Event()
+
+    async def handler(message: trio_bus.Message) -> None:
+        got.setdefault(message.topic, []).append(message.value)
+        if len(got) == len(topics):
+            done.set()
+
+    async with trio_bus.open_bus(bus_url, client_id=f"many-{tag}") as bus:
+        subs = await bus.subscribe_many([(t, handler) for t in topics])
+        assert [s.topic for s in subs] == topics
+        assert all(s.live for s in subs)
+        await bus.publish_many(trio_bus.OutgoingMessage(topic=t, value=t.encode()) for t in topics)
+        with trio.fail_after(30):
+            await done.wait()
+        assert got == {t: [t.encode()] for t in topics}
+
+
+async def test_subscribe_many_envelopes_and_all_or_none(memory_bus_url: str) -> None:
+    seen: list[str] = []
+    handled = trio.Event()
+
+    async def on_envelope(envelope: trio_bus.Envelope) -> None:
+        seen.append(envelope.event_type)
+        handled.set()
+
+    async with trio_bus.open_bus(memory_bus_url, client_id="many") as bus:
+        with pytest.raises(errors.InvalidTopicError):
+            await bus.subscribe_many({"ok": on_envelope, "not ok": on_envelope}, envelope=True)
+        assert bus.subscriptions() == ()
+        (sub,) = await bus.subscribe_many({"orders": on_envelope}, envelope=True)
+        await bus.publish_envelope(
+            "orders", trio_bus.Envelope.new(aggregate_id="o-1", event_type="Placed", payload={})
+        )
+        with trio.fail_after(10):
+            await handled.wait()
+        assert seen == ["Placed"]
+        await sub.close()

@@ -26,7 +26,7 @@ from ._publisher import Publisher
 from ._ratelimit import PublishLimits
 from ._results import FullPolicy, PublishResult, PublishResultStream
 from ._stats import BusStatistics, TopicStats
-from ._subscription import Subscription, Subscriptions, check_async_handler
+from ._subscription import Subscription, SubscriptionPlan, Subscriptions, check_async_handler
 from ._topics import TopicAdmin
 from .asyncapi import Publication, build_document
 from .errors import BusClosedError, InvalidInputError
@@ -206,7 +206,7 @@ class Bus:
 
     # -------------------------------------------------------------- subscribe
 
-    async def _subscribe(
+    def _plan(
         self,
         topic: str,
         handler: Handler | Callable[[Envelope], Awaitable[None]],
@@ -219,7 +219,8 @@ class Bus:
         dead_letter: str | Callable[[str], str] | object = UNSET,
         batch: Batching | None = None,
         ephemeral: bool = False,
-    ) -> Subscription:
+    ) -> SubscriptionPlan:
+        """Validate one subscribe call's arguments; resolve its options."""
         validate_topic(topic)
         group = self._config.client_id if group is None else validate_topic(group)
         if start not in ("latest", "earliest"):
@@ -229,9 +230,9 @@ class Bus:
         )
         dead_letter_topic = options.dead_letter_topic(topic)
         self._config.persistence.keep(dead_letter_topic)
-        return await self._subscriptions.open(
-            topic,
-            handler,
+        return SubscriptionPlan(
+            topic=topic,
+            handler=handler,
             group=group,
             start=start,
             handler_timeout=options.handler_timeout,
@@ -242,6 +243,17 @@ class Bus:
             stats=self._stats_for(topic),
             ephemeral=ephemeral,
         )
+
+    async def _subscribe(
+        self,
+        topic: str,
+        handler: Handler | Callable[[Envelope], Awaitable[None]],
+        **options: Any,
+    ) -> Subscription:
+        (subscription,) = await self._subscriptions.open_many(
+            [self._plan(topic, handler, **options)]
+        )
+        return subscription
 
     async def _subscribe_probe(
         self, topic: str, handler: Callable[[Message], Awaitable[None]], group: str
@@ -341,6 +353,72 @@ class Bus:
             retry=retry,
             dead_letter=dead_letter,
         )
+
+    async def subscribe_many(
+        self,
+        handlers: Mapping[str, Handler | Callable[[Envelope], Awaitable[None]]]
+        | Iterable[tuple[str, Handler | Callable[[Envelope], Awaitable[None]]]],
+        *,
+        group: str | None = None,
+        handler_timeout: float | object | None = UNSET,
+        start: StartPosition = "latest",
+        retry: RetryPolicy | object = UNSET,
+        dead_letter: str | Callable[[str], str] | object = UNSET,
+        envelope: bool = False,
+    ) -> tuple[Subscription, ...]:
+        """Subscribe many handlers at once; return once **all** are live.
+
+        Declare a service's subscriptions up front: where subscribing costs
+        a group-wide step, it is taken once for all of them. On Kafka the
+        group's consumer joins with every topic in **one rebalance** (one
+        topic check, one metadata request, one rejoin), where one
+        ``subscribe`` per topic would rebalance the whole group per topic.
+        Elsewhere the subscriptions open concurrently. Each subscription
+        behaves exactly as one made by :meth:`subscribe` (or
+        :meth:`subscribe_envelope` with ``envelope=True``).
+
+        All or none: every argument is validated before anything is opened,
+        and if opening fails or is cancelled no subscription is left.
+
+        Example::
+
+            orders, payments = await bus.subscribe_many(
+                {"orders": on_order, "payments": on_payment}, group="billing"
+            )
+
+        Args:
+            handlers: ``{topic: handler}`` or ``(topic, handler)`` pairs (a
+                topic may appear twice in pairs: the subscriptions then split
+                its partitions, as two ``subscribe`` calls would). Handlers
+                take a :class:`Message`, or an :class:`Envelope` with
+                ``envelope=True``.
+            group: As for :meth:`subscribe`; shared by all.
+            handler_timeout: As for :meth:`subscribe`; shared by all.
+            start: As for :meth:`subscribe`; shared by all.
+            retry: As for :meth:`subscribe`; shared by all.
+            dead_letter: As for :meth:`subscribe` (a template or function of
+                the topic, so each topic gets its own); shared by all.
+            envelope: Handlers receive the validated :class:`Envelope`, as
+                with :meth:`subscribe_envelope`.
+
+        Returns:
+            The subscriptions, in the order of *handlers*.
+        """
+        pairs = list(handlers.items() if isinstance(handlers, Mapping) else handlers)
+        plans = [
+            self._plan(
+                topic,
+                handler,
+                group=group,
+                handler_timeout=handler_timeout,
+                start=start,
+                wants_envelope=envelope,
+                retry=retry,
+                dead_letter=dead_letter,
+            )
+            for topic, handler in pairs
+        ]
+        return tuple(await self._subscriptions.open_many(plans))
 
     async def subscribe_batch(
         self,

@@ -15,6 +15,7 @@ import logging
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Self, cast
 
+import attrs
 import trio
 from opentelemetry.trace import Tracer
 
@@ -26,9 +27,15 @@ from ._pool import ActorPool, EnvelopeHandler, Handler, Route
 from ._stats import TopicStats
 from ._tracing import traced_handler
 from .errors import BusClosedError, InvalidInputError
-from .transports._base import ConsumerSpec, LaneState, StartPosition, Transport
+from .transports._base import Consumer, ConsumerSpec, LaneState, StartPosition, Transport
 
-__all__ = ["FETCH_BATCH", "Subscription", "Subscriptions", "check_async_handler"]
+__all__ = [
+    "FETCH_BATCH",
+    "Subscription",
+    "SubscriptionPlan",
+    "Subscriptions",
+    "check_async_handler",
+]
 
 logger = logging.getLogger("trio_bus")
 
@@ -156,6 +163,23 @@ class Subscription:
         await self.close()
 
 
+@attrs.frozen(kw_only=True)
+class SubscriptionPlan:
+    """One subscription to open, as the bus resolved a subscribe call."""
+
+    topic: str
+    handler: Handler | Callable[[Envelope], Awaitable[None]]
+    group: str
+    start: StartPosition
+    handler_timeout: float | None
+    dead_letter_topic: str
+    wants_envelope: bool
+    retry: RetryPolicy
+    stats: TopicStats
+    batch: Batching | None = None
+    ephemeral: bool = False
+
+
 class Subscriptions:
     """Every subscription of one bus: opening them, and closing them all."""
 
@@ -177,55 +201,60 @@ class Subscriptions:
         #: Set once the bus is closing: no new subscription from then on.
         self.closing = False
 
-    async def open(
-        self,
-        topic: str,
-        handler: Handler | Callable[[Envelope], Awaitable[None]],
-        *,
-        group: str,
-        start: StartPosition,
-        handler_timeout: float | None,
-        dead_letter_topic: str,
-        wants_envelope: bool,
-        retry: RetryPolicy,
-        stats: TopicStats,
-        batch: Batching | None = None,
-        ephemeral: bool = False,
-    ) -> Subscription:
-        """Open a consumer and start fetching; return once live."""
-        check_async_handler(handler)
+    async def open_many(self, plans: Sequence[SubscriptionPlan]) -> list[Subscription]:
+        """Open the consumers of *plans* together (one transport call: a
+        Kafka group rejoins once for all) and start fetching; return once
+        all are live. On failure or cancellation none is left running."""
+        for plan in plans:
+            check_async_handler(plan.handler)
         if self.closing:
             raise BusClosedError("the bus is closing")
+        invokes = [self._invoke(plan) for plan in plans]
+        consumers = await self.transport.open_consumers(
+            [
+                ConsumerSpec(
+                    topic=plan.topic,
+                    group=plan.group,
+                    start=plan.start,
+                    max_batch=FETCH_BATCH,
+                    ephemeral=plan.ephemeral,
+                )
+                for plan in plans
+            ]
+        )
+        subscriptions = [
+            Subscription(self, _route(plan, consumer, invoke))
+            for plan, consumer, invoke in zip(plans, consumers, invokes, strict=True)
+        ]
+        self.live.update(subscriptions)
+        started = 0
+        try:
+            for subscription in subscriptions:
+                await self._nursery.start(
+                    subscription._run, name=f"trio_bus.subscription-{subscription.topic}"
+                )
+                started += 1
+        except BaseException:
+            with trio.CancelScope(shield=True):
+                for subscription in subscriptions[:started]:
+                    await subscription.close()
+                for subscription in subscriptions[started:]:  # never fetched
+                    subscription._closed = True
+                    self.live.discard(subscription)
+                    await subscription._close_consumer()
+            raise
+        return subscriptions
+
+    def _invoke(self, plan: SubscriptionPlan) -> Handler:
         # The public methods pair wants_envelope with the handler's type.
+        handler = plan.handler
         invoke = cast(
             Handler,
-            _envelope_adapter(cast(EnvelopeHandler, handler)) if wants_envelope else handler,
+            _envelope_adapter(cast(EnvelopeHandler, handler)) if plan.wants_envelope else handler,
         )
         if self._tracer is not None:
-            invoke = traced_handler(self._tracer, self.transport.name, topic, invoke)
-        consumer = await self.transport.open_consumer(
-            ConsumerSpec(
-                topic=topic, group=group, start=start, max_batch=FETCH_BATCH, ephemeral=ephemeral
-            )
-        )
-        route = Route(
-            topic=topic,
-            group=group,
-            consumer=consumer,
-            invoke=invoke,
-            handler_timeout=handler_timeout,
-            dead_letter_topic=dead_letter_topic,
-            wants_envelope=wants_envelope,
-            retry=retry,
-            batch=batch,
-            # The handler as the user gave it (Bus.asyncapi reads routers).
-            source=handler if batch is None else batch.invoke,
-            stats=stats,
-        )
-        subscription = Subscription(self, route)
-        self.live.add(subscription)
-        await self._nursery.start(subscription._run, name=f"trio_bus.subscription-{topic}")
-        return subscription
+            invoke = traced_handler(self._tracer, self.transport.name, plan.topic, invoke)
+        return invoke
 
     def in_flight(self) -> int:
         """Messages dispatched and not yet settled, over all subscriptions."""
@@ -255,6 +284,24 @@ class Subscriptions:
                 sub._closed = True
                 nursery.start_soon(sub._close_consumer)
         self.live.clear()
+
+
+def _route(plan: SubscriptionPlan, consumer: Consumer, invoke: Handler) -> Route:
+    batch = plan.batch
+    return Route(
+        topic=plan.topic,
+        group=plan.group,
+        consumer=consumer,
+        invoke=invoke,
+        handler_timeout=plan.handler_timeout,
+        dead_letter_topic=plan.dead_letter_topic,
+        wants_envelope=plan.wants_envelope,
+        retry=plan.retry,
+        batch=batch,
+        # The handler as the user gave it (Bus.asyncapi reads routers).
+        source=plan.handler if batch is None else batch.invoke,
+        stats=plan.stats,
+    )
 
 
 def _envelope_adapter(handler: EnvelopeHandler) -> Handler:

@@ -68,7 +68,9 @@ from contextlib import AbstractAsyncContextManager
 from typing import Literal, Protocol
 
 import attrs
+import trio
 
+from .._exceptions import unwrap_lone_exception
 from .._message import OutgoingMessage, Record
 from .._topics import PersistencePolicy, TopicDescription, TopicRequest
 from ..errors import TopicConfigError
@@ -240,6 +242,31 @@ class Transport(abc.ABC):
     async def list_topics(self) -> Sequence[str]:
         """The topics the broker stores."""
         raise TopicConfigError(f"the {self.name} transport cannot list topics")
+
+    async def open_consumers(self, specs: Sequence[ConsumerSpec]) -> Sequence[Consumer]:
+        """Open a consumer per spec, in order; return once all are live. On
+        failure or cancellation none is left open.
+
+        This default opens them concurrently with :meth:`open_consumer`. A
+        transport where each subscription costs a group-wide step (Kafka: a
+        rebalance) overrides it to take that step once for all of them.
+        """
+        opened: dict[int, Consumer] = {}
+
+        async def open_one(i: int, spec: ConsumerSpec) -> None:
+            opened[i] = await self.open_consumer(spec)
+
+        try:
+            with unwrap_lone_exception():
+                async with trio.open_nursery() as nursery:
+                    for i, spec in enumerate(specs):
+                        nursery.start_soon(open_one, i, spec)
+        except BaseException:
+            with trio.CancelScope(shield=True):
+                for consumer in opened.values():
+                    await consumer.aclose()
+            raise
+        return [opened[i] for i in range(len(specs))]
 
 
 class TransportFactory(Protocol):

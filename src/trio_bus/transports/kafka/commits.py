@@ -1,5 +1,9 @@
 """Committing a group's finished offsets (asyncio side).
 
+Fence: no offset of a partition whose lease is not held is sent (the
+member may be out of the group already; see :mod:`.fence`): a commit
+point only moves while the member provably owns the partition.
+
 Recovery policy: a commit that fails with a Kafka error (a rebalance is
 under way, the member was fenced, the coordinator moved or cannot be
 reached) is logged and simply not counted as committed; the next periodic
@@ -18,6 +22,7 @@ from typing import Any, NoReturn
 import aiokafka.errors as kafka_errors
 
 from .errors import retrieve_when_done
+from .fence import Fence
 from .flow import Flow
 
 __all__ = ["Committer", "commit_offsets"]
@@ -33,9 +38,12 @@ class Committer:
             group's consumer stopped: commits nothing.
     """
 
-    def __init__(self, name: str, flow: Flow, interval: float, *, enabled: bool) -> None:
+    def __init__(
+        self, name: str, flow: Flow, interval: float, *, enabled: bool, fence: Fence
+    ) -> None:
         self.name = name
         self.flow = flow
+        self.fence = fence
         self.interval = interval
         self.enabled = enabled
         self.consumer: Any = None
@@ -48,14 +56,15 @@ class Committer:
             await self.commit()
 
     async def commit(self) -> None:
-        """Apply pending settles, then commit every point that moved."""
+        """Apply pending settles, then commit every point that moved in a
+        partition whose lease is held."""
         async with self._lock:
             self.flow.apply_settles()
-            tracks = self.flow.tracks
+            tracks, held = self.flow.tracks, self.fence.held
             due = {
                 tp: point
                 for tp, track in tracks.items()
-                if (point := track.commit_due()) is not None
+                if (point := track.commit_due()) is not None and held(tp)
             }
             if not due or not self.enabled or self.consumer is None:
                 return

@@ -29,6 +29,7 @@ from .offsets import PartitionTrack
 from .options import KafkaOptions
 
 if TYPE_CHECKING:
+    from ..._lease import Lease
     from .consumer import KafkaConsumer
 
 __all__ = ["Flow", "Release", "Settle"]
@@ -83,6 +84,8 @@ class Flow:
         # back already (deliver adds none to them any more).
         self._taken_back: set[PartitionTrack] = set()
         self.consumer: Any = None
+        #: The fence's lease per assigned partition (see .fence).
+        self.leases: dict[TopicPartition, Lease] = {}
 
     # -- settling --------------------------------------------------------
 
@@ -121,7 +124,7 @@ class Flow:
             subs = routes.get(tp.topic)
             if track is None or not subs or track.revoking or track.released is not None:
                 continue  # not ours any more, or about to be sought back
-            topic, partition = tp.topic, tp.partition
+            topic, partition, lease = tp.topic, tp.partition, self.leases.get(tp)
             out: list[Record] = []
             for msg in messages:
                 if not track.add(msg.offset):
@@ -138,6 +141,7 @@ class Flow:
                         offset=msg.offset,
                         token=track,
                         timestamp=msg.timestamp / 1000 if msg.timestamp is not None else None,
+                        lease=lease,
                     )
                 )
             if out:

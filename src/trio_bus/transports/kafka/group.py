@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any, NoReturn
 
 import aiokafka
@@ -28,13 +28,15 @@ import aiokafka.errors as kafka_errors
 from aiokafka import TopicPartition
 from aiokafka.abc import ConsumerRebalanceListener
 
-from ...errors import BusClosedError, TransportError, TransportUnavailableError
+from ...errors import BusClosedError, TransportError
 from .._base import StartPosition
 from .._bridge import Mailbox
 from .commits import Committer, commit_offsets
 from .consumer import KafkaConsumer
-from .errors import retrieve_when_done, transport_error
+from .errors import transport_error
+from .fence import Fence
 from .flow import Flow, Settle
+from .join import Joiner
 from .offsets import PartitionTrack
 from .options import KafkaOptions, client_kwargs
 
@@ -63,6 +65,9 @@ class Group:
         settles: Ack/release requests of its subscriptions (Trio -> asyncio).
         flow: Records, tracks and pausing.
         commits: Commits of finished offsets.
+        joins: The subscribed topics and the subscribe calls waiting.
+        fence: The leases of the assigned partitions.
+        rebalances: Assignments received so far (one per completed join).
     """
 
     def __init__(
@@ -79,16 +84,21 @@ class Group:
         self._hosts, self._client_id = hosts, client_id
         self.settles: Mailbox[Settle] = Mailbox()
         self.flow = Flow(options, self.settles)
+        self.fence = Fence(
+            name,
+            session_timeout=options.session_timeout_ms / 1000,
+            rebalance_timeout=options.rebalance_timeout_ms / 1000,
+            margin=options.lease_margin,
+        )
+        self.flow.leases = self.fence.leases
         # A private, throw-away group (health probes): commit nothing.
-        self.commits = Committer(name, self.flow, options.commit_interval, enabled=not ephemeral)
-        self._starts: dict[str, StartPosition] = {}
+        self.commits = Committer(
+            name, self.flow, options.commit_interval, enabled=not ephemeral, fence=self.fence
+        )
+        self.joins = Joiner(name, options, self.flow.routes, self._subscribe)
+        self.rebalances = 0
         self._consumer: Any = None
         self._listener = _Listener(self)
-        # Topics the consumer is subscribed to, and joins under way by topic.
-        self._subscribed: set[str] = set()
-        self._joining: dict[str, asyncio.Future[None]] = {}
-        # Subscriptions waiting for a join that includes their topic.
-        self._assign_waiters: list[tuple[str, asyncio.Future[None]]] = []
         self._failure: TransportError | None = None
         self._stopped = False
 
@@ -124,14 +134,15 @@ class Group:
             "session_timeout_ms": opts.session_timeout_ms,
             "heartbeat_interval_ms": opts.heartbeat_interval_ms,
             "max_poll_interval_ms": opts.max_poll_interval_ms,
-            "rebalance_timeout_ms": max(
-                opts.session_timeout_ms, int(opts.rebalance_grace * 1000) + 5_000
-            ),
+            "rebalance_timeout_ms": opts.rebalance_timeout_ms,
         }
         kwargs.update(client_kwargs(opts, self._hosts, self._client_id))
         kwargs.update(opts.consumer_args)
         consumer = aiokafka.AIOKafkaConsumer(**kwargs)
         await consumer.start()
+        self.fence.install(consumer._coordinator)
+        self.joins.watch(consumer._coordinator)
+        self.joins.client = consumer._client
         self._consumer = self.flow.consumer = self.commits.consumer = consumer
 
     async def stop(self) -> None:
@@ -148,17 +159,14 @@ class Group:
                 except TimeoutError:
                     logger.warning("group %r: final commit timed out", self.name)
                 self.commits.enabled = False
+                self.fence.lose("the group stops", warn=False)
                 await self._consumer.stop()
         finally:
+            self.fence.lose("the group stopped", warn=False)
+            self.joins.closed = True
             self.flow.close_all()
             self.flow.fail_subscriptions(closed)
-            self._fail_waiters(closed)
-
-    def _fail_waiters(self, error: BaseException) -> None:
-        for _, fut in self._assign_waiters:
-            if not fut.done():
-                fut.set_exception(error)
-        self._assign_waiters.clear()
+            self.joins.fail(closed)
 
     def _fail(self, error: BaseException, what: str) -> TransportError:
         failure = transport_error(error, f"kafka consumer group {self.name!r} {what}")
@@ -170,114 +178,26 @@ class Group:
 
     # -- membership ------------------------------------------------------
 
-    async def add(self, sub: KafkaConsumer) -> None:
-        """Route *sub*'s topic here; return once the group assigned it.
-
-        Concurrent adds share rejoins: each subscribes the consumer to the
-        topics whose metadata is known so far, and aiokafka folds the
-        changes that arrive while a join is under way into the next one,
-        so N concurrent subscriptions cost a few joins, not N.
-        """
+    async def add(self, subs: Sequence[KafkaConsumer]) -> None:
+        """Route *subs* here; return once the group assigned all their
+        topics, after one rejoin for all of them (see :mod:`.join`)."""
         if self._failure is not None:
             raise self._failure
-        topic, routes = sub.topic, self.flow.routes
-        routes.setdefault(topic, []).append(sub)
-        self._starts.setdefault(topic, sub.spec.start)
-        try:
-            joining = self._joining.get(topic)
-            if joining is not None:  # a concurrent add joins this topic: wait for it
-                await self._wait_assigned(joining, topic)
-            elif topic not in self._subscribed:
-                await self._join(topic)
-        except BaseException:
-            # Failed or cancelled: no orphan route may hold records nobody
-            # fetches (their partitions' commit points would never move).
-            if self._drop_route(sub):
-                self._resubscribe()
-            raise
+        await self.joins.add(subs)
 
-    async def _join(self, topic: str) -> None:
-        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        retrieve_when_done(done)  # concurrent adds of the topic may all be gone
-        self._joining[topic] = done
-        waiter = (topic, done)
-        try:
-            await self._wait_partitions_known(topic)
-            self._subscribed.add(topic)
-            self._assign_waiters.append(waiter)
-            self._resubscribe()
-            await self._wait_assigned(done, topic)
-        except BaseException as exc:
-            if waiter in self._assign_waiters:
-                self._assign_waiters.remove(waiter)
-            if not done.done():
-                done.set_exception(
-                    exc if isinstance(exc, Exception) else BusClosedError("join cancelled")
-                )
-            raise
-        finally:
-            if self._joining.get(topic) is done:
-                del self._joining[topic]
-
-    async def _wait_assigned(self, done: asyncio.Future[None], topic: str) -> None:
-        try:
-            await asyncio.wait_for(asyncio.shield(done), self.options.join_timeout)
-        except TimeoutError:
-            raise TransportUnavailableError(
-                f"consumer group {self.name!r} did not assign {topic!r} within "
-                f"{self.options.join_timeout} s"
-            ) from None
-
-    def _resubscribe(self) -> None:
-        """Subscribe the consumer to the topics ready to join (a topic whose
-        partitions the leader does not know yet would be assigned none)."""
+    def _subscribe(self, topics: Sequence[str]) -> None:
         if self._stopped:
             return
-        if self._subscribed:
-            self._consumer.subscribe(topics=sorted(self._subscribed), listener=self._listener)
+        if topics:
+            self._consumer.subscribe(topics=list(topics), listener=self._listener)
         else:
             self._consumer.unsubscribe()
-
-    async def _wait_partitions_known(self, topic: str) -> None:
-        """Wait until this consumer's metadata lists *topic*'s partitions.
-
-        The group leader assigns from its own metadata: joining with a topic
-        it does not know yet (just created) assigns none of its partitions,
-        and the later rejoin would resolve "latest" after messages published
-        in between -- skipping them.
-        """
-        client = self._consumer._client
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.options.join_timeout
-        while not client.cluster.partitions_for_topic(topic):
-            if loop.time() > deadline:
-                raise TransportUnavailableError(
-                    f"no partition metadata for kafka topic {topic!r} within "
-                    f"{self.options.join_timeout} s"
-                )
-            await client.add_topic(topic)
-            if not client.cluster.partitions_for_topic(topic):
-                await asyncio.sleep(0.05)  # metadata not there yet: ask again
-                await client.force_metadata_update()
-
-    def _drop_route(self, sub: KafkaConsumer) -> bool:
-        """Forget *sub*; True when its topic has no subscription left."""
-        routes = self.flow.routes
-        subs = routes.get(sub.topic, [])
-        if sub in subs:
-            subs.remove(sub)
-        if not subs:
-            routes.pop(sub.topic, None)
-            self._starts.pop(sub.topic, None)
-            self._subscribed.discard(sub.topic)
-            return True
-        return False
 
     async def remove(self, sub: KafkaConsumer) -> bool:
         """Close *sub*: commit, then drop its topic from the group. True when
         the group has no subscription left (the caller then stops it)."""
         sub.handoff.fail(BusClosedError("subscription closed"))
-        topic_gone = self._drop_route(sub)
+        topic_gone = self.joins.drop_route(sub)
         await self.commits.commit()
         routes = self.flow.routes
         if not routes:
@@ -285,14 +205,15 @@ class Group:
         if topic_gone:
             # Re-subscribe without the topic; the rebalance revokes its
             # partitions (committing their finished prefix) in the background.
-            self._resubscribe()
+            self.joins.resubscribe()
         return False
 
     # -- rebalance (called by aiokafka's coordinator) ----------------------
 
     async def on_revoked(self, revoked: set[TopicPartition]) -> None:
         """Stop handing out the revoked partitions, wait up to
-        ``rebalance_grace`` for their records with handlers, commit, forget."""
+        ``rebalance_grace`` for their records with handlers, commit, void
+        their leases (a handler still running is cancelled), forget."""
         flow = self.flow
         flow.apply_settles()
         tracks = [t for tp in revoked if (t := flow.tracks.get(tp)) is not None]
@@ -314,11 +235,15 @@ class Group:
             await self.settles.wait(remaining)
             flow.apply_settles()
         await self.commits.commit()
+        self.fence.revoke(revoked)
         for tp in revoked:
             flow.replace(tp, None)
 
     async def on_assigned(self, assigned: set[TopicPartition]) -> None:
-        """Resolve positions of the new assignment; wake waiting subscribes."""
+        """Lease the new assignment's partitions, resolve their positions,
+        wake the subscribe calls it completes."""
+        self.rebalances += 1
+        self.fence.grant(assigned)
         # The join that ended here was for the subscription current now
         # (aiokafka discards a join whose subscription changed under it);
         # a subscribe slipping in just before this callback leaves the new
@@ -327,6 +252,7 @@ class Group:
         joined = (
             set(current.topics) if current is not None and current.assignment is not None else set()
         )
+        joined = self.joins.covered(joined, assigned, self._consumer._coordinator.generation)
         ours = sorted(tp for tp in assigned if tp.topic in self.flow.routes)
         for attempt in range(4):
             try:
@@ -340,24 +266,24 @@ class Group:
                     return
                 logger.warning("group %r: resolving positions failed: %s", self.name, exc)
                 await asyncio.sleep(0.1 * 2**attempt)
-        for topic, fut in list(self._assign_waiters):
-            if topic in joined:
-                self._assign_waiters.remove((topic, fut))
-                if not fut.done():
-                    fut.set_result(None)
+        self.joins.assigned(joined)
 
     async def _resolve_positions(self, ours: list[TopicPartition]) -> None:
         """Seek every assigned partition to its committed offset, or to where
         its subscription starts when the group has none (and anchor that)."""
         consumer = self._consumer
-        committed = await asyncio.gather(*(consumer.committed(tp) for tp in ours))
+        # One OffsetFetch for all partitions (consumer.committed asks per
+        # partition: 800 requests for 100 topics of 8).
+        committed = await consumer._coordinator.fetch_committed_offsets(ours) if ours else {}
         need: dict[StartPosition, list[TopicPartition]] = {"earliest": [], "latest": []}
         positions: dict[TopicPartition, int] = {}
-        for tp, offset in zip(ours, committed, strict=True):
-            if offset is None:
-                need[self._starts.get(tp.topic, "latest")].append(tp)
+        starts = self.joins.starts
+        for tp in ours:
+            meta = committed.get(tp)
+            if meta is None or meta.offset < 0:
+                need[starts.get(tp.topic, "latest")].append(tp)
             else:
-                positions[tp] = offset
+                positions[tp] = meta.offset
         fresh: dict[TopicPartition, int] = {}
         if need["earliest"]:
             fresh.update(await consumer.beginning_offsets(need["earliest"]))

@@ -20,6 +20,7 @@ from .._provisioning import (
     TopicStrategy,
     non_negative,
     one_of,
+    optional,
     optional_positive,
 )
 
@@ -121,6 +122,9 @@ class KafkaOptions:
         max_unsettled: Same for the whole group consumer.
         rebalance_grace: Seconds a revocation waits for in-flight handlers
             of the revoked partitions before giving them up uncommitted.
+        lease_margin_ms: How much earlier than the coordinator can expire
+            the member its partition leases end (see docs/kafka.md,
+            "Rebalances"); None (default): a tenth of the session timeout.
         join_timeout: Seconds ``subscribe`` waits for the group to assign.
         close_timeout: Seconds the shielded close of clients may take.
         topic: Default :class:`TopicConfig` for every topic.
@@ -167,6 +171,7 @@ class KafkaOptions:
     )
     max_unsettled: int = attrs.field(default=DEFAULT_MAX_UNSETTLED, validator=positive)
     rebalance_grace: float = attrs.field(default=DEFAULT_REBALANCE_GRACE, validator=non_negative)
+    lease_margin_ms: int | None = attrs.field(default=None, validator=optional(non_negative))
     join_timeout: float = attrs.field(default=DEFAULT_JOIN_TIMEOUT, validator=positive)
     close_timeout: float = attrs.field(default=DEFAULT_CLOSE_TIMEOUT, validator=positive)
     topic: TopicConfig = attrs.field(factory=TopicConfig)
@@ -193,6 +198,21 @@ class KafkaOptions:
             raise ConfigError("heartbeat_interval_ms must be below session_timeout_ms")
         if self.acks != "all" and self.idempotence is True:
             raise ConfigError('idempotence=True needs acks="all"')
+        if self.lease_margin_ms is not None and self.lease_margin_ms >= self.session_timeout_ms:
+            raise ConfigError("lease_margin_ms must be below session_timeout_ms")
+
+    @property
+    def rebalance_timeout_ms(self) -> int:
+        """How long the coordinator waits for members to rejoin a rebalance:
+        the session, or the revocation's grace plus time to commit."""
+        return max(self.session_timeout_ms, int(self.rebalance_grace * 1000) + 5_000)
+
+    @property
+    def lease_margin(self) -> float:
+        """Seconds partition leases end before the member's session can."""
+        if self.lease_margin_ms is None:
+            return self.session_timeout_ms / 10_000
+        return self.lease_margin_ms / 1000
 
     def topic_config(self, topic: str) -> TopicConfig:
         """The configuration that applies to *topic* (the health-probe topic

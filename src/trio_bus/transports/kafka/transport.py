@@ -278,14 +278,50 @@ class KafkaTransport(Transport):
     async def open_consumer(self, spec: ConsumerSpec) -> Consumer:
         """Join *spec.group* with *spec.topic*; return once its partitions are
         assigned and their positions resolved."""
+        (consumer,) = await self.open_consumers([spec])
+        return consumer
+
+    async def open_consumers(self, specs: Sequence[ConsumerSpec]) -> Sequence[Consumer]:
+        """Open every subscription of *specs* with one topic check for all of
+        them and **one rejoin per group**: each group's consumer subscribes
+        to all its new topics at once. Return once every topic is assigned;
+        on failure or cancellation none is left open."""
         assert self._topics is not None
+        if not specs:
+            await trio.lowlevel.checkpoint()
+            return []
+        by_group: dict[str, list[int]] = {}
+        for i, spec in enumerate(specs):
+            by_group.setdefault(spec.group, []).append(i)
+        opened: dict[int, KafkaConsumer] = {}
         try:
-            await self.bridge.call(self._topics.ensure, {spec.topic})
-            task = await self._group(spec)
+            await self.bridge.call(self._topics.ensure, {spec.topic for spec in specs})
+            with unwrap_lone_exception():
+                async with trio.open_nursery() as nursery:
+                    for indices in by_group.values():
+                        nursery.start_soon(self._open_in_group, specs, indices, opened)
+        except BaseException:
+            with trio.CancelScope(shield=True):
+                for consumer in opened.values():
+                    await consumer.aclose()
+            raise
+        return [opened[i] for i in range(len(specs))]
+
+    async def _open_in_group(
+        self, specs: Sequence[ConsumerSpec], indices: list[int], opened: dict[int, KafkaConsumer]
+    ) -> None:
+        """Add ``specs[i]`` for *indices* (one group) in one join; the
+        consumers go into *opened* by index."""
+        specs = [specs[i] for i in indices]
+        try:
+            task = await self._group(specs[0])
             group = task.group
-            consumer = KafkaConsumer(group, spec, self.bridge, close_group=self._close_group)
+            consumers = [
+                KafkaConsumer(group, spec, self.bridge, close_group=self._close_group)
+                for spec in specs
+            ]
             try:
-                await self.bridge.call(group.add, consumer)
+                await self.bridge.call(group.add, consumers)
             except BaseException:
                 # Failed or cancelled: a group left without subscriptions
                 # stops, rather than stay a member with a half-joined topic.
@@ -300,8 +336,8 @@ class KafkaTransport(Transport):
         except (TransportError, BusClosedError):
             raise
         except kafka_errors.KafkaError as exc:
-            raise transport_error(exc, f"joining consumer group {spec.group!r}") from exc
-        return consumer
+            raise transport_error(exc, f"joining consumer group {specs[0].group!r}") from exc
+        opened.update(zip(indices, consumers, strict=True))
 
     async def configure_topic(self, topic: str, request: TopicRequest) -> TopicDescription:
         """``bus.topics.configure``: see :mod:`.topics`."""
