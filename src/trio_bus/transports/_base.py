@@ -63,9 +63,10 @@ context exited.
 from __future__ import annotations
 
 import abc
-from collections.abc import Sequence
+import functools
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from contextlib import AbstractAsyncContextManager
-from typing import Literal, Protocol
+from typing import Literal, Protocol, TypeVar
 
 import attrs
 import trio
@@ -251,22 +252,39 @@ class Transport(abc.ABC):
         transport where each subscription costs a group-wide step (Kafka: a
         rebalance) overrides it to take that step once for all of them.
         """
-        opened: dict[int, Consumer] = {}
 
-        async def open_one(i: int, spec: ConsumerSpec) -> None:
+        async def open_one(i: int, spec: ConsumerSpec, opened: dict[int, Consumer]) -> None:
             opened[i] = await self.open_consumer(spec)
 
-        try:
-            with unwrap_lone_exception():
-                async with trio.open_nursery() as nursery:
-                    for i, spec in enumerate(specs):
-                        nursery.start_soon(open_one, i, spec)
-        except BaseException:
-            with trio.CancelScope(shield=True):
-                for consumer in opened.values():
-                    await consumer.aclose()
-            raise
-        return [opened[i] for i in range(len(specs))]
+        return await open_all(
+            len(specs), [functools.partial(open_one, i, spec) for i, spec in enumerate(specs)]
+        )
+
+
+C = TypeVar("C", bound=Consumer)
+
+
+async def open_all(
+    count: int, jobs: Iterable[Callable[[dict[int, C]], Awaitable[None]]]
+) -> list[C]:
+    """Run *jobs* concurrently, each putting the consumers it opened into
+    the shared dict by index; return the *count* consumers in index order.
+
+    All or none: on failure or cancellation every consumer opened so far is
+    closed (shielded) before the error propagates.
+    """
+    opened: dict[int, C] = {}
+    try:
+        with unwrap_lone_exception():
+            async with trio.open_nursery() as nursery:
+                for job in jobs:
+                    nursery.start_soon(job, opened)
+    except BaseException:
+        with trio.CancelScope(shield=True):
+            for consumer in opened.values():
+                await consumer.aclose()
+        raise
+    return [opened[i] for i in range(count)]
 
 
 class TransportFactory(Protocol):

@@ -21,6 +21,7 @@ exit; always shielded and bounded by ``close_timeout``.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
@@ -35,7 +36,7 @@ from ..._message import OutgoingMessage
 from ..._secrets import warn_if_unverified
 from ..._topics import TopicDescription, TopicRequest
 from ...errors import BusClosedError, TransportError
-from .._base import Consumer, ConsumerSpec, Transport, TransportSettings
+from .._base import Consumer, ConsumerSpec, Transport, TransportSettings, open_all
 from .._bridge import Bridge, open_bridge
 from .consumer import KafkaConsumer
 from .errors import connect_error, tls_refusal, transport_error
@@ -293,19 +294,14 @@ class KafkaTransport(Transport):
         by_group: dict[str, list[int]] = {}
         for i, spec in enumerate(specs):
             by_group.setdefault(spec.group, []).append(i)
-        opened: dict[int, KafkaConsumer] = {}
-        try:
-            await self.bridge.call(self._topics.ensure, {spec.topic for spec in specs})
-            with unwrap_lone_exception():
-                async with trio.open_nursery() as nursery:
-                    for indices in by_group.values():
-                        nursery.start_soon(self._open_in_group, specs, indices, opened)
-        except BaseException:
-            with trio.CancelScope(shield=True):
-                for consumer in opened.values():
-                    await consumer.aclose()
-            raise
-        return [opened[i] for i in range(len(specs))]
+        await self.bridge.call(self._topics.ensure, {spec.topic for spec in specs})
+        return await open_all(
+            len(specs),
+            [
+                functools.partial(self._open_in_group, specs, indices)
+                for indices in by_group.values()
+            ],
+        )
 
     async def _open_in_group(
         self, specs: Sequence[ConsumerSpec], indices: list[int], opened: dict[int, KafkaConsumer]
