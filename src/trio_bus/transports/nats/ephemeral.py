@@ -41,8 +41,6 @@ logger = logging.getLogger("trio_bus.nats")
 #: Most messages one ephemeral subscription holds for the bus before it
 #: drops new ones.
 MAX_HELD = 10_000
-#: Seconds closing a subscription may take.
-CLOSE_TIMEOUT = 5.0
 
 
 async def stored(conn: Connection, topic: str) -> bool:
@@ -175,8 +173,11 @@ class CoreConsumer(Consumer):
         bridge: Bridge,
         sub: CoreSubscription,
         on_close: Callable[[CoreConsumer], None] | None = None,
+        *,
+        close_timeout: float,
     ) -> None:
         self._bridge = bridge
+        self._close_timeout = close_timeout
         self._sub = sub
         self._closed = False
         self._on_close = on_close
@@ -204,7 +205,7 @@ class CoreConsumer(Consumer):
             self._on_close(self)
         self._sub.handoff.fail(BusClosedError("consumer closed"))
         with trio.CancelScope(shield=True) as scope:
-            scope.deadline = trio.current_time() + CLOSE_TIMEOUT
+            scope.deadline = trio.current_time() + self._close_timeout
             try:
                 await self._bridge.call(self._sub.close)
             except TransportError as exc:  # the loop is gone already

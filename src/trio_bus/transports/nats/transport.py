@@ -179,14 +179,12 @@ class NatsTransport(Transport):
     async def _publish(self, records: Sequence[OutgoingMessage]) -> list[Exception | None]:
         # Asyncio side: JetStream for persistent topics, Core NATS for
         # ephemeral ones (see ephemeral.py), one outcome per record in order.
-        core: list[int] = []
-        for i, record in enumerate(records):
-            if await self._modes.of(record.topic) == "ephemeral":
-                core.append(i)
-        if not core:
+        modes = {topic: await self._modes.of(topic) for topic in {r.topic for r in records}}
+        if "ephemeral" not in modes.values():
             return await self._publisher.publish_many(records)
+        core = [i for i, r in enumerate(records) if modes[r.topic] == "ephemeral"]
+        stored = [i for i, r in enumerate(records) if modes[r.topic] != "ephemeral"]
         outcomes: list[Exception | None] = [None] * len(records)
-        stored = [i for i in range(len(records)) if i not in set(core)]
         for indices, outcome in (
             (core, await publish_core(self._conn, [records[i] for i in core])),
             (stored, await self._publisher.publish_many([records[i] for i in stored])),
@@ -200,7 +198,9 @@ class NatsTransport(Transport):
         subscribe to an ephemeral topic's subject."""
         if await self._bridge.call(self._modes.of, spec.topic) == "ephemeral":
             sub = CoreSubscription(self._conn, spec)
-            core = CoreConsumer(self._bridge, sub, self._consumers.discard)
+            core = CoreConsumer(
+                self._bridge, sub, self._consumers.discard, close_timeout=CLOSE_TIMEOUT
+            )
             try:
                 await self._bridge.call(sub.start)
             except BaseException:
