@@ -13,16 +13,29 @@ import contextlib
 import socket
 import struct
 import threading
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Self
 
 import attrs
 import pytest
+import trio
 
-from trio_bus.testing import TansuBroker, free_port, run_tansu
+from trio_bus.testing import SASLTerminator, TansuBroker, free_port, run_tansu
 from trio_bus.testing.plugin import KAFKA_URL_PARAMS, kafka_url
 
-__all__ = ["KAFKA_TEST_PARAMS", "ApiVersionsShim", "KafkaBroker", "free_port", "run_tansu"]
+__all__ = [
+    "KAFKA_TEST_PARAMS",
+    "SASL_PASSWORD",
+    "SASL_USER",
+    "ApiVersionsShim",
+    "KafkaBroker",
+    "SASLKafka",
+    "free_port",
+    "run_tansu",
+]
+
+#: The user the ``sasl_kafka`` terminator knows at the start of each test.
+SASL_USER, SASL_PASSWORD = "svc", "pw-Scram-5e7a2c"
 
 #: URL parameters for tests (the plugin's: short sessions keep Tansu's
 #: group joins near one second).
@@ -167,6 +180,45 @@ class ApiVersionsShim:
         finally:
             with contextlib.suppress(OSError):
                 dst.shutdown(socket.SHUT_RDWR)
+
+
+@attrs.frozen
+class SASLKafka:
+    """A plaintext Tansu behind a :class:`SASLTerminator` (SASL SCRAM)."""
+
+    broker: TansuBroker
+    terminator: SASLTerminator
+
+    @property
+    def url(self) -> str:
+        """The trio_bus URL (the terminator's port) with the test tuning."""
+        return kafka_url(self.broker)
+
+
+@pytest.fixture(scope="session")
+def tansu_behind_sasl(
+    tansu_binary_path: str, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[TansuBroker, int]]:
+    """A Tansu advertising the port a SASL terminator serves, and the port
+    it listens on itself. Tansu 0.6 cannot hold SCRAM users
+    (docs/security.md, "Tansu"), so the terminator does the logins."""
+    broker_port, sasl_port = free_port(), free_port()
+    log = tmp_path_factory.mktemp("tansu-sasl") / "tansu.log"
+    with run_tansu(tansu_binary_path, log, broker_port, advertised_port=sasl_port) as broker:
+        yield broker, broker_port
+
+
+@pytest.fixture
+async def sasl_kafka(tansu_behind_sasl: tuple[TansuBroker, int]) -> AsyncIterator[SASLKafka]:
+    """The SASL broker with a terminator of this test's own, knowing
+    ``SASL_USER`` with ``SASL_PASSWORD``."""
+    broker, broker_port = tansu_behind_sasl
+    terminator = SASLTerminator("127.0.0.1", broker_port, listen_port=broker.port)
+    terminator.set_password(SASL_USER, SASL_PASSWORD)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(terminator.run)
+        yield SASLKafka(broker, terminator)
+        nursery.cancel_scope.cancel()
 
 
 @pytest.fixture

@@ -5,7 +5,8 @@
   PID (:class:`NatsServer`, :func:`run_tansu`, ...), NATS with TLS and
   credentials if asked; :class:`NatsCluster`: three routed JetStream servers.
 * :class:`TestCA`: throwaway certificates for TLS tests (needs trustme);
-  :class:`TLSTerminator`: TLS in front of a plaintext broker.
+  :class:`TLSTerminator`: TLS in front of a plaintext broker;
+  :class:`SASLTerminator`: SASL SCRAM logins in front of a Kafka broker.
 * :mod:`trio_bus.testing.plugin`: the pytest plugin (fixtures
   ``trio_bus_memory_url``, ``trio_bus_nats_url``, ``trio_bus_kafka_url``),
   loaded by pytest automatically.
@@ -19,6 +20,7 @@ from typing import TYPE_CHECKING
 
 from ._cluster import NatsCluster as NatsCluster
 from ._proxy import FaultProxy as FaultProxy
+from ._sasl import SASLTerminator as SASLTerminator
 from ._servers import NatsServer as NatsServer
 from ._servers import TansuBroker as TansuBroker
 from ._servers import find_nats_server as find_nats_server
@@ -46,6 +48,7 @@ __all__ = [
     "FaultProxy",
     "NatsCluster",
     "NatsServer",
+    "SASLTerminator",
     "TLSFiles",
     "TLSTerminator",
     "TansuBroker",

@@ -8,8 +8,9 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import aiokafka.errors as kafka_errors
+from aiokafka.conn import create_conn
 
-from ..._secrets import redact_url
+from ..._secrets import redact_text, redact_url
 from ...errors import (
     AuthenticationError,
     PublishError,
@@ -17,10 +18,13 @@ from ...errors import (
     TransportError,
     TransportUnavailableError,
 )
+from .options import KafkaOptions
 
 __all__ = [
     "connect_error",
+    "handshake_refusal",
     "is_retriable",
+    "refusal",
     "publish_error",
     "retrieve_when_done",
     "transport_error",
@@ -87,52 +91,96 @@ _SASL_REFUSED = (
     kafka_errors.IllegalSaslStateError,
     kafka_errors.UnsupportedSaslMechanismError,
 )
+#: Seconds one diagnostic connection may take.
+_DIAGNOSE_TIMEOUT = 5.0
 
 
-async def tls_refusal(hosts: Sequence[str], context: ssl.SSLContext) -> ssl.SSLError | None:
-    """The TLS error of one handshake with the first bootstrap host, if any
-    (asyncio side): aiokafka only logs it and reports "Unable to bootstrap"."""
-    host, _, port = hosts[0].rpartition(":")
-    try:
-        _, writer = await asyncio.wait_for(
-            asyncio.open_connection(host, int(port), ssl=context), 5.0
-        )
-    except ssl.SSLError as exc:
-        return exc
-    except (OSError, TimeoutError, ValueError):
+def _where(hosts: Sequence[str]) -> str:
+    return redact_url(",".join(hosts))
+
+
+def refusal(exc: BaseException, options: KafkaOptions) -> tuple[str, str] | None:
+    """``(mechanism, detail)`` when *exc* says the broker refused our
+    credentials or we refused its certificate; None otherwise. The detail
+    holds no secret."""
+    if isinstance(exc, ssl.SSLError):
+        return "TLS", getattr(exc, "verify_message", None) or exc.reason or str(exc)
+    if not options.security_protocol.startswith("SASL"):
         return None
-    writer.close()
+    mechanism = options.sasl_mechanism
+    # aiokafka 0.14's SCRAM client raises KeyError('v') when the broker
+    # answers its final message with an error ('e=...', as Tansu does).
+    if isinstance(exc, KeyError) and mechanism.startswith("SCRAM"):
+        return mechanism, "credentials refused"
+    if isinstance(exc, _SASL_REFUSED):
+        secrets = [options.sasl_plain_password] if options.sasl_plain_password else []
+        return mechanism, redact_text(str(exc), secrets)
+    return None
+
+
+async def handshake_refusal(
+    hosts: Sequence[str], options: KafkaOptions
+) -> AuthenticationError | None:
+    """Open one connection with the clients' security settings, trying
+    *hosts* in turn (asyncio side): the error when a broker refuses our
+    credentials or we refuse its certificate, None when one accepts us or
+    none can be reached.
+
+    This is how the transport learns *why* it cannot connect: aiokafka
+    only logs a refused TLS handshake or SASL login (a failed bootstrap
+    says "Unable to bootstrap", a lost broker is just "not ready"), and
+    its log records are shared by every client of the process, so a
+    handler on them could not tell whose login failed. One connection of
+    our own, made only while no broker is ready, raises the real exception.
+    """
+    for host in hosts:
+        name, _, port = host.rpartition(":")
+        try:
+            conn = await asyncio.wait_for(
+                create_conn(
+                    name,
+                    int(port),
+                    request_timeout_ms=int(_DIAGNOSE_TIMEOUT * 1000),
+                    security_protocol=options.security_protocol,
+                    ssl_context=options.ssl_context or ssl.create_default_context(),
+                    sasl_mechanism=options.sasl_mechanism,
+                    sasl_plain_username=options.sasl_plain_username,
+                    sasl_plain_password=options.sasl_plain_password,
+                ),
+                _DIAGNOSE_TIMEOUT,
+            )
+        except Exception as exc:  # whatever it is: refusal() sorts it out
+            found = refusal(exc, options)
+            if found is not None:
+                return AuthenticationError(_where(hosts), *found)
+            continue
+        conn.close()
+        return None
     return None
 
 
 async def connect_error(
     exc: Exception,
     hosts: Sequence[str],
-    *,
-    security_protocol: str,
-    sasl_mechanism: str,
-    ssl_context: ssl.SSLContext | None,
-    diagnose_tls: Callable[[Sequence[str], ssl.SSLContext], Awaitable[ssl.SSLError | None]],
+    options: KafkaOptions,
+    diagnose: Callable[[], Awaitable[AuthenticationError | None]],
 ) -> TransportError | None:
     """trio_bus's error for a failed start of the clients (None: not ours).
 
     A refused login or certificate is an
     :class:`~trio_bus.errors.AuthenticationError` naming the broker and the
-    mechanism, never a secret.
+    mechanism, never a secret; when aiokafka hides it behind a failed
+    bootstrap, *diagnose* (:func:`handshake_refusal`) finds it.
     """
-    where = redact_url(",".join(hosts))
-    if security_protocol.startswith("SASL"):
-        # aiokafka 0.14's SCRAM client raises KeyError('v') when the broker
-        # answers its final message with an error ('e=...').
-        scram_refused = isinstance(exc, KeyError) and sasl_mechanism.startswith("SCRAM")
-        if scram_refused or isinstance(exc, _SASL_REFUSED):
-            detail = "credentials refused" if scram_refused else str(exc)
-            return AuthenticationError(where, sasl_mechanism, detail)
-    if security_protocol.endswith("SSL") and isinstance(exc, kafka_errors.KafkaConnectionError):
-        refusal = await diagnose_tls(hosts, ssl_context or ssl.create_default_context())
-        if refusal is not None:
-            reason = getattr(refusal, "verify_message", None) or refusal.reason or str(refusal)
-            return AuthenticationError(where, "TLS", reason)
+    found = refusal(exc, options)
+    if found is not None:
+        return AuthenticationError(_where(hosts), *found)
+    if options.security_protocol != "PLAINTEXT" and isinstance(
+        exc, kafka_errors.KafkaConnectionError
+    ):
+        refused = await diagnose()
+        if refused is not None:
+            return refused
     if isinstance(exc, kafka_errors.KafkaError):
-        return transport_error(exc, f"cannot connect to kafka at {where}")
+        return transport_error(exc, f"cannot connect to kafka at {_where(hosts)}")
     return None

@@ -23,6 +23,7 @@ from .._provisioning import (
     optional,
     optional_positive,
 )
+from .._refusals import AUTH_FAILURE_GRACE
 
 __all__ = ["KafkaOptions", "TopicConfig", "client_kwargs", "resolve_options"]
 
@@ -141,6 +142,11 @@ class KafkaOptions:
         sasl_mechanism: ``PLAIN``, ``SCRAM-SHA-256``, ``SCRAM-SHA-512``...
         sasl_plain_username: SASL user.
         sasl_plain_password: SASL password.
+        auth_failure_grace: Seconds the brokers may go on refusing our
+            credentials (or certificate) while the bus runs before the
+            transport fails with :class:`~trio_bus.errors.AuthenticationError`;
+            meanwhile health reports the refusal. See docs/security.md,
+            "Credentials revoked while running".
         client_args: Further keyword arguments for every aiokafka client
             (producer, consumers, admin), for what this class does not name.
         producer_args: Further keyword arguments for ``AIOKafkaProducer``.
@@ -189,6 +195,7 @@ class KafkaOptions:
     sasl_mechanism: str = "PLAIN"
     sasl_plain_username: str | None = None
     sasl_plain_password: str | None = secret_field()
+    auth_failure_grace: float = attrs.field(default=AUTH_FAILURE_GRACE, validator=positive)
     client_args: Mapping[str, Any] = attrs.field(factory=dict)
     producer_args: Mapping[str, Any] = attrs.field(factory=dict)
     consumer_args: Mapping[str, Any] = attrs.field(factory=dict)

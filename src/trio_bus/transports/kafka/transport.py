@@ -38,8 +38,9 @@ from ..._topics import TopicDescription, TopicRequest
 from ...errors import BusClosedError, TransportError
 from .._base import Consumer, ConsumerSpec, Transport, TransportSettings, open_all
 from .._bridge import Bridge, open_bridge
+from .._refusals import Refusals
 from .consumer import KafkaConsumer
-from .errors import connect_error, tls_refusal, transport_error
+from .errors import connect_error, handshake_refusal, transport_error
 from .group import Group
 from .options import CONNECTION_CHECK_INTERVAL, KafkaOptions, client_kwargs, resolve_options
 from .producer import Producer
@@ -98,6 +99,7 @@ class KafkaTransport(Transport):
         self._topics: Topics | None = None
         self._persistence = settings.persistence
         self._producer: Producer | None = None
+        self._refusals = Refusals("kafka", options.auth_failure_grace, logger)
 
     @property
     def groups(self) -> dict[str, Group]:
@@ -114,6 +116,11 @@ class KafkaTransport(Transport):
         """Whether a broker answered the last connection check (every
         ``CONNECTION_CHECK_INTERVAL`` seconds)."""
         return self._connected
+
+    @property
+    def problem(self) -> str | None:
+        """The brokers refusing our credentials (see ``auth_failure_grace``)."""
+        return self._refusals.problem
 
     # -- asyncio side ----------------------------------------------------
 
@@ -150,18 +157,28 @@ class KafkaTransport(Transport):
 
         Recovery policy: an unreachable broker is a state (``connected`` is
         False, health reports it), not a failure; aiokafka reconnects.
+        Refused credentials are different (see :mod:`.._refusals`): while
+        no broker is ready, one diagnostic connection
+        (:func:`.errors.handshake_refusal`) tells whether a broker refuses
+        us; if still refused after ``auth_failure_grace`` seconds, this
+        raises :class:`~trio_bus.errors.AuthenticationError`, which ends
+        the transport. Kafka authenticates a connection once (aiokafka 0.14
+        does not re-authenticate, KIP-368), so a revoked credential shows
+        only when a connection is opened again.
         """
         assert self._producer is not None
         client = self._producer.client.client
+        secured = self.options.security_protocol != "PLAINTEXT"
         while True:
-            ok = False
-            for broker in client.cluster.brokers():
-                try:
-                    ok = await asyncio.wait_for(client.ready(broker.nodeId), 2.0)
-                except (TimeoutError, kafka_errors.KafkaError, OSError):
-                    ok = False
-                if ok:
-                    break
+            ok = await _any_broker_ready(client)
+            if ok:
+                self._refusals.accepted()
+            elif secured:
+                refused = await handshake_refusal(self.hosts, self.options)
+                if refused is None:
+                    self._refusals.accepted()
+                else:
+                    self._refusals.refused(refused)
             if ok != self._connected:
                 logger.log(
                     logging.INFO if ok else logging.WARNING,
@@ -169,7 +186,15 @@ class KafkaTransport(Transport):
                     "reachable again" if ok else "unreachable",
                 )
             self._connected = ok
-            await asyncio.sleep(CONNECTION_CHECK_INTERVAL)
+            expired = self._refusals.expired()
+            if expired is not None:
+                raise expired
+            remaining = self._refusals.remaining()
+            await asyncio.sleep(
+                CONNECTION_CHECK_INTERVAL
+                if remaining is None
+                else min(CONNECTION_CHECK_INTERVAL, remaining)
+            )
 
     # -- Trio side: owned loops ------------------------------------------
 
@@ -360,6 +385,19 @@ class KafkaTransport(Transport):
         return await self.bridge.call(self._topics.describe, topic)
 
 
+async def _any_broker_ready(client: Any) -> bool:
+    # Asyncio side: whether aiokafka has (or can open) a connection to a
+    # broker. Any failure counts as "no": aiokafka lets some escape, e.g.
+    # its SCRAM client's KeyError at a refused login.
+    for broker in client.cluster.brokers():
+        try:
+            if await asyncio.wait_for(client.ready(broker.nodeId), 2.0):
+                return True
+        except Exception as exc:
+            logger.debug("kafka broker %s not ready: %r", broker.nodeId, exc)
+    return False
+
+
 async def _idle(group: Group) -> bool:
     # Asyncio side: whether *group* has no subscription left.
     return not group.routes
@@ -392,12 +430,8 @@ async def open_transport(settings: TransportSettings) -> AsyncIterator[KafkaTran
                         mapped = await connect_error(
                             exc,
                             settings.hosts,
-                            security_protocol=options.security_protocol,
-                            sasl_mechanism=options.sasl_mechanism,
-                            ssl_context=options.ssl_context,
-                            diagnose_tls=lambda hosts, context: bridge.call(
-                                tls_refusal, hosts, context
-                            ),
+                            options,
+                            lambda: bridge.call(handshake_refusal, settings.hosts, options),
                         )
                         if mapped is None:
                             raise

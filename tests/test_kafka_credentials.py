@@ -1,0 +1,170 @@
+"""Kafka credentials revoked while the bus runs, against a real Tansu behind
+a SASL SCRAM terminator (Tansu 0.6 cannot hold SCRAM users itself:
+docs/security.md, "Tansu").
+
+Kafka authenticates a connection once, at its start, so a revocation
+shows when connections are opened again: the operator changes the
+service's password (``terminator.set_password``) and the brokers restart
+(``terminator.drop_connections``), as a credential rotation followed by a
+broker roll does. The bus reports the refusal through health at once and
+fails with :class:`~trio_bus.errors.AuthenticationError` after
+``auth_failure_grace`` -- never a secret in the error, the logs, the health
+report or the metrics (docs/security.md, "Credentials revoked while
+running").
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+
+import prometheus_client
+import pytest
+import trio
+
+import trio_bus
+from trio_bus.errors import AuthenticationError
+from trio_bus.health import HealthReport
+from trio_bus.transports.kafka import KafkaOptions
+
+from ._kafka_broker import SASL_PASSWORD, SASL_USER, SASLKafka
+from ._security import assert_no_secret, exception_texts, log_texts
+from .helpers import WAIT, Recorder, collect
+
+ROTATED = "pw-Rotated-9b3f1d"
+GRACE = 3.0
+MECHANISM = "SCRAM-SHA-256"
+
+log = logging.getLogger(__name__)
+
+
+def options(grace: float = GRACE) -> KafkaOptions:
+    return KafkaOptions(
+        security_protocol="SASL_PLAINTEXT",
+        sasl_mechanism=MECHANISM,
+        sasl_plain_username=SASL_USER,
+        sasl_plain_password=SASL_PASSWORD,
+        auth_failure_grace=grace,
+    )
+
+
+async def wait_health(bus: trio_bus.Bus, healthy: bool) -> HealthReport:
+    """Poll health (no event tells it) until it reports *healthy*."""
+    with trio.fail_after(WAIT):
+        while True:
+            report = await bus.health()
+            if report.healthy == healthy:
+                return report
+            await trio.sleep(0.05)
+
+
+async def wait_problem(bus: trio_bus.Bus) -> HealthReport:
+    """Poll health until it reports a transport problem (the brokers are
+    unreachable for a moment first: the connection check tells them apart)."""
+    with trio.fail_after(WAIT):
+        while True:
+            report = await bus.health()
+            if report.problem is not None:
+                assert not report.healthy
+                return report
+            await trio.sleep(0.05)
+
+
+def revoke(kafka: SASLKafka, password: str | None) -> float:
+    """Change the service's password, then restart the brokers' connections
+    (a broker roll); return when, on Trio's clock."""
+    kafka.terminator.set_password(SASL_USER, password)
+    kafka.terminator.drop_connections()
+    return trio.current_time()
+
+
+async def test_revoked_password_is_reported_then_fails_the_bus(
+    sasl_kafka: SASLKafka, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)  # the root logger: aiokafka's records too
+    topic = f"rv-{uuid.uuid4().hex[:10]}"
+    got: Recorder[trio_bus.Message] = Recorder()
+    shown: list[str] = []
+    revoked_at = unhealthy_after = 0.0
+    with trio.fail_after(WAIT), pytest.raises(AuthenticationError) as raised:
+        async with trio_bus.open_bus(
+            sasl_kafka.url, client_id="revoked", transport_options=options()
+        ) as bus:
+            await bus.subscribe(topic, collect(got))
+            await bus.publish(topic, b"before", key="k")
+            await got.wait_for_count(1)
+            assert (await bus.health()).problem is None
+
+            revoked_at = revoke(sasl_kafka, ROTATED)
+            report = await wait_problem(bus)
+            unhealthy_after = trio.current_time() - revoked_at
+            # Within the grace: reported, with the mechanism, still running.
+            assert report.problem is not None
+            assert MECHANISM in report.problem
+            assert "127.0.0.1" in report.problem
+            assert f"after {GRACE:g}s" in report.problem
+            assert MECHANISM in report.describe()
+            metrics = prometheus_client.generate_latest(bus.metrics_registry).decode()
+            shown += [report.describe(), repr(report), metrics]
+            await trio.sleep_forever()  # until the transport fails the bus
+    failed_after = trio.current_time() - revoked_at
+    log.warning(
+        "kafka revoked: problem in health after %.2f s, AuthenticationError after %.2f s"
+        " (grace %s s)",
+        unhealthy_after,
+        failed_after,
+        GRACE,
+    )
+
+    error = raised.value
+    assert error.mechanism == MECHANISM
+    assert "127.0.0.1" in error.broker
+    assert GRACE * 0.9 <= failed_after <= GRACE + 3.0, failed_after
+    assert sasl_kafka.terminator.refused > 0
+    records = [r for r in caplog.records if r.name.startswith("trio_bus")]
+    errors = [r for r in records if "refuses our credentials:" in r.getMessage()]
+    assert len(errors) == 1, [r.getMessage() for r in records]
+    assert errors[0].levelno == logging.ERROR
+    assert_no_secret(
+        [SASL_PASSWORD, ROTATED],
+        [*exception_texts(error), *log_texts(caplog), *shown, caplog.text],
+    )
+
+
+async def test_deleted_user_fails_the_bus_too(sasl_kafka: SASLKafka) -> None:
+    topic = f"rv-{uuid.uuid4().hex[:10]}"
+    with trio.fail_after(WAIT), pytest.raises(AuthenticationError) as raised:
+        async with trio_bus.open_bus(
+            sasl_kafka.url, client_id="deleted", transport_options=options()
+        ) as bus:
+            await bus.publish(topic, b"before", key="k")
+            revoke(sasl_kafka, None)
+            await trio.sleep_forever()
+    assert raised.value.mechanism == MECHANISM
+
+
+async def test_credentials_restored_within_the_grace_keep_the_bus(
+    sasl_kafka: SASLKafka, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    topic = f"rv-{uuid.uuid4().hex[:10]}"
+    got: Recorder[trio_bus.Message] = Recorder()
+    with trio.fail_after(WAIT):
+        async with trio_bus.open_bus(
+            sasl_kafka.url, client_id="restored", transport_options=options(grace=WAIT)
+        ) as bus:
+            await bus.subscribe(topic, collect(got))
+            await bus.publish(topic, b"before", key="k")
+            await got.wait_for_count(1)
+            revoke(sasl_kafka, ROTATED)
+            await wait_problem(bus)
+            # The operator undoes the rotation: the next connection works.
+            sasl_kafka.terminator.set_password(SASL_USER, SASL_PASSWORD)
+            report = await wait_health(bus, healthy=True)
+            assert report.problem is None
+            await bus.publish(topic, b"after", key="k")
+            await got.wait_for_count(2)
+    assert [m.value for m in got.items] == [b"before", b"after"]
+    messages = [r.getMessage() for r in caplog.records if r.name.startswith("trio_bus")]
+    assert any("accepts our credentials again" in m for m in messages), messages
+    assert_no_secret([SASL_PASSWORD, ROTATED], [*log_texts(caplog), caplog.text])
