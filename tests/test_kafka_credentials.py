@@ -25,6 +25,7 @@ import trio
 import trio_bus
 from trio_bus.errors import AuthenticationError
 from trio_bus.health import HealthReport
+from trio_bus.transports._refusals import Refusals
 from trio_bus.transports.kafka import KafkaOptions
 
 from ._kafka_broker import SASL_PASSWORD, SASL_USER, SASLKafka
@@ -168,3 +169,30 @@ async def test_credentials_restored_within_the_grace_keep_the_bus(
     messages = [r.getMessage() for r in caplog.records if r.name.startswith("trio_bus")]
     assert any("accepts our credentials again" in m for m in messages), messages
     assert_no_secret([SASL_PASSWORD, ROTATED], [*log_texts(caplog), caplog.text])
+
+
+def test_refusal_episode_policy(caplog: pytest.LogCaptureFixture) -> None:
+    # The transport-neutral policy on a clock of the test's own.
+    caplog.set_level(logging.DEBUG)
+    now = [100.0]
+    refusals = Refusals("kafka", 3.0, logging.getLogger("trio_bus.test"), clock=lambda: now[0])
+    error = AuthenticationError("127.0.0.1:9092", MECHANISM, "refused")
+    assert refusals.problem is None
+    assert refusals.remaining() is None
+    refusals.refused(error)
+    now[0] += 2.0
+    refusals.refused(error)  # a repeat: the grace runs on from the first
+    assert refusals.remaining() == pytest.approx(1.0)
+    assert refusals.expired() is None
+    assert refusals.problem == f"{error}; the transport fails if still refused after 3s"
+    now[0] += 1.0
+    assert refusals.expired() is error
+    refusals.accepted()
+    assert refusals.problem is None
+    assert refusals.expired() is None
+    levels = [(r.levelno, r.getMessage().split(":")[0]) for r in caplog.records]
+    assert levels == [
+        (logging.ERROR, "kafka refuses our credentials"),
+        (logging.DEBUG, "kafka refuses our credentials again"),
+        (logging.WARNING, "kafka accepts our credentials again"),
+    ]

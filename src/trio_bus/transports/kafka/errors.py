@@ -25,6 +25,7 @@ __all__ = [
     "handshake_refusal",
     "is_retriable",
     "refusal",
+    "try_handshake",
     "publish_error",
     "retrieve_when_done",
     "transport_error",
@@ -118,13 +119,11 @@ def refusal(exc: BaseException, options: KafkaOptions) -> tuple[str, str] | None
     return None
 
 
-async def handshake_refusal(
-    hosts: Sequence[str], options: KafkaOptions
-) -> AuthenticationError | None:
+async def try_handshake(hosts: Sequence[str], options: KafkaOptions) -> AuthenticationError | bool:
     """Open one connection with the clients' security settings, trying
     *hosts* in turn (asyncio side): the error when a broker refuses our
-    credentials or we refuse its certificate, None when one accepts us or
-    none can be reached.
+    credentials or we refuse its certificate, True when one accepts us,
+    False when none can be reached.
 
     This is how the transport learns *why* it cannot connect: aiokafka
     only logs a refused TLS handshake or SASL login (a failed bootstrap
@@ -155,8 +154,16 @@ async def handshake_refusal(
                 return AuthenticationError(_where(hosts), *found)
             continue
         conn.close()
-        return None
-    return None
+        return True
+    return False
+
+
+async def handshake_refusal(
+    hosts: Sequence[str], options: KafkaOptions
+) -> AuthenticationError | None:
+    """The refusal :func:`try_handshake` finds, if any (asyncio side)."""
+    outcome = await try_handshake(hosts, options)
+    return outcome if isinstance(outcome, AuthenticationError) else None
 
 
 async def connect_error(

@@ -35,12 +35,12 @@ from ..._exceptions import unwrap_lone_exception
 from ..._message import OutgoingMessage
 from ..._secrets import warn_if_unverified
 from ..._topics import TopicDescription, TopicRequest
-from ...errors import BusClosedError, TransportError
+from ...errors import AuthenticationError, BusClosedError, TransportError
 from .._base import Consumer, ConsumerSpec, Transport, TransportSettings, open_all
 from .._bridge import Bridge, open_bridge
 from .._refusals import Refusals
 from .consumer import KafkaConsumer
-from .errors import connect_error, handshake_refusal, transport_error
+from .errors import connect_error, handshake_refusal, transport_error, try_handshake
 from .group import Group
 from .options import CONNECTION_CHECK_INTERVAL, KafkaOptions, client_kwargs, resolve_options
 from .producer import Producer
@@ -159,7 +159,7 @@ class KafkaTransport(Transport):
         False, health reports it), not a failure; aiokafka reconnects.
         Refused credentials are different (see :mod:`.._refusals`): while
         no broker is ready, one diagnostic connection
-        (:func:`.errors.handshake_refusal`) tells whether a broker refuses
+        (:func:`.errors.try_handshake`) tells whether a broker refuses
         us; if still refused after ``auth_failure_grace`` seconds, this
         raises :class:`~trio_bus.errors.AuthenticationError`, which ends
         the transport. Kafka authenticates a connection once (aiokafka 0.14
@@ -174,11 +174,13 @@ class KafkaTransport(Transport):
             if ok:
                 self._refusals.accepted()
             elif secured:
-                refused = await handshake_refusal(self.hosts, self.options)
-                if refused is None:
+                # A broker that cannot be reached neither ends an episode
+                # of refusals nor starts one.
+                outcome = await try_handshake(self.hosts, self.options)
+                if isinstance(outcome, AuthenticationError):
+                    self._refusals.refused(outcome)
+                elif outcome:
                     self._refusals.accepted()
-                else:
-                    self._refusals.refused(refused)
             if ok != self._connected:
                 logger.log(
                     logging.INFO if ok else logging.WARNING,
