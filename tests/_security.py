@@ -13,6 +13,7 @@ import pytest
 import trio
 
 import trio_bus
+from trio_bus.health import HealthReport
 
 from .helpers import WAIT, Recorder, collect
 
@@ -73,6 +74,16 @@ async def shown_by(bus: trio_bus.Bus) -> list[str]:
     report = await bus.health()
     metrics = prometheus_client.generate_latest(bus.metrics_registry).decode()
     return [metrics, report.describe(), repr(report)]
+
+
+async def wait_health(bus: trio_bus.Bus, healthy: bool) -> HealthReport:
+    """Poll health (no event tells it) until it reports *healthy*."""
+    with trio.fail_after(WAIT):
+        while True:
+            report = await bus.health()
+            if report.healthy == healthy:
+                return report
+            await trio.sleep(0.05)
 
 
 def log_texts(caplog: pytest.LogCaptureFixture) -> list[str]:

@@ -19,11 +19,10 @@ import trio
 
 import trio_bus
 from trio_bus.errors import AuthenticationError
-from trio_bus.health import HealthReport
 from trio_bus.testing import NatsServer
 from trio_bus.transports.nats import ConnectOptions, NatsOptions
 
-from ._security import assert_no_secret, exception_texts, log_texts
+from ._security import assert_no_secret, exception_texts, log_texts, wait_health
 from .helpers import WAIT, Recorder, collect
 
 USER, PASSWORD, ROTATED = "svc", "pw-Revoked-3c9e1a", "pw-Rotated-7d2b4f"
@@ -46,16 +45,6 @@ def options() -> NatsOptions:
         connect=ConnectOptions(user=USER, password=PASSWORD, auth_failure_grace=GRACE),
         request_timeout=REQUEST_TIMEOUT,
     )
-
-
-async def wait_health(bus: trio_bus.Bus, healthy: bool) -> HealthReport:
-    """Poll health (no event tells it) until it reports *healthy*."""
-    with trio.fail_after(WAIT):
-        while True:
-            report = await bus.health()
-            if report.healthy == healthy:
-                return report
-            await trio.sleep(0.05)
 
 
 async def test_revoked_password_is_reported_then_fails_the_bus(

@@ -35,6 +35,8 @@ import struct
 
 import trio
 
+from ._tls import _pump
+
 __all__ = ["SASLTerminator"]
 
 _HANDSHAKE, _AUTHENTICATE, _API_VERSIONS = 17, 36, 18
@@ -121,7 +123,6 @@ class _Connection:
         self.client = client
         self.buffer = b""
         self.upstream: trio.SocketStream | None = None
-        self.send_lock = trio.Lock()
         self.mechanism: str | None = None
         self.scram: _ScramServer | None = None
         self.raw = b""  # the last frame read, as received
@@ -145,8 +146,8 @@ class _Connection:
                     nursery.cancel_scope.cancel()
                     return
                 if not self.pumping:
-                    nursery.start_soon(_pump, upstream, self.client, nursery.cancel_scope, None)
-                nursery.start_soon(_pump, self.client, upstream, nursery.cancel_scope, None)
+                    nursery.start_soon(_pump, upstream, self.client, nursery.cancel_scope)
+                nursery.start_soon(_pump, self.client, upstream, nursery.cancel_scope)
         finally:
             if self.upstream is not None:
                 await trio.aclose_forcefully(self.upstream)
@@ -184,16 +185,15 @@ class _Connection:
         return data
 
     async def _reply(self, correlation: int, body: bytes) -> None:
-        async with self.send_lock:
-            await self.client.send_all(struct.pack(">ii", len(body) + 4, correlation) + body)
+        await self.client.send_all(struct.pack(">ii", len(body) + 4, correlation) + body)
 
     async def _forward(self, nursery: trio.Nursery) -> None:
         # ApiVersions: the broker's own answer (the versions it speaks).
         if self.upstream is None:
             self.upstream = await trio.open_tcp_stream(*self.terminator.target)
-            nursery.start_soon(
-                _pump, self.upstream, self.client, nursery.cancel_scope, self.send_lock
-            )
+            # aiokafka awaits each answer before its next login request, so
+            # the broker's ApiVersions answer and ours never interleave.
+            nursery.start_soon(_pump, self.upstream, self.client, nursery.cancel_scope)
             self.pumping = True
         await self.upstream.send_all(self.raw)
 
@@ -278,19 +278,3 @@ class _ScramServer:
         self.done = True
         verifier = base64.b64encode(hmac.digest(server_key, auth, self.hash)).decode()
         return f"v={verifier}".encode()
-
-
-async def _pump(
-    source: trio.abc.Stream, sink: trio.abc.Stream, link: trio.CancelScope, lock: trio.Lock | None
-) -> None:
-    try:
-        while data := await source.receive_some(65536):
-            if lock is None:
-                await sink.send_all(data)
-            else:
-                async with lock:
-                    await sink.send_all(data)
-    except (trio.BrokenResourceError, trio.ClosedResourceError):
-        pass
-    # One side ended: end the other, as a real peer would see.
-    link.cancel()
