@@ -12,17 +12,20 @@ logins) in front of a Tansu of its own.
 from __future__ import annotations
 
 import contextlib
+import os
+import signal
 import socket
 import struct
 import threading
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 from typing import Self
 
 import attrs
 import pytest
 import trio
 
-from trio_bus.testing import SASLTerminator, TansuBroker, free_port, run_tansu
+from trio_bus.testing import S3Server, SASLTerminator, TansuBroker, free_port, run_tansu
 from trio_bus.testing.plugin import KAFKA_URL_PARAMS, kafka_url
 
 __all__ = [
@@ -31,6 +34,7 @@ __all__ = [
     "SASL_USER",
     "ApiVersionsShim",
     "KafkaBroker",
+    "RestartableTansu",
     "SASLKafka",
     "free_port",
     "run_tansu",
@@ -221,6 +225,54 @@ async def sasl_kafka(tansu_behind_sasl: tuple[TansuBroker, int]) -> AsyncIterato
         await nursery.start(terminator.run)
         yield SASLKafka(broker, terminator)
         nursery.cancel_scope.cancel()
+
+
+class RestartableTansu:
+    """A Tansu on ``s3://`` storage that a test can kill and start again on
+    the same port and storage, data kept (a broker roll). Blocking: call
+    from Trio through ``trio.to_thread.run_sync``."""
+
+    def __init__(
+        self, binary: str, directory: Path, s3: S3Server, advertised_port: int | None = None
+    ) -> None:
+        self.binary = binary
+        self.directory = directory
+        self.s3 = s3
+        self.storage = s3.create_bucket("tansu")
+        self.port = free_port()
+        self.advertised_port = advertised_port or self.port
+        self.broker: TansuBroker | None = None
+        self._stack = contextlib.ExitStack()
+        self._starts = 0
+
+    def start(self, *, authentication: bool = False) -> TansuBroker:
+        """Start the broker (its log: ``tansu-<n>.log``)."""
+        self._starts += 1
+        log = self.directory / f"tansu-{self._starts}.log"
+        self.broker = self._stack.enter_context(
+            run_tansu(
+                self.binary,
+                log,
+                self.port,
+                advertised_port=self.advertised_port,
+                authentication=authentication,
+                storage=self.storage,
+                env=self.s3.tansu_env,
+            )
+        )
+        return self.broker
+
+    def kill(self) -> None:
+        """SIGKILL the broker (a crash) and reap it."""
+        if self.broker is not None:
+            os.kill(self.broker.pid, signal.SIGKILL)
+        self._stack.close()
+        self.broker = None
+
+    def restart(self) -> TansuBroker:
+        """Kill, then start again on the same port and storage."""
+        self.kill()
+        return self.start()
 
 
 @pytest.fixture

@@ -17,7 +17,10 @@ from __future__ import annotations
 
 import logging
 import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
 
+import attrs
 import prometheus_client
 import pytest
 import trio
@@ -25,10 +28,11 @@ import trio
 import trio_bus
 from trio_bus.errors import AuthenticationError
 from trio_bus.health import HealthReport
+from trio_bus.testing import S3Server, SASLTerminator, TansuBroker, free_port, kafka_url
 from trio_bus.transports._refusals import Refusals
 from trio_bus.transports.kafka import KafkaOptions
 
-from ._kafka_broker import SASL_PASSWORD, SASL_USER, SASLKafka
+from ._kafka_broker import SASL_PASSWORD, SASL_USER, RestartableTansu, SASLKafka
 from ._security import assert_no_secret, exception_texts, log_texts, wait_health
 from .helpers import WAIT, Recorder, collect
 
@@ -37,6 +41,37 @@ GRACE = 3.0
 MECHANISM = "SCRAM-SHA-256"
 
 log = logging.getLogger(__name__)
+
+
+@attrs.frozen
+class RollingKafka:
+    """A Tansu on s3:// storage (restartable, data kept) behind a SASL
+    terminator."""
+
+    tansu: RestartableTansu
+    terminator: SASLTerminator
+    broker: TansuBroker
+
+    @property
+    def url(self) -> str:
+        return kafka_url(self.broker)
+
+
+@pytest.fixture
+async def rolling_kafka(tansu_binary_path: str, tmp_path: Path) -> AsyncIterator[RollingKafka]:
+    with S3Server(tmp_path / "s3") as s3:
+        sasl_port = free_port()
+        tansu = RestartableTansu(tansu_binary_path, tmp_path, s3, advertised_port=sasl_port)
+        broker = await trio.to_thread.run_sync(tansu.start)
+        terminator = SASLTerminator("127.0.0.1", tansu.port, listen_port=sasl_port)
+        terminator.set_password(SASL_USER, SASL_PASSWORD)
+        try:
+            async with trio.open_nursery() as nursery:
+                await nursery.start(terminator.run)
+                yield RollingKafka(tansu, terminator, broker)
+                nursery.cancel_scope.cancel()
+        finally:
+            await trio.to_thread.run_sync(tansu.kill)
 
 
 def options(grace: float = GRACE) -> KafkaOptions:
@@ -164,6 +199,62 @@ async def test_credentials_restored_within_the_grace_keep_the_bus(
 def episode(refusals: Refusals) -> tuple[str | None, float | None]:
     """What health and the watch loop read (a call: no narrowing by mypy)."""
     return refusals.problem, refusals.remaining()
+
+
+async def test_password_rotated_then_broker_roll_fails_the_bus(
+    rolling_kafka: RollingKafka, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The real sequence: the password changes, then the broker is killed and
+    # started again (same port, same storage); the bus reconnects with the
+    # old password and is refused.
+    caplog.set_level(logging.DEBUG)
+    topic = f"rv-{uuid.uuid4().hex[:10]}"
+    got: Recorder[trio_bus.Message] = Recorder()
+    killed_at = 0.0
+    with trio.fail_after(WAIT), pytest.raises(AuthenticationError) as raised:
+        async with trio_bus.open_bus(
+            rolling_kafka.url, client_id="rolled", transport_options=options()
+        ) as bus:
+            await bus.subscribe(topic, collect(got))
+            await bus.publish(topic, b"before", key="k")
+            await got.wait_for_count(1)
+            rolling_kafka.terminator.set_password(SASL_USER, ROTATED)
+            killed_at = trio.current_time()
+            await trio.to_thread.run_sync(rolling_kafka.tansu.restart)
+            report = await wait_problem(bus)
+            assert report.problem is not None
+            assert MECHANISM in report.problem
+            await trio.sleep_forever()
+    failed_after = trio.current_time() - killed_at
+    log.warning("kafka broker roll: AuthenticationError %.2f s after the kill", failed_after)
+    assert raised.value.mechanism == MECHANISM
+    assert GRACE * 0.9 <= failed_after <= GRACE + 5.0, failed_after
+    assert_no_secret(
+        [SASL_PASSWORD, ROTATED],
+        [*exception_texts(raised.value), *log_texts(caplog), caplog.text],
+    )
+
+
+async def test_broker_roll_with_the_same_password_keeps_the_bus(
+    rolling_kafka: RollingKafka,
+) -> None:
+    topic = f"rv-{uuid.uuid4().hex[:10]}"
+    got: Recorder[trio_bus.Message] = Recorder()
+    with trio.fail_after(WAIT):
+        async with trio_bus.open_bus(
+            rolling_kafka.url, client_id="kept", transport_options=options()
+        ) as bus:
+            await bus.subscribe(topic, collect(got))
+            await bus.publish(topic, b"before", key="k")
+            await got.wait_for_count(1)
+            await trio.to_thread.run_sync(rolling_kafka.tansu.restart)
+            await bus.publish(topic, b"after", key="k")
+            await got.wait_for_count(2)
+            # Past the grace: an outage is not a refusal.
+            await trio.sleep(GRACE + 1.0)
+            report = await wait_health(bus, healthy=True)
+            assert report.problem is None
+    assert b"after" in [m.value for m in got.items]
 
 
 def test_refusal_episode_policy(caplog: pytest.LogCaptureFixture) -> None:

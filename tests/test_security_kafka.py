@@ -24,12 +24,21 @@ import attrs
 import pytest
 import trio
 
+import trio_bus
 from trio_bus.errors import AuthenticationError, TransportUnavailableError
-from trio_bus.testing import TansuBroker, TestCA, TLSFiles, TLSTerminator, free_port, run_tansu
+from trio_bus.testing import (
+    S3Server,
+    TansuBroker,
+    TestCA,
+    TLSFiles,
+    TLSTerminator,
+    free_port,
+    run_tansu,
+)
 from trio_bus.testing.plugin import KAFKA_URL_PARAMS
 from trio_bus.transports.kafka import KafkaOptions
 
-from ._kafka_broker import SASL_PASSWORD, SASL_USER, SASLKafka
+from ._kafka_broker import SASL_PASSWORD, SASL_USER, RestartableTansu, SASLKafka
 from ._security import (
     assert_no_secret,
     exception_texts,
@@ -244,3 +253,45 @@ def test_tansu_cannot_create_users_under_authentication(
     )
     assert done.returncode != 0
     assert b"NotAuthenticated" in auth_broker.log.read_bytes()
+
+
+async def test_tansu_discards_scram_users(tansu_binary_path: str, tmp_path: Path) -> None:
+    # The user is created on a broker without --authentication, which
+    # answers success, then the broker restarts with it on the same s3://
+    # storage (data kept: see test_s3_storage_keeps_topics_across_a_roll):
+    # Tansu 0.6 kept no user, so its own SASL can never log anyone in.
+    with S3Server(tmp_path / "s3") as s3:
+        tansu = RestartableTansu(tansu_binary_path, tmp_path, s3)
+        broker = await trio.to_thread.run_sync(tansu.start)
+        create = [tansu_binary_path, "user", "create", "--broker", f"tcp://{broker.bootstrap}"]
+        done = await trio.run_process(
+            [*create, "--mechanism", "scram256", "svc", SECRET], capture_stdout=True, check=False
+        )
+        assert done.returncode == 0, done
+        await trio.to_thread.run_sync(tansu.kill)
+        await trio.to_thread.run_sync(lambda: tansu.start(authentication=True))
+        try:
+            exc = await open_fails(f"kafka://{broker.bootstrap}", scram("SCRAM-SHA-256"))
+        finally:
+            await trio.to_thread.run_sync(tansu.kill)
+    assert isinstance(exc, AuthenticationError), repr(exc)
+
+
+async def test_s3_storage_keeps_topics_across_a_roll(
+    tansu_binary_path: str, tmp_path: Path
+) -> None:
+    with S3Server(tmp_path / "s3") as s3:
+        tansu = RestartableTansu(tansu_binary_path, tmp_path, s3)
+        broker = await trio.to_thread.run_sync(tansu.start)
+        url = f"kafka://{broker.bootstrap}?{KAFKA_URL_PARAMS}"
+        try:
+            await round_trip(url, None)
+            async with trio_bus.open_bus(url) as bus:
+                before = set(await bus.topics.list())
+            await trio.to_thread.run_sync(tansu.restart)
+            async with trio_bus.open_bus(url) as bus:
+                after = set(await bus.topics.list())
+        finally:
+            await trio.to_thread.run_sync(tansu.kill)
+    assert before
+    assert before <= after

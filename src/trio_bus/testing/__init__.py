@@ -3,7 +3,8 @@
 * :class:`FaultProxy`: a TCP proxy that resets or blackholes connections.
 * Real brokers on free loopback ports, started as processes and stopped by
   PID (:class:`NatsServer`, :func:`run_tansu`, ...), NATS with TLS and
-  credentials if asked; :class:`NatsCluster`: three routed JetStream servers.
+  credentials if asked; :class:`NatsCluster`: three routed JetStream servers;
+  :class:`S3Server`: a local S3 endpoint for Tansu's ``s3://`` storage.
 * :class:`TestCA`: throwaway certificates for TLS tests (needs trustme);
   :class:`TLSTerminator`: TLS in front of a plaintext broker;
   :class:`SASLTerminator`: SASL SCRAM logins in front of a Kafka broker.
@@ -20,6 +21,7 @@ from typing import TYPE_CHECKING
 
 from ._cluster import NatsCluster as NatsCluster
 from ._proxy import FaultProxy as FaultProxy
+from ._s3 import S3Server as S3Server
 from ._sasl import SASLTerminator as SASLTerminator
 from ._servers import NatsServer as NatsServer
 from ._servers import TansuBroker as TansuBroker
@@ -48,6 +50,7 @@ __all__ = [
     "FaultProxy",
     "NatsCluster",
     "NatsServer",
+    "S3Server",
     "SASLTerminator",
     "TLSFiles",
     "TLSTerminator",

@@ -26,7 +26,7 @@ import ssl
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Self
@@ -372,6 +372,10 @@ class TansuBroker:
         return f"{self.host}:{self.port}"
 
 
+#: Tansu's default storage: in the broker's memory.
+MEMORY_STORAGE = "memory://tansu/"
+
+
 @contextmanager
 def run_tansu(
     binary: str,
@@ -380,24 +384,29 @@ def run_tansu(
     advertised_port: int | None = None,
     *,
     authentication: bool = False,
+    storage: str = MEMORY_STORAGE,
+    env: Mapping[str, str] | None = None,
 ) -> Iterator[TansuBroker]:
-    """Run Tansu (memory storage) listening on *port* (default: a free one)
-    and advertising *advertised_port* (default: the same); stop it by PID.
+    """Run Tansu listening on *port* (default: a free one) and advertising
+    *advertised_port* (default: the same); stop it by PID.
 
-    ``OTEL_*`` variables are removed from its environment: Tansu would try
-    to export telemetry to them.
+    *storage* is its ``--storage-engine``: memory (default, gone with the
+    process) or ``s3://bucket/`` with *env* pointing at an S3 endpoint
+    (:class:`~trio_bus.testing.S3Server`), which keeps the data across a
+    restart on the same port. *env* is added to the broker's environment;
+    ``OTEL_*`` variables are removed from it: Tansu would try to export
+    telemetry to them.
 
     *authentication* passes ``--authentication``: every client must then
     authenticate with SASL SCRAM-SHA-256 or SCRAM-SHA-512 (Tansu 0.6 offers
-    no PLAIN). Tansu keeps SCRAM users in its storage and creates them only
-    through the broker, which refuses that request from an unauthenticated
-    client; with memory storage no user can therefore ever exist, so such a
-    broker only serves tests of refused clients. Tansu 0.6 has no working
-    TLS (``--cert`` and ``--key`` cannot be given together), so this offers
-    none (docs/security.md, "Tansu").
+    no PLAIN). Tansu 0.6's storage engines discard SCRAM users, so no user
+    can ever log in: such a broker only serves tests of refused clients
+    (:class:`~trio_bus.testing.SASLTerminator` does successful logins).
+    Tansu 0.6 has no working TLS (``--cert`` and ``--key`` cannot be given
+    together), so this offers none (docs/security.md, "Tansu").
     """
     port = port or free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
+    env = {k: v for k, v in {**os.environ, **(env or {})}.items() if not k.startswith("OTEL_")}
     with log.open("wb") as out:
         proc = subprocess.Popen(
             [
@@ -408,7 +417,7 @@ def run_tansu(
                 "--advertised-listener-url",
                 f"tcp://127.0.0.1:{advertised_port or port}",
                 "--storage-engine",
-                "memory://tansu/",
+                storage,
                 *(["--authentication"] if authentication else []),
             ],
             env=env,
