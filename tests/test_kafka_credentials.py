@@ -247,11 +247,16 @@ async def test_broker_roll_with_the_same_password_keeps_the_bus(
             await bus.subscribe(topic, collect(got))
             await bus.publish(topic, b"before", key="k")
             await got.wait_for_count(1)
-            await trio.to_thread.run_sync(rolling_kafka.tansu.restart)
+            await trio.to_thread.run_sync(rolling_kafka.tansu.kill)
+            await wait_health(bus, healthy=False)
+            # Down for longer than the grace: an outage, not a refusal.
+            await trio.sleep(GRACE + 1.0)
+            report = await bus.health()
+            assert not report.connected
+            assert report.problem is None
+            await trio.to_thread.run_sync(rolling_kafka.tansu.start)
             await bus.publish(topic, b"after", key="k")
             await got.wait_for_count(2)
-            # Past the grace: an outage is not a refusal.
-            await trio.sleep(GRACE + 1.0)
             report = await wait_health(bus, healthy=True)
             assert report.problem is None
     assert b"after" in [m.value for m in got.items]
