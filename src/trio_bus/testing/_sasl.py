@@ -21,8 +21,8 @@ Like a Kafka broker it authenticates a connection once, at its start:
 present, and :meth:`SASLTerminator.drop_connections` closes the open ones,
 as a broker restart after a credential rotation does. What this tests is
 aiokafka's SASL client and trio_bus's handling of it, not a broker's SASL
-stack. Fit for tests only: the credentials live in memory, unsalted per
-user.
+stack. Fit for tests only: the passwords live in memory, one salt serves
+every user.
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ from ._tls import _pump
 __all__ = ["SASLTerminator"]
 
 _HANDSHAKE, _AUTHENTICATE, _API_VERSIONS = 17, 36, 18
-_UNSUPPORTED_SASL_MECHANISM, _ILLEGAL_SASL_STATE, _SASL_AUTHENTICATION_FAILED = 33, 34, 58
+_UNSUPPORTED_SASL_MECHANISM, _SASL_AUTHENTICATION_FAILED = 33, 58
 _HASHES = {"SCRAM-SHA-256": "sha256", "SCRAM-SHA-512": "sha512"}
 _ITERATIONS = 4096
 _REFUSAL = "Authentication failed during authentication due to invalid credentials"
