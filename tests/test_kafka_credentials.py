@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import uuid
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import attrs
@@ -84,6 +85,28 @@ def options(grace: float = GRACE) -> KafkaOptions:
     )
 
 
+@attrs.frozen
+class Consuming:
+    """An open bus consuming a topic of its own."""
+
+    bus: trio_bus.Bus
+    topic: str
+    got: Recorder[trio_bus.Message]
+
+
+@asynccontextmanager
+async def consuming(url: str, client_id: str, grace: float = GRACE) -> AsyncIterator[Consuming]:
+    """Open a bus logged in as SASL_USER whose subscription has handled one
+    message (b"before")."""
+    topic = f"rv-{uuid.uuid4().hex[:10]}"
+    got: Recorder[trio_bus.Message] = Recorder()
+    async with trio_bus.open_bus(url, client_id=client_id, transport_options=options(grace)) as bus:
+        await bus.subscribe(topic, collect(got))
+        await bus.publish(topic, b"before", key="k")
+        await got.wait_for_count(1)
+        yield Consuming(bus, topic, got)
+
+
 async def wait_problem(bus: trio_bus.Bus) -> HealthReport:
     """Poll health until it reports a transport problem (the brokers are
     unreachable for a moment first: the connection check tells them apart)."""
@@ -108,17 +131,11 @@ async def test_revoked_password_is_reported_then_fails_the_bus(
     sasl_kafka: SASLKafka, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.DEBUG)  # the root logger: aiokafka's records too
-    topic = f"rv-{uuid.uuid4().hex[:10]}"
-    got: Recorder[trio_bus.Message] = Recorder()
     shown: list[str] = []
     revoked_at = unhealthy_after = 0.0
     with trio.fail_after(WAIT), pytest.raises(AuthenticationError) as raised:
-        async with trio_bus.open_bus(
-            sasl_kafka.url, client_id="revoked", transport_options=options()
-        ) as bus:
-            await bus.subscribe(topic, collect(got))
-            await bus.publish(topic, b"before", key="k")
-            await got.wait_for_count(1)
+        async with consuming(sasl_kafka.url, "revoked") as running:
+            bus = running.bus
             assert (await bus.health()).problem is None
 
             revoked_at = revoke(sasl_kafka, ROTATED)
@@ -158,12 +175,8 @@ async def test_revoked_password_is_reported_then_fails_the_bus(
 
 
 async def test_deleted_user_fails_the_bus_too(sasl_kafka: SASLKafka) -> None:
-    topic = f"rv-{uuid.uuid4().hex[:10]}"
     with trio.fail_after(WAIT), pytest.raises(AuthenticationError) as raised:
-        async with trio_bus.open_bus(
-            sasl_kafka.url, client_id="deleted", transport_options=options()
-        ) as bus:
-            await bus.publish(topic, b"before", key="k")
+        async with consuming(sasl_kafka.url, "deleted"):
             revoke(sasl_kafka, None)
             await trio.sleep_forever()
     assert raised.value.mechanism == MECHANISM
@@ -173,22 +186,16 @@ async def test_credentials_restored_within_the_grace_keep_the_bus(
     sasl_kafka: SASLKafka, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.DEBUG)
-    topic = f"rv-{uuid.uuid4().hex[:10]}"
-    got: Recorder[trio_bus.Message] = Recorder()
     with trio.fail_after(WAIT):
-        async with trio_bus.open_bus(
-            sasl_kafka.url, client_id="restored", transport_options=options(grace=WAIT)
-        ) as bus:
-            await bus.subscribe(topic, collect(got))
-            await bus.publish(topic, b"before", key="k")
-            await got.wait_for_count(1)
+        async with consuming(sasl_kafka.url, "restored", grace=WAIT) as running:
+            bus, got = running.bus, running.got
             revoke(sasl_kafka, ROTATED)
             await wait_problem(bus)
             # The operator undoes the rotation: the next connection works.
             sasl_kafka.terminator.set_password(SASL_USER, SASL_PASSWORD)
             report = await wait_health(bus, healthy=True)
             assert report.problem is None
-            await bus.publish(topic, b"after", key="k")
+            await bus.publish(running.topic, b"after", key="k")
             await got.wait_for_count(2)
     assert [m.value for m in got.items] == [b"before", b"after"]
     messages = [r.getMessage() for r in caplog.records if r.name.startswith("trio_bus")]
@@ -208,20 +215,13 @@ async def test_password_rotated_then_broker_roll_fails_the_bus(
     # started again (same port, same storage); the bus reconnects with the
     # old password and is refused.
     caplog.set_level(logging.DEBUG)
-    topic = f"rv-{uuid.uuid4().hex[:10]}"
-    got: Recorder[trio_bus.Message] = Recorder()
     killed_at = 0.0
     with trio.fail_after(WAIT), pytest.raises(AuthenticationError) as raised:
-        async with trio_bus.open_bus(
-            rolling_kafka.url, client_id="rolled", transport_options=options()
-        ) as bus:
-            await bus.subscribe(topic, collect(got))
-            await bus.publish(topic, b"before", key="k")
-            await got.wait_for_count(1)
+        async with consuming(rolling_kafka.url, "rolled") as running:
             rolling_kafka.terminator.set_password(SASL_USER, ROTATED)
             killed_at = trio.current_time()
             await trio.to_thread.run_sync(rolling_kafka.tansu.restart)
-            report = await wait_problem(bus)
+            report = await wait_problem(running.bus)
             assert report.problem is not None
             assert MECHANISM in report.problem
             await trio.sleep_forever()
@@ -238,15 +238,9 @@ async def test_password_rotated_then_broker_roll_fails_the_bus(
 async def test_broker_roll_with_the_same_password_keeps_the_bus(
     rolling_kafka: RollingKafka,
 ) -> None:
-    topic = f"rv-{uuid.uuid4().hex[:10]}"
-    got: Recorder[trio_bus.Message] = Recorder()
     with trio.fail_after(WAIT):
-        async with trio_bus.open_bus(
-            rolling_kafka.url, client_id="kept", transport_options=options()
-        ) as bus:
-            await bus.subscribe(topic, collect(got))
-            await bus.publish(topic, b"before", key="k")
-            await got.wait_for_count(1)
+        async with consuming(rolling_kafka.url, "kept") as running:
+            bus, got = running.bus, running.got
             await trio.to_thread.run_sync(rolling_kafka.tansu.kill)
             await wait_health(bus, healthy=False)
             # Down for longer than the grace: an outage, not a refusal.
@@ -255,7 +249,7 @@ async def test_broker_roll_with_the_same_password_keeps_the_bus(
             assert not report.connected
             assert report.problem is None
             await trio.to_thread.run_sync(rolling_kafka.tansu.start)
-            await bus.publish(topic, b"after", key="k")
+            await bus.publish(running.topic, b"after", key="k")
             await got.wait_for_count(2)
             report = await wait_health(bus, healthy=True)
             assert report.problem is None

@@ -18,26 +18,14 @@ run.
 
 from __future__ import annotations
 
-import shutil
 import subprocess
-import sys
 import urllib.request
 from pathlib import Path
 from typing import Self
 
-from ._servers import free_port, stop_process, wait_for_port
+from ._servers import find_executable, free_port, stop_process, wait_for_port
 
 __all__ = ["S3Server"]
-
-
-def _moto_server() -> str:
-    candidate = Path(sys.executable).parent / "moto_server"
-    if candidate.exists():
-        return str(candidate)
-    found = shutil.which("moto_server")
-    if found is None:
-        raise RuntimeError('moto_server not found: pip install "moto[server]"')
-    return found
 
 
 class S3Server:
@@ -70,9 +58,10 @@ class S3Server:
     def start(self) -> None:
         """Start the server; return once it accepts connections (bounded)."""
         self.directory.mkdir(parents=True, exist_ok=True)
+        moto = find_executable("moto_server", '"moto[server]"')
         with self.log.open("ab") as out:
             self._proc = subprocess.Popen(
-                [_moto_server(), "-H", "127.0.0.1", "-p", str(self.port)],
+                [moto, "-H", "127.0.0.1", "-p", str(self.port)],
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,

