@@ -46,6 +46,7 @@ from ..._message import Record
 from ...errors import BusClosedError, TransportError, TransportUnavailableError
 from .._base import Consumer, ConsumerSpec, LaneState
 from .._bridge import Handoff
+from .bind import bind
 from .leases import Scope, Write
 from .options import durable_name
 from .partitions import Slot, assign, filters, key_token, slot_consumer_options
@@ -114,6 +115,7 @@ class GroupConsumer(Consumer):
         """Join: start the view, heartbeat, and claim what is free for us
         (return once those partitions pull)."""
         await self._bridge.call(self.scope.open)
+        await self._bridge.call(self._ensure_durables)
         [first] = await self._bridge.call(self.scope.write, [self._heartbeat()])
         if isinstance(first, Exception):
             raise first
@@ -122,6 +124,19 @@ class GroupConsumer(Consumer):
             timeout = self._conn.options.request_timeout
             await self._bridge.call(self.scope.wait_seen, first, timeout)
         await self.round()
+
+    async def _ensure_durables(self) -> None:
+        """Create the partitions' durables that do not exist yet (asyncio
+        side): a group's ``start`` applies when the group is created, to
+        every partition, not when a member first claims one."""
+        base = durable_name(self.spec.group, self.spec.topic, self.where.nested)
+        topic = self.spec.topic
+        await asyncio.gather(
+            *(
+                bind(self._conn, self.where, f"{base}_p{p}", self.spec, filters=filters(topic, p))
+                for p in range(self.partitions)
+            )
+        )
 
     def _heartbeat(self) -> Write:
         return Write(f"m.{self.member}", {"inc": self._incarnation, "ttl": self._ttl}, None)
@@ -294,9 +309,7 @@ class GroupConsumer(Consumer):
                 self._closed = True
                 try:
                     await self._let_go(list(self.slots), settle=True)
-                    await self._bridge.call(
-                        self.scope.write, [Write(f"m.{self.member}", None, None)]
-                    )
+                    await self._leave()
                 except TransportError as exc:  # the leases lapse instead
                     logger.warning("leaving group %s: %s", self.name, exc)
                 finally:
@@ -307,6 +320,21 @@ class GroupConsumer(Consumer):
                         logger.debug("closing the KV view of %s: %s", self.name, exc)
         if scope.cancelled_caught:
             logger.warning("leaving group %s took too long", self.name)
+
+    async def _leave(self) -> None:
+        """Delete the heartbeat, then every lease key still ours (a claim
+        whose answer a cancellation cut off): once the view has seen the
+        delete, it has seen our earlier writes too (one connection)."""
+        [gone] = await self._bridge.call(self.scope.write, [Write(f"m.{self.member}", None, None)])
+        if isinstance(gone, int):
+            await self._bridge.call(self.scope.wait_seen, gone, _close_budget() / 2)
+        ours = []
+        for p in range(self.partitions):
+            entry = self.scope.lease(p)
+            if entry is not None and entry.value and entry.value.get("inc") == self._incarnation:
+                ours.append(Write(f"p.{p}", None, entry.revision))
+        if ours:
+            await self._bridge.call(self.scope.write, ours)
 
 
 def _close_budget() -> float:
