@@ -85,6 +85,8 @@ class Log:
                 pass
             end = time.monotonic()
             value = int(message.value)
+            if value < 0:
+                return  # a warm-up message
             assert message.aggregate_id is not None
             self.calls.append((member, message.aggregate_id, value, start, end))
             self.done.add(value)
@@ -237,7 +239,9 @@ async def test_members_share_without_overlap(nats_server: NatsServer, members: i
     log, published = Log(), defaultdict(list)
     count = 1000
     async with AsyncExitStack() as stack:
-        producer = await stack.enter_async_context(trio_bus.open_bus(url, transport_options=OPTIONS))
+        producer = await stack.enter_async_context(
+            trio_bus.open_bus(url, transport_options=OPTIONS)
+        )
         buses = [
             await stack.enter_async_context(member(url, topic, group, log, f"m{i}"))
             for i in range(members)
@@ -251,3 +255,205 @@ async def test_members_share_without_overlap(nats_server: NatsServer, members: i
     assert sorted(p for h in held for p in h) == list(range(8))
     handled_by = {m for m, *_ in log.calls}
     assert len(handled_by) == members, handled_by
+
+
+@asynccontextmanager
+async def running(
+    url: str,
+    topic: str,
+    group: str,
+    log: Log,
+    name: str,
+    options: NatsOptions = OPTIONS,
+    delay: float = 0.002,
+) -> AsyncIterator[tuple[trio_bus.Bus, trio.Event]]:
+    """A member in a task of its own; set the event to make it leave (the
+    block's end waits until it left)."""
+    leave = trio.Event()
+
+    async def run(task_status: trio.TaskStatus[trio_bus.Bus]) -> None:
+        async with trio_bus.open_bus(url, transport_options=options) as bus:
+            await bus.subscribe(topic, log.handler(name, delay), group=group, start="earliest")
+            task_status.started(bus)
+            await leave.wait()
+
+    async with trio.open_nursery() as nursery:
+        bus = await nursery.start(run)
+        try:
+            yield bus, leave
+        finally:
+            leave.set()
+
+
+@pytest.mark.trio
+async def test_graceful_leave_moves_partitions(nats_server: NatsServer) -> None:
+    url, topic, group = nats_server.url, uid("t"), uid("g")
+    log, published = Log(), defaultdict(list)
+    count = 1000
+    async with trio_bus.open_bus(url, transport_options=OPTIONS) as producer:
+        async with trio.open_nursery() as nursery:
+            async with running(url, topic, group, log, "stays") as (stays, _):
+                async with running(url, topic, group, log, "leaves") as (leaves, leave):
+                    await wait_shared([stays, leaves])
+                    nursery.start_soon(publish_stream, producer, topic, count, published, 0.002)
+                    await wait_for(lambda: len(log.done) >= count // 3)
+                    left_at = time.monotonic()
+                    leave.set()
+                    await wait_for(lambda: len(group_of(stays).held) == 8)
+                    moved = time.monotonic() - left_at
+                    await wait_for(lambda: len(log.done) >= count)
+    check(log, published)
+    by = {m for m, *_ in log.calls}
+    assert by == {"stays", "leaves"}
+    # Given up and taken at once (no lease expiry to wait for).
+    assert moved < TTL, moved
+
+
+MEMBER_SCRIPT = textwrap.dedent(
+    """
+    import json, sys, time, trio, trio_bus
+    from trio_bus.transports.nats import ConnectOptions, ConsumerOptions, GroupOptions, NatsOptions
+
+    url, topic, group, path, ttl, grace = sys.argv[1:7]
+    options = NatsOptions(
+        consumer=ConsumerOptions(ack_wait=5.0, idle_heartbeat=0.25, pull_expires=5.0),
+        connect=ConnectOptions(ping_interval=1.0, reconnect_time_wait=0.1),
+        groups=GroupOptions(lease_ttl=float(ttl), lease_grace=float(grace)),
+    )
+
+    async def main():
+        out = open(path, "a", buffering=1)
+
+        async def handle(message):
+            if int(message.value) < 0:
+                return
+            out.write(json.dumps(["s", message.aggregate_id, int(message.value), time.monotonic()]) + "\\n")
+            await trio.sleep(0.002)
+            out.write(json.dumps(["e", message.aggregate_id, int(message.value), time.monotonic()]) + "\\n")
+
+        async with trio_bus.open_bus(url, transport_options=options) as bus:
+            await bus.subscribe(topic, handle, group=group, start="earliest")
+            from trio_bus.transports.nats.group import GroupConsumer
+            [g] = [c for c in bus._transport._consumers if isinstance(c, GroupConsumer)]
+            while True:
+                print("held", *g.held, flush=True)
+                await trio.sleep(0.1)
+
+    trio.run(main)
+    """
+)
+
+
+def read_member_log(path: Path, log: Log, name: str, killed_at: float) -> None:
+    """Calls a subprocess member logged; a call the kill cut off ends at the kill."""
+    open_calls: dict[int, tuple[str, float]] = {}
+    for line in path.read_text().splitlines():
+        try:
+            kind, aggregate, value, at = json.loads(line)
+        except ValueError:
+            continue  # a line cut by SIGKILL
+        if kind == "s":
+            open_calls[value] = (aggregate, at)
+        elif value in open_calls:
+            aggregate, start = open_calls.pop(value)
+            log.calls.append((name, aggregate, value, start, at))
+            log.done.add(value)
+    for value, (aggregate, start) in open_calls.items():
+        log.calls.append((name, aggregate, value, start, killed_at))  # not done
+
+
+@pytest.mark.trio
+async def test_sigkilled_member_partitions_move_within_the_bound(
+    nats_server: NatsServer, tmp_path: Path
+) -> None:
+    url, topic, group = nats_server.url, uid("t"), uid("g")
+    log, published = Log(), defaultdict(list)
+    path = tmp_path / "victim.log"
+    count = 1000
+    async with trio_bus.open_bus(url, transport_options=OPTIONS) as producer:
+        # The topic's stream exists before the victim subscribes.
+        await producer.publish(topic, b"-1", key="warm-up")
+        async with trio.open_nursery() as nursery:
+            async with running(url, topic, group, log, "survivor") as (survivor, _):
+                proc = subprocess.Popen(
+                    [
+                        sys.executable,
+                        "-c",
+                        MEMBER_SCRIPT,
+                        url,
+                        topic,
+                        group,
+                        str(path),
+                        str(TTL),
+                        str(GRACE),
+                    ],
+                    stdout=subprocess.PIPE,
+                    text=True,
+                )
+                try:
+                    assert proc.stdout is not None
+                    victim_held: list[str] = []
+
+                    def victim_holds() -> None:
+                        while True:
+                            line = proc.stdout.readline()  # type: ignore[union-attr]
+                            if not line:
+                                return
+                            words = line.split()[1:]
+                            if words and len(words) + len(group_of(survivor).held) == 8:
+                                victim_held[:] = words
+                                return
+
+                    with trio.fail_after(WAIT):
+                        await trio.to_thread.run_sync(victim_holds)
+                    nursery.start_soon(publish_stream, producer, topic, count, published, 0.002)
+                    await wait_for(lambda: path.exists() and path.read_text().count('"e"') >= 100)
+                    os.kill(proc.pid, signal.SIGKILL)
+                    killed_at = time.monotonic()
+                    await wait_for(lambda: len(group_of(survivor).held) == 8)
+                    failover = time.monotonic() - killed_at
+                finally:
+                    proc.kill()
+                    proc.wait()
+                    if proc.stdout is not None:
+                        proc.stdout.close()
+                read_member_log(path, log, "victim", killed_at)
+                await wait_for(lambda: len(log.done) >= count)
+    published_values = {a: v for a, v in published.items()}
+    check(log, published_values)
+    print(f"failover after SIGKILL: {failover:.2f}s (lease_ttl {TTL}s + grace {GRACE}s)")
+    assert victim_held and {m for m, *_ in log.calls} == {"survivor", "victim"}
+    assert TTL * 0.5 < failover < TTL + GRACE + 1.5, failover
+
+
+@pytest.mark.trio
+async def test_member_cut_off_stops_before_its_lease_expires(nats_server: NatsServer) -> None:
+    url, topic, group = nats_server.url, uid("t"), uid("g")
+    log, published = Log(), defaultdict(list)
+    count = 800
+    async with (
+        trio_bus.open_bus(url, transport_options=OPTIONS) as producer,
+        trio.open_nursery() as nursery,
+    ):
+        proxy: FaultProxy = await nursery.start(FaultProxy("127.0.0.1", nats_server.port).run)
+        cut_url = f"nats://127.0.0.1:{proxy.port}"
+        async with running(url, topic, group, log, "healthy") as (healthy, _):
+            async with running(cut_url, topic, group, log, "cut", delay=0.01) as (cut, _):
+                await wait_shared([healthy, cut])
+                cut_group = group_of(cut)
+                nursery.start_soon(publish_stream, producer, topic, count, published, 0.002)
+                await wait_for(lambda: len(log.done) >= 150)
+                proxy.blackhole()
+                cut_at = time.monotonic()
+                await wait_for(lambda: len(group_of(healthy).held) == 8)
+                taken = time.monotonic() - cut_at
+                await wait_for(lambda: len(log.done) >= count)
+                assert cut_group.lost >= 1  # its leases lapsed
+                proxy.heal()
+        nursery.cancel_scope.cancel()
+    check(log, published)
+    # The cut-off member started nothing once its last lease could have run out.
+    last_cut_start = max(start for m, _, _, start, _ in log.calls if m == "cut")
+    assert last_cut_start < cut_at + TTL
+    print(f"partitions of the cut-off member taken after {taken:.2f}s")
+    assert TTL < taken < TTL + GRACE + 2.5, taken

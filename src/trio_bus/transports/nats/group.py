@@ -84,6 +84,7 @@ class GroupConsumer(Consumer):
             groups.groups_bucket,
             f"{key_token(where.stream)}.{key_token(base)}",
             on_change=self.poke,
+            timeout=min(transport.options.request_timeout, groups.lease_ttl / 3),
         )
         copts = transport.options.consumer
         prefetch = max(1, min(copts.prefetch or 2 * spec.max_batch, copts.max_ack_pending))

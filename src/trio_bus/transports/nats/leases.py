@@ -75,8 +75,18 @@ class Write:
 class Scope:
     """The KV keys of one group on one topic: a live view and CAS writes."""
 
-    def __init__(self, conn: Connection, bucket: str, scope: str, on_change: Callable[[], None]):
+    def __init__(
+        self,
+        conn: Connection,
+        bucket: str,
+        scope: str,
+        on_change: Callable[[], None],
+        *,
+        timeout: float,
+    ) -> None:
         self.conn = conn
+        #: Seconds a write may take (a round must not outlast its period).
+        self.timeout = timeout
         self.bucket = bucket
         self.prefix = f"$KV.{bucket}.{scope}."
         self.entries: dict[str, Entry] = {}
@@ -184,10 +194,9 @@ class Scope:
         if w.value is None:
             headers[_OP_HEADER] = "DEL"
         payload = b"" if w.value is None else json.dumps(w.value).encode()
-        timeout = self.conn.options.request_timeout
         try:
             ack = await self.conn.js.publish(
-                self.prefix + w.key, payload, timeout=timeout, headers=headers
+                self.prefix + w.key, payload, timeout=self.timeout, headers=headers
             )
         except nats.js.errors.APIError as exc:
             if exc.err_code in _ERR_WRONG_LAST:
