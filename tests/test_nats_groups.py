@@ -14,6 +14,7 @@ Short leases (``lease_ttl`` 1.5 s, ``lease_grace`` 0.5 s) keep it fast.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import signal
@@ -26,6 +27,7 @@ from collections import defaultdict
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 import attrs
 import pytest
@@ -113,7 +115,7 @@ def check(log: Log, published: dict[str, list[int]]) -> None:
         by_aggregate[aggregate].append((start, end, member, value))
     for aggregate, calls in by_aggregate.items():
         calls.sort()
-        for (s1, e1, m1, v1), (s2, _, m2, v2) in zip(calls, calls[1:], strict=False):
+        for (s1, e1, m1, v1), (s2, _, m2, v2) in itertools.pairwise(calls):
             assert s2 >= e1, f"{aggregate}: {v1} on {m1} [{s1}, {e1}] overlaps {v2} on {m2} ({s2})"
         firsts: list[int] = []
         seen: set[int] = set()
@@ -149,7 +151,7 @@ def group_of(bus: trio_bus.Bus):  # type: ignore[no-untyped-def]
     """The GroupConsumer of a bus's only group subscription."""
     from trio_bus.transports.nats.group import GroupConsumer
 
-    transport = bus._transport  # noqa: SLF001 - the test looks at the member
+    transport: Any = bus._transport  # the test looks at the member
     [group] = [c for c in transport._consumers if isinstance(c, GroupConsumer)]
     return group
 
@@ -236,7 +238,7 @@ async def wait_shared(buses: list[trio_bus.Bus]) -> None:
 @pytest.mark.parametrize("members", [2, 3])
 async def test_members_share_without_overlap(nats_server: NatsServer, members: int) -> None:
     url, topic, group = nats_server.url, uid("t"), uid("g")
-    log, published = Log(), defaultdict(list)
+    log, published = Log(), defaultdict[str, list[int]](list)
     count = 1000
     async with AsyncExitStack() as stack:
         producer = await stack.enter_async_context(
@@ -288,20 +290,22 @@ async def running(
 @pytest.mark.trio
 async def test_graceful_leave_moves_partitions(nats_server: NatsServer) -> None:
     url, topic, group = nats_server.url, uid("t"), uid("g")
-    log, published = Log(), defaultdict(list)
+    log, published = Log(), defaultdict[str, list[int]](list)
     count = 1000
-    async with trio_bus.open_bus(url, transport_options=OPTIONS) as producer:
-        async with trio.open_nursery() as nursery:
-            async with running(url, topic, group, log, "stays") as (stays, _):
-                async with running(url, topic, group, log, "leaves") as (leaves, leave):
-                    await wait_shared([stays, leaves])
-                    nursery.start_soon(publish_stream, producer, topic, count, published, 0.002)
-                    await wait_for(lambda: len(log.done) >= count // 3)
-                    left_at = time.monotonic()
-                    leave.set()
-                    await wait_for(lambda: len(group_of(stays).held) == 8)
-                    moved = time.monotonic() - left_at
-                    await wait_for(lambda: len(log.done) >= count)
+    async with (
+        trio_bus.open_bus(url, transport_options=OPTIONS) as producer,
+        trio.open_nursery() as nursery,
+        running(url, topic, group, log, "stays") as (stays, _),
+        running(url, topic, group, log, "leaves") as (leaves, leave),
+    ):
+        await wait_shared([stays, leaves])
+        nursery.start_soon(publish_stream, producer, topic, count, published, 0.002)
+        await wait_for(lambda: len(log.done) >= count // 3)
+        left_at = time.monotonic()
+        leave.set()
+        await wait_for(lambda: len(group_of(stays).held) == 8)
+        moved = time.monotonic() - left_at
+        await wait_for(lambda: len(log.done) >= count)
     check(log, published)
     by = {m for m, *_ in log.calls}
     assert by == {"stays", "leaves"}
@@ -324,12 +328,16 @@ MEMBER_SCRIPT = textwrap.dedent(
     async def main():
         out = open(path, "a", buffering=1)
 
+        def note(kind, message):
+            line = [kind, message.aggregate_id, int(message.value), time.monotonic()]
+            out.write(json.dumps(line) + "\\n")
+
         async def handle(message):
             if int(message.value) < 0:
                 return
-            out.write(json.dumps(["s", message.aggregate_id, int(message.value), time.monotonic()]) + "\\n")
+            note("s", message)
             await trio.sleep(0.002)
-            out.write(json.dumps(["e", message.aggregate_id, int(message.value), time.monotonic()]) + "\\n")
+            note("e", message)
 
         async with trio_bus.open_bus(url, transport_options=options) as bus:
             await bus.subscribe(topic, handle, group=group, start="earliest")
@@ -367,69 +375,72 @@ async def test_sigkilled_member_partitions_move_within_the_bound(
     nats_server: NatsServer, tmp_path: Path
 ) -> None:
     url, topic, group = nats_server.url, uid("t"), uid("g")
-    log, published = Log(), defaultdict(list)
+    log, published = Log(), defaultdict[str, list[int]](list)
     path = tmp_path / "victim.log"
     count = 1000
     async with trio_bus.open_bus(url, transport_options=OPTIONS) as producer:
         # The topic's stream exists before the victim subscribes.
         await producer.publish(topic, b"-1", key="warm-up")
-        async with trio.open_nursery() as nursery:
-            async with running(url, topic, group, log, "survivor") as (survivor, _):
-                proc = subprocess.Popen(
-                    [
-                        sys.executable,
-                        "-c",
-                        MEMBER_SCRIPT,
-                        url,
-                        topic,
-                        group,
-                        str(path),
-                        str(TTL),
-                        str(GRACE),
-                    ],
-                    stdout=subprocess.PIPE,
-                    text=True,
-                )
-                try:
-                    assert proc.stdout is not None
-                    victim_held: list[str] = []
+        async with (
+            trio.open_nursery() as nursery,
+            running(url, topic, group, log, "survivor") as (survivor, _),
+        ):
+            # A child process, read from a thread: the bus stays responsive.
+            proc = subprocess.Popen(  # noqa: ASYNC220
+                [
+                    sys.executable,
+                    "-c",
+                    MEMBER_SCRIPT,
+                    url,
+                    topic,
+                    group,
+                    str(path),
+                    str(TTL),
+                    str(GRACE),
+                ],
+                stdout=subprocess.PIPE,
+                text=True,
+            )
+            try:
+                assert proc.stdout is not None
+                victim_held: list[str] = []
 
-                    def victim_holds() -> None:
-                        while True:
-                            line = proc.stdout.readline()  # type: ignore[union-attr]
-                            if not line:
-                                return
-                            words = line.split()[1:]
-                            if words and len(words) + len(group_of(survivor).held) == 8:
-                                victim_held[:] = words
-                                return
+                def victim_holds() -> None:
+                    while True:
+                        line = proc.stdout.readline()  # type: ignore[union-attr]
+                        if not line:
+                            return
+                        words = line.split()[1:]
+                        if words and len(words) + len(group_of(survivor).held) == 8:
+                            victim_held[:] = words
+                            return
 
-                    with trio.fail_after(WAIT):
-                        await trio.to_thread.run_sync(victim_holds)
-                    nursery.start_soon(publish_stream, producer, topic, count, published, 0.002)
-                    await wait_for(lambda: path.exists() and path.read_text().count('"e"') >= 100)
-                    os.kill(proc.pid, signal.SIGKILL)
-                    killed_at = time.monotonic()
-                    await wait_for(lambda: len(group_of(survivor).held) == 8)
-                    failover = time.monotonic() - killed_at
-                finally:
-                    proc.kill()
-                    proc.wait()
-                    if proc.stdout is not None:
-                        proc.stdout.close()
-                read_member_log(path, log, "victim", killed_at)
-                await wait_for(lambda: len(log.done) >= count)
-    published_values = {a: v for a, v in published.items()}
-    check(log, published_values)
+                with trio.fail_after(WAIT):
+                    await trio.to_thread.run_sync(victim_holds)
+                nursery.start_soon(publish_stream, producer, topic, count, published, 0.002)
+                await wait_for(lambda: path.exists() and path.read_text().count('"e"') >= 100)
+                os.kill(proc.pid, signal.SIGKILL)
+                killed_at = time.monotonic()
+                await wait_for(lambda: len(group_of(survivor).held) == 8)
+                failover = time.monotonic() - killed_at
+            finally:
+                proc.kill()
+                proc.wait()
+                if proc.stdout is not None:
+                    proc.stdout.close()
+            read_member_log(path, log, "victim", killed_at)
+            await wait_for(lambda: len(log.done) >= count)
+    check(log, published)
     print(f"failover after SIGKILL: {failover:.2f}s (lease_ttl {TTL}s + grace {GRACE}s)")
-    assert victim_held and {m for m, *_ in log.calls} == {"survivor", "victim"}
+    assert victim_held
+    assert {m for m, *_ in log.calls} == {"survivor", "victim"}
     assert TTL * 0.5 < failover < TTL + GRACE + 1.5, failover
 
 
 @pytest.mark.trio
 async def test_member_cut_off_stops_before_its_lease_expires(nats_server: NatsServer) -> None:
     url, topic, group = nats_server.url, uid("t"), uid("g")
-    log, published = Log(), defaultdict(list)
+    log, published = Log(), defaultdict[str, list[int]](list)
     count = 800
     async with (
         trio_bus.open_bus(url, transport_options=OPTIONS) as producer,
@@ -437,19 +448,21 @@ async def test_member_cut_off_stops_before_its_lease_expires(nats_server: NatsSe
     ):
         proxy: FaultProxy = await nursery.start(FaultProxy("127.0.0.1", nats_server.port).run)
         cut_url = f"nats://127.0.0.1:{proxy.port}"
-        async with running(url, topic, group, log, "healthy") as (healthy, _):
-            async with running(cut_url, topic, group, log, "cut", delay=0.01) as (cut, _):
-                await wait_shared([healthy, cut])
-                cut_group = group_of(cut)
-                nursery.start_soon(publish_stream, producer, topic, count, published, 0.002)
-                await wait_for(lambda: len(log.done) >= 150)
-                proxy.blackhole()
-                cut_at = time.monotonic()
-                await wait_for(lambda: len(group_of(healthy).held) == 8)
-                taken = time.monotonic() - cut_at
-                await wait_for(lambda: len(log.done) >= count)
-                assert cut_group.lost >= 1  # its leases lapsed
-                proxy.heal()
+        async with (
+            running(url, topic, group, log, "healthy") as (healthy, _),
+            running(cut_url, topic, group, log, "cut", delay=0.01) as (cut, _),
+        ):
+            await wait_shared([healthy, cut])
+            cut_group = group_of(cut)
+            nursery.start_soon(publish_stream, producer, topic, count, published, 0.002)
+            await wait_for(lambda: len(log.done) >= 150)
+            proxy.blackhole()
+            cut_at = time.monotonic()
+            await wait_for(lambda: len(group_of(healthy).held) == 8)
+            taken = time.monotonic() - cut_at
+            await wait_for(lambda: len(log.done) >= count)
+            assert cut_group.lost >= 1  # its leases lapsed
+            proxy.heal()
         nursery.cancel_scope.cancel()
     check(log, published)
     # The cut-off member started nothing once its last lease could have run out.

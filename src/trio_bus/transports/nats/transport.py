@@ -34,7 +34,7 @@ from .publish import Publisher
 from .puller import Puller
 from .rounds import Rounds
 from .settle import ACK, NAK, Delivery
-from .streams import Streams
+from .streams import Streams, TopicInfo
 from .supervisor import Supervisor
 from .topics import TopicAdmin
 
@@ -203,8 +203,9 @@ class NatsTransport(Transport):
         return outcomes
 
     async def open_consumer(self, spec: ConsumerSpec) -> Consumer:
-        """Bind the group's durable consumer (return once a pull is out), or
-        subscribe to an ephemeral topic's subject."""
+        """Bind the group's durable consumer (return once a pull is out),
+        join a partitioned group, or subscribe to an ephemeral topic's
+        subject."""
         if await self._bridge.call(self._modes.of, spec.topic) == "ephemeral":
             sub = CoreSubscription(self._conn, spec)
             core = CoreConsumer(
@@ -217,26 +218,30 @@ class NatsTransport(Transport):
                 raise
             self._consumers.add(core)
             return core
-        return await self.open_durable(spec)
-
-    async def open_durable(self, spec: ConsumerSpec) -> NatsConsumer | GroupConsumer:
-        """Bind the group's JetStream durable consumer whatever the topic's
-        persistence; return once a pull is out. On a partitioned topic a
-        durable group joins as a member and returns once the partitions
-        free for it pull (see group.py)."""
         where = await self._bridge.call(self._streams.ensure, spec.topic)
         if where.partitions > 1 and not spec.ephemeral:
-            member = f"{self._member_id}-{next(self._member_seq)}"
-            group = GroupConsumer(self, spec, where, member)
-            self._consumers.add(group)
-            try:
-                await group.open()
-            except BaseException:
-                await group.aclose()
-                raise
-            self._rounds.groups.add(group)
-            self._rounds.wake()
-            return group
+            return await self.open_group(spec, where)
+        return await self.open_durable(spec)
+
+    async def open_group(self, spec: ConsumerSpec, where: TopicInfo) -> GroupConsumer:
+        """Join the partitioned group as a member; return once the
+        partitions free for it pull (see group.py)."""
+        member = f"{self._member_id}-{next(self._member_seq)}"
+        group = GroupConsumer(self, spec, where, member)
+        self._consumers.add(group)
+        try:
+            await group.open()
+        except BaseException:
+            await group.aclose()
+            raise
+        self._rounds.groups.add(group)
+        self._rounds.wake()
+        return group
+
+    async def open_durable(self, spec: ConsumerSpec) -> NatsConsumer:
+        """Bind the group's one JetStream durable consumer (the whole topic,
+        partitioned or not) whatever the topic's persistence; return once a
+        pull is out."""
         puller = Puller(self._conn, self._streams, spec)
         supervisor = self._supervisor
         try:
