@@ -180,21 +180,22 @@ def test_partition_function_is_the_pools_crc32() -> None:
 
 
 def test_hrw_assignment_is_stable_and_balanced() -> None:
-    members = ["m1", "m2", "m3"]
-    owners = assign(members, 64)
-    assert owners == assign(list(reversed(members)), 64)
-    counts = {m: list(owners.values()).count(m) for m in members}
-    assert all(10 <= n <= 35 for n in counts.values()), counts
-    # Removing a member moves only its partitions.
-    after = assign(["m1", "m3"], 64)
-    for p, owner in owners.items():
-        if owner != "m2":
-            assert after[p] == owner
-    # Adding one takes partitions only to itself.
-    grown = assign([*members, "m4"], 64)
-    for p, owner in grown.items():
-        assert owner in (owners[p], "m4")
+    for trial in range(200):
+        members = [f"m{trial}-{i}" for i in range(3)]
+        owners = assign(members, 8)
+        assert owners == assign(list(reversed(members)), 8)  # same on every member
+        counts = sorted(list(owners.values()).count(m) for m in members)
+        assert counts == [2, 3, 3], counts  # within one of the mean
+        # A member leaves: its partitions move, few others do.
+        after = assign(members[:2], 8)
+        kept = [p for p, owner in owners.items() if owner != members[2]]
+        assert sum(after[p] != owners[p] for p in kept) <= 2
+        # One joins: it takes its share, few others move.
+        grown = assign([*members, "new"], 8)
+        assert 2 <= list(grown.values()).count("new") <= 3
+        assert sum(grown[p] not in (owners[p], "new") for p in owners) <= 3
     assert assign([], 4) == {}
+    assert set(assign(["solo"], 8).values()) == {"solo"}
 
 
 def test_key_token_escapes() -> None:
@@ -310,6 +311,7 @@ async def test_graceful_leave_moves_partitions(nats_server: NatsServer) -> None:
     by = {m for m, *_ in log.calls}
     assert by == {"stays", "leaves"}
     # Given up and taken at once (no lease expiry to wait for).
+    print(f"partitions moved {moved:.3f}s after the graceful leave began")
     assert moved < TTL, moved
 
 
@@ -469,4 +471,6 @@ async def test_member_cut_off_stops_before_its_lease_expires(nats_server: NatsSe
     last_cut_start = max(start for m, _, _, start, _ in log.calls if m == "cut")
     assert last_cut_start < cut_at + TTL
     print(f"partitions of the cut-off member taken after {taken:.2f}s")
-    assert TTL < taken < TTL + GRACE + 2.5, taken
+    # Not before the cut-off member's lease (renewed at most TTL / 3 before
+    # the cut) plus the grace ran out; well within the bound.
+    assert TTL + GRACE - TTL / 3 - 0.1 < taken < TTL + GRACE + 2.5, taken
