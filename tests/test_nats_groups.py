@@ -80,11 +80,8 @@ class Log:
     def handler(self, member: str, delay: float = 0.0):  # type: ignore[no-untyped-def]
         async def handle(message: Message) -> None:
             start = time.monotonic()
-            try:
-                if delay:
-                    await trio.sleep(delay)
-            finally:
-                pass
+            if delay:
+                await trio.sleep(delay)
             end = time.monotonic()
             value = int(message.value)
             if value < 0:
@@ -94,18 +91,6 @@ class Log:
             self.done.add(value)
 
         return handle
-
-    def add_lines(self, path: Path, member: str) -> None:
-        """Calls a subprocess member logged (one JSON list per line)."""
-        if not path.exists():
-            return
-        for line in path.read_text().splitlines():
-            try:
-                aggregate, value, start, end = json.loads(line)
-            except ValueError:
-                continue  # a line cut by SIGKILL
-            self.calls.append((member, aggregate, value, start, end))
-            self.done.add(value)
 
 
 def check(log: Log, published: dict[str, list[int]]) -> None:

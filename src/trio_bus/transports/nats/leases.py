@@ -102,7 +102,8 @@ class Scope:
         live = {}
         for key, entry in self.entries.items():
             value = entry.value
-            if key.startswith("m.") and value is not None and now - entry.seen < value["ttl"]:
+            alive = value is not None and now - entry.seen < float(value.get("ttl", 0))
+            if key.startswith("m.") and alive:
                 live[key[2:]] = value
         return live
 
