@@ -99,11 +99,12 @@ class Scope:
 
     def members(self, now: float) -> dict[str, dict[str, Any]]:
         """Members whose heartbeat was seen within their lease ttl."""
-        live = {}
+        live: dict[str, dict[str, Any]] = {}
         for key, entry in self.entries.items():
             value = entry.value
-            alive = value is not None and now - entry.seen < float(value.get("ttl", 0))
-            if key.startswith("m.") and alive:
+            if not key.startswith("m.") or value is None:
+                continue
+            if now - entry.seen < float(value.get("ttl", 0)):
                 live[key[2:]] = value
         return live
 
