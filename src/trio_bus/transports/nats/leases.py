@@ -156,7 +156,12 @@ class Scope:
             await jsm.stream_info(stream)
         except nats.js.errors.NotFoundError:
             try:
-                await js.create_key_value(bucket=self.bucket, history=1, ttl=BUCKET_MAX_AGE)
+                # As many replicas as the topics' streams: losing a server
+                # must not stop the leases of streams that survive it.
+                replicas = self.conn.options.stream.replicas
+                await js.create_key_value(
+                    bucket=self.bucket, history=1, ttl=BUCKET_MAX_AGE, replicas=replicas
+                )
             except nats.js.errors.BadRequestError:
                 pass  # created meanwhile by another bus
             except Exception as exc:
