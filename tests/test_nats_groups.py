@@ -36,7 +36,7 @@ import trio
 import trio_bus
 from trio_bus import Message
 from trio_bus._names import stable_hash
-from trio_bus.errors import ConfigError
+from trio_bus.errors import ConfigError, TopicConfigError, TransportError
 from trio_bus.testing._proxy import FaultProxy
 from trio_bus.transports.nats import (
     ConnectOptions,
@@ -467,3 +467,19 @@ async def test_member_cut_off_stops_before_its_lease_expires(nats_server: NatsSe
     # Not before the cut-off member's lease (renewed at most TTL / 3 before
     # the cut) plus the grace ran out; well within the bound.
     assert TTL + GRACE - TTL / 3 - 0.1 < taken < TTL + GRACE + 2.5, taken
+
+
+@pytest.mark.trio
+async def test_lease_machinery_failure_ends_the_bus(nats_server: NatsServer) -> None:
+    url, topic, group = nats_server.url, uid("t"), uid("g")
+    log = Log()
+
+    async def refused(writes: Any) -> list[Exception]:
+        return [TopicConfigError("the bucket refuses us") for _ in writes]
+
+    with pytest.raises(TransportError, match="refuses us"):
+        async with member(url, topic, group, log, "m") as bus:
+            consumer = group_of(bus)
+            consumer.scope.write = refused  # what the next round sends is refused
+            consumer.poke()
+            await trio.sleep(WAIT)
