@@ -282,27 +282,28 @@ async def running(
 
 
 @pytest.mark.trio
-async def test_graceful_leave_moves_partitions(nats_server: NatsServer) -> None:
+async def test_member_joins_then_leaves_mid_stream(nats_server: NatsServer) -> None:
     url, topic, group = nats_server.url, uid("t"), uid("g")
     log, published = Log(), defaultdict[str, list[int]](list)
-    count = 1000
+    count = 1200
     async with (
         trio_bus.open_bus(url, transport_options=OPTIONS) as producer,
         trio.open_nursery() as nursery,
-        running(url, topic, group, log, "stays") as (stays, _),
-        running(url, topic, group, log, "leaves") as (leaves, leave),
+        running(url, topic, group, log, "stays", delay=0.005) as (stays, _),
     ):
-        await wait_shared([stays, leaves])
         nursery.start_soon(publish_stream, producer, topic, count, published, 0.002)
-        await wait_for(lambda: len(log.done) >= count // 3)
-        left_at = time.monotonic()
-        leave.set()
-        await wait_for(lambda: len(group_of(stays).held) == 8)
-        moved = time.monotonic() - left_at
+        await wait_for(lambda: len(log.done) >= count // 4)
+        # A member joins: the other drains the partitions it gives up.
+        async with running(url, topic, group, log, "visits", delay=0.005) as (visits, leave):
+            await wait_shared([stays, visits])
+            await wait_for(lambda: len(log.done) >= count // 2)
+            left_at = time.monotonic()
+            leave.set()
+            await wait_for(lambda: len(group_of(stays).held) == 8)
+            moved = time.monotonic() - left_at
         await wait_for(lambda: len(log.done) >= count)
     check(log, published)
-    by = {m for m, *_ in log.calls}
-    assert by == {"stays", "leaves"}
+    assert {m for m, *_ in log.calls} == {"stays", "visits"}
     # Given up and taken at once (no lease expiry to wait for).
     print(f"partitions moved {moved:.3f}s after the graceful leave began")
     assert moved < TTL, moved

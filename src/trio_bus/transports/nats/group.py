@@ -166,6 +166,7 @@ class GroupConsumer(Consumer):
         moving = sorted(set(self.slots) - mine)
         if moving:
             logger.info("%s: giving partitions %s to other members", self.name, moving)
+            await self._drain(moving)
             await self._let_go(moving, settle=True)
         held = sorted(self.slots)
         writes = [self._heartbeat()]
@@ -226,6 +227,20 @@ class GroupConsumer(Consumer):
             raise
         self.claimed += 1
 
+    async def _drain(self, partitions: Sequence[int]) -> None:
+        """Let the handlers of what the bus fetched from *partitions* finish
+        (at most ``min(lease_ttl / 6, 1 s)``, well within the lease): hand
+        nothing more over, take back what is still queued."""
+        slots = [self.slots[p][0] for p in partitions]
+        for slot in slots:
+            slot.draining = True
+            self.handoff.discard(slot.owns)
+            if not slot.in_pool:
+                slot.drained.set()
+        with trio.move_on_after(min(self._ttl / 6, 1.0)):
+            for slot in slots:
+                await slot.drained.wait()
+
     async def _let_go(self, partitions: Sequence[int], *, settle: bool) -> None:
         """Stop handling *partitions*: revoke their leases first, then close
         their pullers (``settle``: nak what is unsettled and delete the lease
@@ -255,12 +270,16 @@ class GroupConsumer(Consumer):
             await trio.lowlevel.checkpoint()
             raise BusClosedError("the consumer is closed")
         records = await self.handoff.take(max_records)
+        for record in records:
+            entry = self.slots.get(record.partition) if record.partition is not None else None
+            if entry is not None and entry[0].lease is record.lease:
+                entry[0].in_pool += 1
         if len(self.handoff) <= self._low_water:
             for _, puller in self.slots.values():
                 puller.mailbox.put(None)  # room: the loops may pull more
         return records
 
-    def _settle(self, record: Record, payload: bytes) -> None:
+    def _settle(self, record: Record, payload: bytes, *, fetched: bool = True) -> None:
         # Only under the lease it was delivered with, while it is held: a
         # settlement after the lease was lost is dropped (the new owner
         # gets the message again).
@@ -268,6 +287,8 @@ class GroupConsumer(Consumer):
         lease = record.lease
         if entry is None or lease is None or entry[0].lease is not lease or not lease.held():
             return
+        if fetched:
+            entry[0].settled()
         if isinstance(record.token, Delivery):
             entry[1].mailbox.put((record.token, payload))
 
@@ -279,7 +300,7 @@ class GroupConsumer(Consumer):
         """``-NAK`` it and everything queued after it (see NatsConsumer)."""
         self._settle(record, NAK)
         for queued in self.handoff.take_nowait(len(self.handoff)):
-            self._settle(queued, NAK)
+            self._settle(queued, NAK, fetched=False)
 
     async def flush(self) -> None:
         """Send the queued acks of every held partition and wait for the

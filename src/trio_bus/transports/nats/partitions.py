@@ -32,6 +32,7 @@ import attrs
 import trio
 
 from ..._lease import Lease
+from ..._message import Record
 from ..._names import stable_hash
 from .options import ConsumerOptions, GroupOptions
 
@@ -160,6 +161,13 @@ class Slot:
     lease: Lease
     consumer: ConsumerOptions
     suffix: str = ""
+    #: Being given up: pull nothing, hand nothing more over (new arrivals
+    #: are nak'd at close) while the handlers of what was fetched finish.
+    draining: bool = False
+    #: Records fetched by the bus and not settled yet.
+    in_pool: int = 0
+    #: Set when a draining slot's last fetched record is settled.
+    drained: trio.Event = attrs.field(factory=trio.Event)
 
     def __attrs_post_init__(self) -> None:
         self.suffix = self.suffix or f"_p{self.partition}"
@@ -167,7 +175,17 @@ class Slot:
     def may_pull(self) -> bool:
         """Whether a pull request issued now expires before the lease."""
         left = self.lease.expires - trio.current_time()
-        return not self.lease.revoked and left > self.consumer.pull_expires
+        return not (self.lease.revoked or self.draining) and left > self.consumer.pull_expires
+
+    def owns(self, record: Record) -> bool:
+        """Whether *record* was delivered under this slot's lease."""
+        return record.lease is self.lease
+
+    def settled(self) -> None:
+        """A fetched record was settled."""
+        self.in_pool = max(0, self.in_pool - 1)
+        if self.draining and not self.in_pool:
+            self.drained.set()
 
     def fenced(self) -> bool:
         """The lease is gone: send nothing more for this partition."""

@@ -258,8 +258,7 @@ class Puller:
             self.handoff.discard(lambda _: True)
             self.handoff.fail(BusClosedError("the consumer is closed"))
         else:  # the group's hand-off: take out this partition's records only
-            lease = self.slot.lease
-            self.handoff.discard(lambda record: record.lease is lease)
+            self.handoff.discard(self.slot.owns)
         nc = self.conn.nc
         if self.sub is not None and nc.is_connected and not settle:
             try:
@@ -306,7 +305,7 @@ class Puller:
         previous = self.settler.hold(delivery)
         if previous is not None:  # a redelivery: drop a superseded copy
             self.handoff.discard(lambda record: record.token is previous)
-        if self.closing:
+        if self.closing or (self.slot is not None and self.slot.draining):
             return  # draining at close: nak'd with the rest, in order
         if headers and self.where is not None and not self.where.nested:
             owner = headers.get(TOPIC_HEADER)
