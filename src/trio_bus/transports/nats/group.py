@@ -14,9 +14,11 @@ lease given up):
 1. partitions whose lease lapsed locally (renewals failed for a whole
    ``lease_ttl``) are dropped without sending anything: the pool already
    stopped their handlers at the lease's expiry;
-2. partitions now another live member's are given up gracefully: lease
-   revoked (the pool starts no handler, running ones are cancelled),
-   unsettled deliveries nak'd in order and confirmed, lease key deleted;
+2. partitions now another live member's are given up gracefully: drained
+   (nothing more handed over; the handlers of what was fetched may finish,
+   briefly), lease revoked (the pool starts no handler, running ones are
+   cancelled), unsettled deliveries nak'd in order and confirmed, lease key
+   deleted;
 3. one batch of compare-and-set writes: the heartbeat, a renewal per held
    partition, a claim per partition that is ours and free (no key, deleted,
    or not renewed for its owner's ttl + ``lease_grace`` as seen here).

@@ -306,7 +306,7 @@ class Puller:
         if previous is not None:  # a redelivery: drop a superseded copy
             self.handoff.discard(lambda record: record.token is previous)
         if self.closing or (self.slot is not None and self.slot.draining):
-            return  # draining at close: nak'd with the rest, in order
+            return  # closing, or a partition being given up: nak'd at close, in order
         if headers and self.where is not None and not self.where.nested:
             owner = headers.get(TOPIC_HEADER)
             if owner is not None and owner != self.spec.topic:
