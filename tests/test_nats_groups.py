@@ -221,9 +221,15 @@ def test_nats_options_take_group_options_only() -> None:
 
 
 async def wait_shared(buses: list[trio_bus.Bus]) -> None:
-    """Until the members hold every partition between them, each some."""
-    await wait_for(lambda: sum(len(group_of(b).held) for b in buses) == 8)
-    await wait_for(lambda: all(group_of(b).held for b in buses))
+    """Until each member holds exactly its share of the assignment over all
+    of them (a rebalance is over)."""
+    groups = [group_of(b) for b in buses]
+    owners = assign([g.member for g in groups], 8)
+
+    def settled() -> bool:
+        return all(g.held == [p for p, m in owners.items() if m == g.member] for g in groups)
+
+    await wait_for(settled)
 
 
 @pytest.mark.trio
