@@ -22,7 +22,7 @@ from .conftest import TRANSPORTS
 
 CAPABILITIES = {
     "memory": Capabilities(),
-    "nats": Capabilities(),
+    "nats": Capabilities(partitions=True),
     "kafka": Capabilities(per_message_ack=False, delivery_count=False, partitions=True),
 }
 

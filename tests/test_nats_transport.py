@@ -19,6 +19,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from typing import Any, TypeVar
 
+import attrs
 import nats
 import pytest
 import trio
@@ -26,6 +27,7 @@ import trio
 import trio_bus
 from trio_bus import Envelope, OutgoingMessage, encode_envelope
 from trio_bus._message import Record
+from trio_bus._names import stable_hash
 from trio_bus.errors import (
     ConfigError,
     PublishError,
@@ -37,6 +39,7 @@ from trio_bus.transports._base import ConsumerSpec, TransportSettings
 from trio_bus.transports.nats import (
     ConnectOptions,
     ConsumerOptions,
+    GroupOptions,
     NatsConsumer,
     NatsOptions,
     NatsTransport,
@@ -56,7 +59,17 @@ def uid(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:10]}"
 
 
+#: These tests check one durable consumer of an unpartitioned topic (raw
+#: subjects, consumer names, ordered resume); partitioned groups are
+#: tested in test_nats_groups.py.
+UNPARTITIONED = GroupOptions(partitions=1)
+
+
 def settings(url: str, options: object | None = None) -> TransportSettings:
+    if options is None:
+        options = NatsOptions(groups=UNPARTITIONED)
+    elif isinstance(options, NatsOptions) and options.groups == GroupOptions():
+        options = attrs.evolve(options, groups=UNPARTITIONED)
     return contract_settings(url, options=options)
 
 
@@ -478,13 +491,16 @@ async def test_trio_bus_envelope_read_by_raw_client(nats_bus_url: str) -> None:
     async with trio_bus.open_bus(nats_bus_url) as bus:
         await bus.publish_envelope(topic, envelope)
 
-    async def read(nc: Any) -> tuple[bytes, dict[str, str]]:
-        sub = await nc.jetstream().pull_subscribe(topic, stream=stream_name(topic))
+    async def read(nc: Any) -> tuple[str, bytes, dict[str, str]]:
+        # The topic is partitioned (the default): a raw reader of a keyed
+        # message filters <topic>.> (docs/scaling.md).
+        sub = await nc.jetstream().pull_subscribe(f"{topic}.>", stream=stream_name(topic))
         (msg,) = await sub.fetch(1, timeout=5)
         await msg.ack()
-        return msg.data, dict(msg.headers)
+        return msg.subject, msg.data, dict(msg.headers)
 
-    data, headers = await run_raw(read, nats_bus_url)
+    subject, data, headers = await run_raw(read, nats_bus_url)
+    assert subject == f"{topic}.~.{stable_hash('order-42') % 8}"
     assert data == encode_envelope(envelope)
     body = json.loads(data)
     assert body["event_id"] == envelope.event_id

@@ -14,6 +14,10 @@ The modules, each one role, lowest layer first:
 * :mod:`.pulls` — accounting of outstanding pull requests;
 * :mod:`.puller` — one durable pull consumer and its lifetime loop;
 * :mod:`.supervisor` — the task group owning every lifetime loop;
+* :mod:`.partitions` — partition subjects, filters, HRW assignment (pure);
+* :mod:`.leases` — a group's members and leases in a KV bucket;
+* :mod:`.group` — a partitioned group's member: partitions under leases;
+* :mod:`.rounds` — the Trio task running the lease rounds;
 * :mod:`.transport` — the Trio side: transport, consumer, ``open_transport``.
 
 docs/nats.md describes the mapping of topics to streams, the options, the
@@ -42,6 +46,9 @@ from .options import (
     ConsumerOptions as ConsumerOptions,
 )
 from .options import (
+    GroupOptions as GroupOptions,
+)
+from .options import (
     NatsOptions as NatsOptions,
 )
 from .options import (
@@ -66,6 +73,7 @@ from .transport import (
 __all__ = [
     "ConnectOptions",
     "ConsumerOptions",
+    "GroupOptions",
     "NatsConsumer",
     "NatsOptions",
     "NatsTransport",

@@ -43,6 +43,7 @@ async def bind(
     max_seq: int = 0,
     oldest_unsettled: int | None = None,
     bound_at: datetime | None = None,
+    filters: list[str] | None = None,
 ) -> Any:
     """Create the durable consumer *durable*, or resume the existing one;
     return its info.
@@ -52,6 +53,9 @@ async def bind(
     else after *max_seq*), not at ``spec.start``; unless the stream is new
     too (created after *bound_at*, when the lost consumer was created, or
     its sequences restarted): then from the stream's start.
+
+    *filters*: the consumer's filter subjects (a partition's, see
+    :mod:`.partitions`); None: the topic's whole subject space.
 
     Raises:
         TopicConfigError: the stream does not exist.
@@ -69,7 +73,7 @@ async def bind(
         ack_wait=copts.ack_wait,
         max_deliver=copts.max_deliver,
         max_ack_pending=copts.max_ack_pending,
-        filter_subjects=[topic, f"{topic}.>"] if where.nested else None,
+        filter_subjects=filters or ([topic, f"{topic}.>"] if where.nested else None),
     )
     jsm, stream = conn.jsm, where.stream
     try:

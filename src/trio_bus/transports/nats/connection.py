@@ -139,11 +139,16 @@ class Connection:
         return f"{error}; the transport fails if still refused after {grace:g}s"
 
     @property
-    def jsm(self) -> Any:
-        """The JetStream management API (cached)."""
+    def js(self) -> Any:
+        """The JetStream context (publish, subscribe, KV; cached)."""
         if self._js is None:
             self._js = self.nc.jetstream(timeout=self.options.request_timeout)
-        return self._js._jsm
+        return self._js
+
+    @property
+    def jsm(self) -> Any:
+        """The JetStream management API (cached)."""
+        return self.js._jsm
 
     def cause(self) -> str:
         """The server's or client's last error, for messages (no secrets)."""

@@ -6,6 +6,7 @@ Kafka transport (:mod:`trio_bus.transports._provisioning`).
 
 from __future__ import annotations
 
+import re
 import ssl
 from collections.abc import Iterable, Mapping
 from typing import Any, Literal
@@ -22,6 +23,7 @@ from .._provisioning import (
     MismatchAction,
     TopicStrategy,
     int_at_least,
+    non_negative,
     one_of,
     optional,
     optional_positive,
@@ -30,6 +32,7 @@ from .._provisioning import (
 __all__ = [
     "ConnectOptions",
     "ConsumerOptions",
+    "GroupOptions",
     "NatsOptions",
     "Placement",
     "StreamOptions",
@@ -229,6 +232,51 @@ class ConnectOptions:
     extra: Mapping[str, Any] = attrs.field(factory=dict)
 
 
+_TOKEN_RE = re.compile(r"[A-Za-z0-9_-]+")
+_BUCKET_RE = re.compile(r"[A-Za-z0-9_-]+")
+
+
+def _member_id(_: object, __: attrs.Attribute[Any], value: str | None) -> None:
+    if value is not None and (not isinstance(value, str) or not _TOKEN_RE.fullmatch(value)):
+        raise ConfigError(f"member_id must be letters, digits, '-' or '_', got {value!r}")
+
+
+def _bucket(_: object, __: attrs.Attribute[Any], value: str) -> None:
+    if not isinstance(value, str) or not _BUCKET_RE.fullmatch(value):
+        raise ConfigError(f"groups_bucket must be letters, digits, '-' or '_', got {value!r}")
+
+
+@attrs.frozen(kw_only=True)
+class GroupOptions:
+    """Partitioned consumer groups (docs/scaling.md): several buses in one
+    group share a topic's partitions, one member per partition at a time.
+
+    Attributes:
+        partitions: Partitions of a topic whose stream this bus creates
+            (stored in the stream's metadata ``trio_bus.partitions``, which
+            every bus then follows); 1 turns partitioning off: one durable
+            per group, members share messages one by one, bare subjects.
+        lease_ttl: Seconds a partition lease lasts without renewal; renewed
+            every ``lease_ttl / 3``. A crashed member's partitions move
+            after about ``lease_ttl + lease_grace``.
+        lease_grace: Extra seconds a new owner waits after a lease expired
+            (clock-rate and scheduling slack).
+        member_id: This bus's member name in the group (letters, digits,
+            ``-``, ``_``); None: unique per bus.
+        groups_bucket: The JetStream KV bucket holding members and leases.
+    """
+
+    partitions: int = attrs.field(default=8, validator=int_at_least(1))
+    lease_ttl: float = attrs.field(default=5.0, validator=positive)
+    lease_grace: float = attrs.field(default=1.0, validator=non_negative)
+    member_id: str | None = attrs.field(default=None, validator=_member_id)
+    groups_bucket: str = attrs.field(default="trio_bus_groups", validator=_bucket)
+
+    def __attrs_post_init__(self) -> None:
+        if self.partitions > 1024:
+            raise ConfigError(f"partitions must be at most 1024, got {self.partitions}")
+
+
 @attrs.frozen(kw_only=True)
 class NatsOptions:
     """Options of the NATS transport: ``open_bus(url, transport_options=...)``.
@@ -248,6 +296,7 @@ class NatsOptions:
         topics: Per-topic stream settings overriding ``stream``.
         consumer: Durable pull consumer and pulling settings.
         connect: Connection settings.
+        groups: Partitioned consumer groups (partitions, leases).
         topic_strategy: ``"create_only"``: create a missing stream, never
             change an existing one (differences: ``on_mismatch``);
             ``"create_or_update"``: also update an existing stream whose
@@ -266,6 +315,7 @@ class NatsOptions:
     topics: Mapping[str, StreamOptions] = attrs.field(factory=dict)
     consumer: ConsumerOptions = attrs.field(factory=ConsumerOptions)
     connect: ConnectOptions = attrs.field(factory=ConnectOptions)
+    groups: GroupOptions = attrs.field(factory=GroupOptions)
     topic_strategy: TopicStrategy = attrs.field(
         default="create_only",
         validator=one_of(*TOPIC_STRATEGIES),
@@ -280,6 +330,7 @@ class NatsOptions:
             ("stream", self.stream, StreamOptions),
             ("consumer", self.consumer, ConsumerOptions),
             ("connect", self.connect, ConnectOptions),
+            ("groups", self.groups, GroupOptions),
         ):
             if not isinstance(value, kind):
                 raise ConfigError(f"{name} must be a {kind.__name__}, not {type(value).__name__}")

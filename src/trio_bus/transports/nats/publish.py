@@ -27,6 +27,7 @@ from ..._names import AGGREGATE_ID_HEADER
 from ...errors import PublishError, PublishOutcomeUnknownError, TransportError
 from .connection import Connection
 from .options import TOPIC_HEADER
+from .partitions import partition_subject
 from .streams import Streams, TopicInfo
 
 __all__ = ["MSG_ID_HEADER", "Publisher"]
@@ -71,7 +72,7 @@ class Publisher:
         self.options = conn.options
         self._prefix: str | None = None
         self._seq = 0
-        #: reply subject -> (batch, index, topic, value, headers) of every
+        #: reply subject -> (batch, index, subject, value, headers) of every
         #: publish waiting for its JetStream ack.
         self._waiters: dict[str, tuple[_AckBatch, int, str, bytes, dict[str, str]]] = {}
         conn.on_reconnect.append(self.resend_unacked)
@@ -151,10 +152,12 @@ class Publisher:
                 headers.pop(TOPIC_HEADER, None)
             self._seq += 1
             reply = f"{prefix}{self._seq}"
-            self._waiters[reply] = (batch, i, record.topic, record.value, headers)
+            # An aggregate of a partitioned topic goes to its partition's subject.
+            subject = partition_subject(record.topic, record.key, where.partitions)
+            self._waiters[reply] = (batch, i, subject, record.value, headers)
             batch.waiting += 1
             try:
-                await nc.publish(record.topic, record.value, reply=reply, headers=headers)
+                await nc.publish(subject, record.value, reply=reply, headers=headers)
             except Exception as exc:
                 del self._waiters[reply]
                 batch.waiting -= 1
@@ -186,9 +189,9 @@ class Publisher:
         """After a reconnection: publish again what has no ack yet, with
         the same ``Nats-Msg-Id`` (the server drops a copy it already
         stored), so a short outage costs a delay, not an unknown outcome."""
-        for reply, (_, _, topic, value, headers) in list(self._waiters.items()):
+        for reply, (_, _, subject, value, headers) in list(self._waiters.items()):
             try:
-                await self.conn.nc.publish(topic, value, reply=reply, headers=headers)
+                await self.conn.nc.publish(subject, value, reply=reply, headers=headers)
             except Exception as exc:
                 # Disconnected again: the next reconnection sends them.
                 logger.debug("re-publishing after a reconnection failed: %r", exc)

@@ -42,6 +42,7 @@ from .._bridge import Handoff, Mailbox
 from .bind import Resume, bind
 from .connection import Connection
 from .options import TOPIC_HEADER, durable_name
+from .partitions import Slot
 from .pulls import Pulls
 from .resume import Barrier, GapWatch, plan_resync
 from .settle import ACK, NAK, Delivery, Settler, parse_reply
@@ -67,14 +68,25 @@ Settlement = tuple[Delivery, bytes] | None
 class Puller:
     """One durable pull consumer's delivery machinery (asyncio side)."""
 
-    def __init__(self, conn: Connection, streams: Streams, spec: ConsumerSpec) -> None:
+    def __init__(
+        self,
+        conn: Connection,
+        streams: Streams,
+        spec: ConsumerSpec,
+        *,
+        slot: Slot | None = None,
+        handoff: Handoff[Record] | None = None,
+    ) -> None:
         self.conn = conn
         self.streams = streams
         self.spec = spec
-        self.copts = copts = conn.options.consumer
+        # A partition of a group (see group.py): its own durable, filters,
+        # lease and pull timing; its records go to the group's hand-off.
+        self.slot = slot
+        self.copts = copts = slot.consumer if slot is not None else conn.options.consumer
         prefetch = copts.prefetch or 2 * spec.max_batch
         self.prefetch = max(1, min(prefetch, copts.max_ack_pending))
-        self.handoff: Handoff[Record] = Handoff()
+        self.handoff: Handoff[Record] = handoff if handoff is not None else Handoff()
         self.mailbox: Mailbox[Settlement] = Mailbox()
         self.settler = Settler(conn, copts.wpi_interval)
         self.barrier: Barrier[Record] = Barrier()
@@ -105,6 +117,8 @@ class Puller:
         self.durable = durable_name(self.spec.group, self.spec.topic, self.where.nested)
         if self.spec.ephemeral:
             self.durable = f"{self.durable}_{uuid.uuid4().hex[:12]}"
+        if self.slot is not None:
+            self.durable += self.slot.suffix
         self.inbox = self.conn.nc.new_inbox()
         self.sub = await self.conn.nc.subscribe(
             self.inbox, cb=self._on_msg, pending_msgs_limit=-1, pending_bytes_limit=-1
@@ -116,7 +130,12 @@ class Puller:
         # ConsumerOptions.ordered_resume.
         self._peers = peers
         live_here = any(self._same_group(p) for p in peers)
-        if (
+        if self.slot is not None and info.num_ack_pending:
+            # A partition changing hands: the previous owner's lease is over,
+            # so what it left unacked is nak'd back now (a resync) instead of
+            # after ack_wait, and handed over before anything newer.
+            self._pause(loop.time())
+        elif (
             self.copts.ordered_resume
             and not self.spec.ephemeral
             and info.num_ack_pending
@@ -166,6 +185,7 @@ class Puller:
             max_seq=self.max_seq,
             oldest_unsettled=min(self.settler.unsettled, default=None),
             bound_at=self.bound_at,
+            filters=self.slot.filters if self.slot is not None else None,
         )
         self.bound_at = info.created
         return info
@@ -225,18 +245,27 @@ class Puller:
         await self.settler.send()
         await self.settler.confirm(seconds)
 
-    async def close(self, seconds: float) -> None:
+    async def close(self, seconds: float, *, settle: bool = True) -> None:
         """Stop pulling, nak everything unsettled (lowest sequence first),
-        send, confirm; at most about *seconds*."""
+        send, confirm; at most about *seconds*. ``settle=False`` (a lost
+        partition lease): send nothing, the new owner resyncs."""
         if self.closing:
             return
         self.closing = True
         if self.reconnected in self.conn.on_reconnect:
             self.conn.on_reconnect.remove(self.reconnected)
-        self.handoff.discard(lambda _: True)
-        self.handoff.fail(BusClosedError("the consumer is closed"))
+        if self.slot is None:
+            self.handoff.discard(lambda _: True)
+            self.handoff.fail(BusClosedError("the consumer is closed"))
+        else:  # the group's hand-off: take out this partition's records only
+            self.handoff.discard(self.slot.owns)
         nc = self.conn.nc
-        if self.sub is not None and nc.is_connected:
+        if self.sub is not None and nc.is_connected and not settle:
+            try:
+                await self.sub.unsubscribe()
+            except Exception as exc:
+                logger.debug("unsubscribing the pull inbox failed: %r", exc)
+        elif self.sub is not None and nc.is_connected:
             # drain: unsubscribe, then still see (and nak) what the server
             # had already sent to this inbox.
             try:
@@ -246,7 +275,7 @@ class Puller:
         self._drain()
         self.barrier.release()
         self.settler.release_all()
-        if nc.is_connected:
+        if settle and nc.is_connected:
             await self.settler.send()
             await self.settler.confirm(seconds / 2)
             if self.spec.ephemeral and self.where is not None:
@@ -276,8 +305,8 @@ class Puller:
         previous = self.settler.hold(delivery)
         if previous is not None:  # a redelivery: drop a superseded copy
             self.handoff.discard(lambda record: record.token is previous)
-        if self.closing:
-            return  # draining at close: nak'd with the rest, in order
+        if self.closing or (self.slot is not None and self.slot.draining):
+            return  # closing, or a partition being given up: nak'd at close, in order
         if headers and self.where is not None and not self.where.nested:
             owner = headers.get(TOPIC_HEADER)
             if owner is not None and owner != self.spec.topic:
@@ -300,6 +329,8 @@ class Puller:
             token=delivery,
             timestamp=stamp,
         )
+        if self.slot is not None:
+            record.partition, record.lease = self.slot.partition, self.slot.lease
         if self.barrier.holding:
             self._hand_over(self.barrier.admit(record, seq=seq, dseq=dseq, count=count, now=now))
         else:
@@ -321,6 +352,8 @@ class Puller:
     async def _maybe_pull(self) -> None:
         if self.closing or not self.conn.nc.is_connected:
             return
+        if self.slot is not None and not self.slot.may_pull():
+            return  # the request would outlive the lease
         # Held deliveries do not count while redeliveries are awaited (they
         # need room to arrive; max_ack_pending bounds them).
         in_hand = len(self.handoff) + (0 if self.barrier.holding else len(self.barrier))
@@ -369,7 +402,8 @@ class Puller:
             if 0 < len(settler) < ACK_BATCH:
                 await asyncio.sleep(ACK_DELAY)  # let more acks join the write
                 self._drain()
-            await settler.send()
+            if self.slot is None or not self.slot.fenced():
+                await settler.send()  # after a lease loss: nothing, acks neither
             now = loop.time()
             self._hand_over(self.barrier.expire(now))
             if self.pulls.silent(now):
@@ -378,7 +412,7 @@ class Puller:
                 logger.info("pull on %s went silent; pulling again", self.durable)
                 self.pulls.lost()
                 self.need_bind = True
-            if now >= next_wpi:
+            if now >= next_wpi and (self.slot is None or not self.slot.fenced()):
                 next_wpi = now + copts.wpi_interval / 2
                 settler.in_progress(now)
             settler.confirmations()

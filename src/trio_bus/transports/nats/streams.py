@@ -21,6 +21,7 @@ from ...errors import TopicConfigError, TransportError, TransportUnavailableErro
 from .._provisioning import mismatch
 from .connection import Connection
 from .options import StreamOptions, duplicate_window, stream_name
+from .partitions import PARTITIONS_METADATA, partitions_from_metadata
 
 __all__ = ["ERR_STREAM_NOT_FOUND", "Streams", "TopicInfo", "map_api_error"]
 
@@ -43,6 +44,8 @@ class TopicInfo:
     stream: str
     #: Stored in another (outer) topic's stream.
     nested: bool
+    #: Partitions of the stream (its metadata; 1: not partitioned).
+    partitions: int = 1
 
 
 def map_api_error(exc: BaseException, doing: str) -> TransportError:
@@ -102,7 +105,7 @@ class Streams:
         opts = self.options
         name = stream_name(topic, opts.stream_prefix)
         if opts.topic_strategy == "skip":
-            return TopicInfo(topic, name, nested=False)
+            return TopicInfo(topic, name, nested=False, partitions=opts.groups.partitions)
         jsm = self.conn.jsm
         try:
             info = await jsm.stream_info(name)
@@ -114,7 +117,12 @@ class Streams:
             return await self._check_existing(topic, name, info)
         outer = await self._outer_stream(topic)
         if outer is not None:
-            return TopicInfo(topic, outer, nested=True)
+            try:
+                outer_info = await jsm.stream_info(outer)
+            except Exception as exc:
+                raise map_api_error(exc, f"reading stream {outer!r}") from exc
+            partitions = partitions_from_metadata(outer_info.config.metadata)
+            return TopicInfo(topic, outer, nested=True, partitions=partitions or 1)
         if opts.topic_strategy == "validate_only":
             raise TopicConfigError(
                 f"stream {name!r} for topic {topic!r} does not exist "
@@ -144,7 +152,7 @@ class Streams:
         except Exception as exc:
             raise map_api_error(exc, f"creating stream {name!r}") from exc
         logger.info("created stream %s for topic %s", name, topic)
-        return TopicInfo(topic, name, nested=False)
+        return TopicInfo(topic, name, nested=False, partitions=opts.groups.partitions)
 
     async def _outer_stream(self, topic: str) -> str | None:
         """The stream of an outer topic whose ``<outer>.>`` subject captures
@@ -171,6 +179,7 @@ class Streams:
             placement=_placement(s),
             duplicate_window=duplicate_window(s),
             discard=api.DiscardPolicy(s.discard),
+            metadata={PARTITIONS_METADATA: str(self.options.groups.partitions)},
         )
 
     async def _check_existing(self, topic: str, name: str, info: Any) -> TopicInfo:
@@ -189,6 +198,7 @@ class Streams:
             if self.options.topic_strategy == "create_or_update":
                 wanted = self._config(topic, name)
                 wanted.subjects = sorted(subjects | {topic, f"{topic}.>"})
+                wanted.metadata = {**wanted.metadata, **(cfg.metadata or {})}  # keep N
                 try:
                     await self.conn.jsm.update_stream(wanted)
                 except Exception as exc:
@@ -199,7 +209,25 @@ class Streams:
             else:
                 message = f"stream {name!r} differs from its options: {what}"
                 mismatch(action, message, logger=logger)
-        return TopicInfo(topic, name, nested=False)
+        return TopicInfo(topic, name, nested=False, partitions=await self._partitions(cfg))
+
+    async def _partitions(self, cfg: Any) -> int:
+        """The stream's partition count; a stream without one (created
+        before partitioned groups, or by a raw client) gets ours written to
+        its metadata unless the strategy forbids changes."""
+        found = partitions_from_metadata(cfg.metadata)
+        if found is not None:
+            return found
+        wanted = self.options.groups.partitions
+        if self.options.topic_strategy == "validate_only":
+            return wanted
+        cfg.metadata = {**(cfg.metadata or {}), PARTITIONS_METADATA: str(wanted)}
+        try:
+            info = await self.conn.jsm.update_stream(cfg)
+        except Exception as exc:
+            raise map_api_error(exc, f"setting the partitions of stream {cfg.name!r}") from exc
+        # A racing bus may have written another count first: the server's wins.
+        return partitions_from_metadata(info.config.metadata) or wanted
 
     def _differences(self, topic: str, cfg: Any) -> list[str]:
         s = self.options.stream_for(topic)

@@ -77,13 +77,14 @@ class Supervisor:
         await puller.start(peers=self._loops.keys())
         self._spawn(puller, puller.run())
 
-    async def close_consumer(self, puller: Puller, seconds: float) -> None:
-        """Stop *puller*'s loop, then close it (naks, leave)."""
+    async def close_consumer(self, puller: Puller, seconds: float, *, settle: bool = True) -> None:
+        """Stop *puller*'s loop, then close it (naks, leave; ``settle=False``:
+        send nothing)."""
         loop_task = self._loops.pop(puller, None)
         if loop_task is not None and not loop_task.done():
             loop_task.cancel()
             await asyncio.wait({loop_task}, timeout=seconds / 4)
-        await puller.close(seconds)
+        await puller.close(seconds, settle=settle)
 
 
 def _first_leaf(group: BaseExceptionGroup[BaseException]) -> BaseException:

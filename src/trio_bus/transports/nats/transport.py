@@ -11,7 +11,9 @@ and so ``open_bus``, as a :class:`~trio_bus.errors.TransportError`.
 
 from __future__ import annotations
 
+import itertools
 import logging
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
@@ -26,11 +28,13 @@ from .._base import Consumer, ConsumerSpec, LaneState, Transport, TransportSetti
 from .._bridge import Bridge, open_bridge
 from .connection import Connection
 from .ephemeral import CoreConsumer, CoreSubscription, Modes, publish_core
+from .group import GroupConsumer
 from .options import NatsOptions
 from .publish import Publisher
 from .puller import Puller
+from .rounds import Rounds
 from .settle import ACK, NAK, Delivery
-from .streams import Streams
+from .streams import Streams, TopicInfo
 from .supervisor import Supervisor
 from .topics import TopicAdmin
 
@@ -149,7 +153,12 @@ class NatsTransport(Transport):
         self._streams = Streams(conn)
         self._publisher = Publisher(conn, self._streams)
         self._supervisor = Supervisor(conn)
-        self._consumers: set[NatsConsumer | CoreConsumer] = set()
+        self._consumers: set[NatsConsumer | CoreConsumer | GroupConsumer] = set()
+        # Partitioned groups (group.py): this bus's member name, one member
+        # per subscription, and the task running their lease rounds.
+        self._rounds = Rounds()
+        self._member_id = conn.options.groups.member_id or uuid.uuid4().hex[:12]
+        self._member_seq = itertools.count()
         self._modes = Modes(conn, persistence or PersistencePolicy())
         self._topics = TopicAdmin(conn, self._streams, self._modes)
 
@@ -194,8 +203,9 @@ class NatsTransport(Transport):
         return outcomes
 
     async def open_consumer(self, spec: ConsumerSpec) -> Consumer:
-        """Bind the group's durable consumer (return once a pull is out), or
-        subscribe to an ephemeral topic's subject."""
+        """Bind the group's durable consumer (return once a pull is out),
+        join a partitioned group, or subscribe to an ephemeral topic's
+        subject."""
         if await self._bridge.call(self._modes.of, spec.topic) == "ephemeral":
             sub = CoreSubscription(self._conn, spec)
             core = CoreConsumer(
@@ -208,11 +218,30 @@ class NatsTransport(Transport):
                 raise
             self._consumers.add(core)
             return core
+        where = await self._bridge.call(self._streams.ensure, spec.topic)
+        if where.partitions > 1 and not spec.ephemeral:
+            return await self.open_group(spec, where)
         return await self.open_durable(spec)
 
+    async def open_group(self, spec: ConsumerSpec, where: TopicInfo) -> GroupConsumer:
+        """Join the partitioned group as a member; return once the
+        partitions free for it pull (see group.py)."""
+        member = f"{self._member_id}-{next(self._member_seq)}"
+        group = GroupConsumer(self, spec, where, member)
+        self._consumers.add(group)
+        try:
+            await group.open()
+        except BaseException:
+            await group.aclose()
+            raise
+        self._rounds.groups.add(group)
+        self._rounds.wake()
+        return group
+
     async def open_durable(self, spec: ConsumerSpec) -> NatsConsumer:
-        """Bind the group's JetStream durable consumer whatever the topic's
-        persistence; return once a pull is out."""
+        """Bind the group's one JetStream durable consumer (the whole topic,
+        partitioned or not) whatever the topic's persistence; return once a
+        pull is out."""
         puller = Puller(self._conn, self._streams, spec)
         supervisor = self._supervisor
         try:
@@ -291,6 +320,7 @@ async def _open_transport(settings: TransportSettings) -> AsyncIterator[NatsTran
                 supervisor = transport._supervisor
                 nursery.start_soon(bridge.call, supervisor.run, name="trio_bus.nats-loops")
                 await bridge.call(supervisor.wait_ready)
+                nursery.start_soon(transport._rounds.run, name="trio_bus.nats-leases")
                 try:
                     yield transport
                 finally:
