@@ -197,6 +197,7 @@ async def run_consumer(
                     done.set()
 
                 nursery.start_soon(stop_on_request)
+            recorder.mark_live()
             ready()
             with trio.move_on_after(deadline):
                 if here and not spec.workload.preload:
