@@ -228,7 +228,8 @@ def test_recorder_counts_cpu_from_going_live_only() -> None:
         key, _ = recorder.started({"bench-ts": "0", "bench-idx": str(i)}, None)
         recorder.finished(key)
     figures = recorder.figures(peak_tasks=1, crossings=None)
-    assert recorder.cpu_live is not None and recorder.cpu_end is not None
+    assert recorder.cpu_live is not None
+    assert recorder.cpu_end is not None
     assert 0 <= figures.cpu_us_per_msg < 10_000
 
 
