@@ -155,6 +155,38 @@ def check_wire_headers(headers: Mapping[str, str]) -> str | None:
     return None
 
 
+#: Per tuple of header names seen on the wire: the characters of the names,
+#: and the name that is ``X-Aggregate-ID`` in any case (or None). Messages of
+#: one producer share their names, so names are case-folded once per set,
+#: not per message. Bounded like the aggregate-ID cache; only short name
+#: sets are kept.
+_name_facts: dict[tuple[str, ...], tuple[int, str | None]] = {}
+NAME_FACTS_ENTRIES = 1024
+NAME_FACTS_CHARS = 1024
+_AGGREGATE_LOWER = AGGREGATE_ID_HEADER.lower()
+
+
+def header_names(headers: Mapping[str, str]) -> tuple[int, str | None]:
+    """``(characters of all header names, the name that is X-Aggregate-ID
+    in any case or None)`` of a non-empty *headers*, cached per name set."""
+    names = tuple(headers)
+    facts = _name_facts.get(names)
+    if facts is None:
+        chars = sum(map(len, names))
+        # The exact spelling wins over other cases (as in header_lookup).
+        alias = (
+            AGGREGATE_ID_HEADER
+            if AGGREGATE_ID_HEADER in headers
+            else next((n for n in names if n.lower() == _AGGREGATE_LOWER), None)
+        )
+        facts = (chars, alias)
+        if chars <= NAME_FACTS_CHARS:
+            if len(_name_facts) >= NAME_FACTS_ENTRIES:
+                _name_facts.clear()
+            _name_facts[names] = facts
+    return facts
+
+
 def header_lookup(headers: Mapping[str, str], name: str) -> str | None:
     """Case-insensitive header lookup (HTTP-style header names)."""
     if not headers:

@@ -57,9 +57,13 @@ Settle = Record | Release
 
 
 def _decode_headers(raw: Sequence[tuple[str, bytes | None]]) -> dict[str, str]:
-    return {
-        name: (value.decode("utf-8", "replace") if value is not None else "") for name, value in raw
-    }
+    try:  # the common case: every value present and valid UTF-8
+        return {name: value.decode() for name, value in raw}  # type: ignore[union-attr]
+    except (AttributeError, UnicodeDecodeError):
+        return {
+            name: (value.decode("utf-8", "replace") if value is not None else "")
+            for name, value in raw
+        }
 
 
 class Flow:
