@@ -66,6 +66,9 @@ MAX_TIMEOUT_SLACK = 1.0
 
 #: Messages an actor handles back to back before it yields to the scheduler.
 _BATCH_BEFORE_CHECKPOINT = 16
+#: Aggregate IDs whose actor index is remembered at most (IDs are at most
+#: 256 bytes, so the cache stays within a few MiB).
+ROUTE_CACHE_ENTRIES = 16384
 
 
 class ActorPool:
@@ -87,9 +90,12 @@ class ActorPool:
         #: Actor restarts after a crash of an actor's own loop.
         self.restarts = 0
         self._actors = []
+        self._inbox_size = inbox_size
         for index in range(size):
-            send, receive = trio.open_memory_channel[Work](inbox_size)
+            send, receive = trio.open_memory_channel[list[Work]](inbox_size)
             self._actors.append(Actor(index, send, receive))
+        #: aggregate ID -> actor index (see _cache_route).
+        self._route_cache: dict[str, int] = {}
         self._round_robin = 0
         self._alive = 0
         #: Test hook: called with the actor index before each message; an
@@ -99,7 +105,8 @@ class ActorPool:
     # ----------------------------------------------------------- statistics
 
     def inbox_depths(self) -> tuple[int, ...]:
-        return tuple(a.send.statistics().current_buffer_used for a in self._actors)
+        """Messages waiting per actor (dispatched, not started)."""
+        return tuple(a.queued for a in self._actors)
 
     def in_flight(self) -> int:
         return sum(1 for a in self._actors if a.current is not None)
@@ -130,12 +137,18 @@ class ActorPool:
     async def dispatch(self, route: Route, records: Sequence[Record]) -> None:
         """Route a fetched batch into the actors' inboxes, in order.
 
-        Waits (backpressure) only when an inbox is full.
+        Each actor gets one chunk (a list, in delivery order) per batch. It
+        is sent without waiting while the actor's queued messages stay
+        within the inbox size; otherwise its messages go one at a time with
+        ``await send``, which waits while the channel is full: that is where
+        backpressure lives. So an inbox holds at most twice its size.
         """
         actors, size = self._actors, self.size
         route.stats.consumed += len(records)
+        wants_envelope = route.wants_envelope
+        chunks: dict[int, list[Work]] = {}
         for record in records:
-            aggregate, envelope, rejection = classify(record, wants_envelope=route.wants_envelope)
+            aggregate, envelope, rejection = classify(record, wants_envelope=wants_envelope)
             message = Message(
                 topic=record.topic,
                 subject=record.subject,
@@ -151,22 +164,52 @@ class ActorPool:
                 envelope=envelope,
             )
             if aggregate is not None:
-                actor = actors[stable_hash(aggregate) % size]
+                index = self._route_cache.get(aggregate)
+                if index is None:
+                    index = self._cache_route(aggregate)
             else:
-                self._round_robin = (self._round_robin + 1) % size
-                actor = actors[self._round_robin]
+                index = self._round_robin = (self._round_robin + 1) % size
             work = Work(route, record, message, rejection)
-            route._dispatched()
-            try:
-                actor.send.send_nowait(work)
-            except trio.WouldBlock:
+            chunk = chunks.get(index)
+            if chunk is None:
+                chunks[index] = [work]
+            else:
+                chunk.append(work)
+        limit = self._inbox_size
+        for index, chunk in chunks.items():
+            actor = actors[index]
+            count = len(chunk)
+            route._dispatched(count)
+            if actor.queued + count <= limit:
                 try:
-                    await actor.send.send(work)
-                except BaseException:
-                    route.consumer.release(record)
-                    route._settled()
-                    raise
+                    actor.send.send_nowait(chunk)
+                except trio.WouldBlock:
+                    pass
+                else:
+                    actor.queued += count
+                    continue
+            await self._send_waiting(route, actor, chunk)
         await trio.lowlevel.checkpoint()
+
+    async def _send_waiting(self, route: Route, actor: Actor, chunk: list[Work]) -> None:
+        # A full inbox: one message per send, each waiting for room.
+        for sent, work in enumerate(chunk):
+            try:
+                await actor.send.send([work])
+            except BaseException:
+                for left in chunk[sent:]:
+                    self._release(left)
+                raise
+            actor.queued += 1
+
+    def _cache_route(self, aggregate: str) -> int:
+        """The actor index of *aggregate*, remembered (bounded: emptied
+        when full, so wire input cannot grow it without limit)."""
+        cache = self._route_cache
+        if len(cache) >= ROUTE_CACHE_ENTRIES:
+            cache.clear()
+        index = cache[aggregate] = stable_hash(aggregate) % self.size
+        return index
 
     # --------------------------------------------------------------- actors
 
@@ -220,10 +263,10 @@ class ActorPool:
         ``actor.current`` survives a crash of this loop, so the restarted
         loop goes on with the same message: order holds across restarts.
         """
-        receive = actor.receive
         while True:
             with trio.CancelScope() as scope:
                 actor.scope = scope
+                actor.deadline = math.inf
                 handled_in_a_row = 0
                 while True:
                     if actor.current is None:
@@ -231,13 +274,15 @@ class ActorPool:
                             handled_in_a_row = 0
                             await trio.lowlevel.checkpoint()
                         try:
-                            actor.current = receive.receive_nowait()
+                            actor.current = actor.take_nowait()
                         except trio.WouldBlock:
                             handled_in_a_row = 0
-                            # The last handler's deadline may still be set
-                            # (see _attempt): never let it fire while idle.
-                            scope.deadline = math.inf
-                            actor.current = await receive.receive()
+                            # The last call's deadline stays set (moving it
+                            # here and back costs two moves per message when
+                            # actors idle between messages); if it fires
+                            # while idle, receive is cancel-atomic and the
+                            # loop below just opens a fresh scope.
+                            actor.current = await actor.take()
                         actor.attempt = 1
                     if self.fault_hook is not None:
                         self.fault_hook(actor.index)
@@ -305,23 +350,29 @@ class ActorPool:
         # [timeout, timeout + slack] window and moves it only otherwise: a
         # handler is cancelled no earlier than its timeout and at most
         # TIMEOUT_SLACK later (see docs/architecture.md).
+        # The call's own deadline is kept apart from the scope's, which a
+        # lease may cap (at its expiry): the window check must not see the
+        # cap, or every call would move the deadline twice.
+        own = actor.deadline
         if timeout is None:
-            if scope.deadline != math.inf:
-                scope.deadline = math.inf
+            own = math.inf
         else:
             earliest = now + timeout
             slack = min(timeout * TIMEOUT_SLACK, MAX_TIMEOUT_SLACK)
-            if not earliest <= scope.deadline <= earliest + slack:
-                scope.deadline = earliest + slack
+            if not earliest <= own <= earliest + slack:
+                own = earliest + slack
+        actor.deadline = own
         lease = work.record.lease
         if lease is not None:
-            lease.enter(scope)
+            lease.enter(scope, own)
+        elif scope.deadline != own:
+            scope.deadline = own
         try:
             try:
                 await handler(arg)
             finally:
                 if lease is not None:
-                    lease.exit(scope)
+                    lease.exit(scope, restore=False)
         except Exception as exc:
             scope.deadline = math.inf
             if scope.cancel_called:
@@ -459,7 +510,7 @@ class ActorPool:
             self._abandon_current(actor)
             while True:
                 try:
-                    work = actor.receive.receive_nowait()
+                    work = actor.take_nowait()
                 except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
                     break
                 self._release(work)

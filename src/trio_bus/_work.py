@@ -4,6 +4,7 @@ items (one per delivery) and the per-actor state that survives a restart."""
 from __future__ import annotations
 
 import contextvars
+import math
 from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
@@ -85,10 +86,10 @@ class Route:
             for scope in self.collecting:
                 scope.cancel()
 
-    def _dispatched(self) -> None:
-        self.in_flight += 1
-        if self.in_flight == 1:
+    def _dispatched(self, count: int = 1) -> None:
+        if not self.in_flight:
             self._idle = trio.Event()
+        self.in_flight += count
 
     def _settled(self) -> None:
         self.in_flight -= 1
@@ -111,9 +112,22 @@ class Work:
 
 @attrs.define(eq=False)
 class Actor:
+    """One actor's inbox and the state that survives a restart of its loop.
+
+    The inbox is a bounded Trio memory channel of *chunks*: the dispatcher
+    sends each actor one list per fetched batch (its messages, in order),
+    and the actor unpacks a chunk into ``pending`` and takes messages from
+    there one at a time. ``queued`` counts the messages dispatched to it and
+    not started (in the channel and in ``pending``): the dispatcher sends
+    without waiting only while that stays within the inbox size.
+    """
+
     index: int
-    send: trio.MemorySendChannel[Work]
-    receive: trio.MemoryReceiveChannel[Work]
+    send: trio.MemorySendChannel[list[Work]]
+    receive: trio.MemoryReceiveChannel[list[Work]]
+    #: Messages of chunks taken from the channel, not started yet.
+    pending: deque[Work] = attrs.Factory(deque)
+    queued: int = 0
     scope: trio.CancelScope | None = None
     current: Work | None = None
     #: The running batch (``current`` first) of a batch route, else empty.
@@ -131,3 +145,23 @@ class Actor:
     pending_failure: Exception | None = None
     restarts: deque[float] = attrs.Factory(deque)
     busy_since: float | None = None
+    #: The deadline the running call wants for its own timeout (the scope's
+    #: may be capped lower by a lease).
+    deadline: float = math.inf
+
+    def take_nowait(self) -> Work:
+        """The next message of the inbox; raises trio.WouldBlock if none."""
+        pending = self.pending
+        if not pending:
+            pending.extend(self.receive.receive_nowait())
+        self.queued -= 1
+        return pending.popleft()
+
+    async def take(self) -> Work:
+        """The next message, waiting for one (cancel-atomic: the channel's
+        receive is, and nothing is taken before it returns)."""
+        pending = self.pending
+        if not pending:
+            pending.extend(await self.receive.receive())
+        self.queued -= 1
+        return pending.popleft()
