@@ -37,7 +37,7 @@ import trio
 
 from ._batch import after_batch, attempt_batch, bisect
 from ._dead_letter import PublishOne, is_non_retryable, park
-from ._message import Message, Record
+from ._message import Record, message_from_record
 from ._names import stable_hash
 from ._routing import classify
 from ._stats import RunningHandler
@@ -137,11 +137,11 @@ class ActorPool:
     async def dispatch(self, route: Route, records: Sequence[Record]) -> None:
         """Route a fetched batch into the actors' inboxes, in order.
 
-        Each actor gets one chunk (a list, in delivery order) per batch. It
-        is sent without waiting while the actor's queued messages stay
-        within the inbox size; otherwise its messages go one at a time with
-        ``await send``, which waits while the channel is full: that is where
-        backpressure lives. So an inbox holds at most twice its size.
+        Each actor gets one chunk (a list, in delivery order) per batch,
+        sent without waiting while the actor's queued messages stay within
+        the inbox size; otherwise its messages go one at a time, each
+        waiting for room (backpressure lives there). An inbox never holds
+        more than ``inbox_size`` messages.
         """
         actors, size = self._actors, self.size
         route.stats.consumed += len(records)
@@ -149,20 +149,7 @@ class ActorPool:
         chunks: dict[int, list[Work]] = {}
         for record in records:
             aggregate, envelope, rejection = classify(record, wants_envelope=wants_envelope)
-            message = Message(
-                topic=record.topic,
-                subject=record.subject,
-                value=record.value,
-                key=record.key,
-                headers=record.headers,
-                aggregate_id=aggregate,
-                attempt=1,
-                partition=record.partition,
-                offset=record.offset,
-                delivery_count=record.delivery_count,
-                timestamp=record.timestamp,
-                envelope=envelope,
-            )
+            message = message_from_record(record, aggregate, envelope)
             if aggregate is not None:
                 index = self._route_cache.get(aggregate)
                 if index is None:
@@ -179,27 +166,29 @@ class ActorPool:
         for index, chunk in chunks.items():
             actor = actors[index]
             count = len(chunk)
-            route._dispatched(count)
             if actor.queued + count <= limit:
-                try:
-                    actor.send.send_nowait(chunk)
-                except trio.WouldBlock:
-                    pass
-                else:
-                    actor.queued += count
-                    continue
-            await self._send_waiting(route, actor, chunk)
+                route._dispatched(count)
+                # Never full: it holds at most `queued` chunks.
+                actor.send.send_nowait(chunk)
+                actor.queued += count
+            else:
+                await self._send_waiting(route, actor, chunk)
         await trio.lowlevel.checkpoint()
 
     async def _send_waiting(self, route: Route, actor: Actor, chunk: list[Work]) -> None:
-        # A full inbox: one message per send, each waiting for room.
+        # The inbox is full: one message at a time, each once there is room
+        # (in flight from here: the dispatcher holds it).
+        limit = self._inbox_size
         for sent, work in enumerate(chunk):
+            route._dispatched()
             try:
-                await actor.send.send([work])
+                await actor.wait_for_room(limit)
             except BaseException:
-                for left in chunk[sent:]:
-                    self._release(left)
+                self._release(work)
+                for left in chunk[sent + 1 :]:
+                    route.consumer.release(left.record)
                 raise
+            actor.send.send_nowait([work])
             actor.queued += 1
 
     def _cache_route(self, aggregate: str) -> int:
@@ -303,7 +292,8 @@ class ActorPool:
         if route.closing:
             self.finish(actor, release=True)
             return True
-        if self._fenced(actor):
+        now = trio.current_time()
+        if self._fenced(actor, now):
             return True
         if work.rejection is not None:
             scope.deadline = math.inf
@@ -316,12 +306,12 @@ class ActorPool:
         if actor.attempt > 1:
             message = attrs.evolve(message, attempt=actor.attempt)
         if actor.attempt == 1:
-            actor.busy_since = trio.current_time()
+            actor.busy_since = now
             if work.record.timestamp is not None:
                 route.stats.end_to_end.observe(time.time() - work.record.timestamp)
         token = _current_message.set(message)
         try:
-            return await self.call(actor, scope, route.invoke, message, 1)
+            return await self.call(actor, scope, route.invoke, message, 1, now)
         finally:
             _current_message.reset(token)
 
@@ -332,6 +322,7 @@ class ActorPool:
         handler: Callable[[T], Awaitable[None]],
         arg: T,
         count: int,
+        now: float | None = None,
     ) -> bool:
         """Call ``handler(arg)`` for the *count* messages the actor holds,
         under *scope* with the route's timeout; settle them on success,
@@ -344,7 +335,8 @@ class ActorPool:
         assert work is not None
         route = work.route
         timeout = route.handler_timeout
-        now = trio.current_time()
+        if now is None:
+            now = trio.current_time()
         # Moving a deadline costs ~6 us (a third of a message's cost), so
         # a call keeps the current deadline when it lies within its
         # [timeout, timeout + slack] window and moves it only otherwise: a
@@ -444,14 +436,20 @@ class ActorPool:
         await trio.sleep(route.retry.delay(actor.attempt))
         actor.attempt += 1
 
-    def _fenced(self, actor: Actor) -> bool:
+    def _fenced(self, actor: Actor, now: float | None = None) -> bool:
         """Hand back what the actor holds if its lease lapsed (see _lease.py):
         no call, retry or dead-lettering without it; the transport drops the
-        release and the partition's new owner handles the message."""
+        release and the partition's new owner handles the message. *now*:
+        the current Trio time, when the caller read it already."""
         work = actor.current
         assert work is not None
         lease = work.record.lease
-        if lease is None or lease.held():
+        if lease is None:
+            return False
+        if now is None:
+            if lease.held():
+                return False
+        elif not lease.revoked and now < lease.expires:  # Lease.held at *now*
             return False
         logger.debug(
             "lease %r lapsed: handing back %s offset %s",

@@ -128,6 +128,9 @@ class Actor:
     #: Messages of chunks taken from the channel, not started yet.
     pending: deque[Work] = attrs.Factory(deque)
     queued: int = 0
+    #: A dispatcher waiting for room (see wait_for_room), and how many.
+    room: trio.lowlevel.ParkingLot = attrs.Factory(trio.lowlevel.ParkingLot)
+    waiting: int = 0
     scope: trio.CancelScope | None = None
     current: Work | None = None
     #: The running batch (``current`` first) of a batch route, else empty.
@@ -155,6 +158,8 @@ class Actor:
         if not pending:
             pending.extend(self.receive.receive_nowait())
         self.queued -= 1
+        if self.waiting:
+            self.room.unpark()
         return pending.popleft()
 
     async def take(self) -> Work:
@@ -164,4 +169,16 @@ class Actor:
         if not pending:
             pending.extend(await self.receive.receive())
         self.queued -= 1
+        if self.waiting:
+            self.room.unpark()
         return pending.popleft()
+
+    async def wait_for_room(self, limit: int) -> None:
+        """Wait until fewer than *limit* messages are queued (dispatcher)."""
+        await trio.lowlevel.checkpoint_if_cancelled()
+        while self.queued >= limit:
+            self.waiting += 1
+            try:
+                await self.room.park()
+            finally:
+                self.waiting -= 1
