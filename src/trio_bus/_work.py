@@ -101,13 +101,23 @@ class Route:
         await self._idle.wait()
 
 
-@attrs.define(slots=True, eq=False)
-class Work:
-    route: Route
-    record: Record
-    message: Message
+@attrs.frozen(slots=True, eq=False)
+class Work(Message):
+    """One delivery in the pool: the :class:`Message` its handler gets,
+    with the route and transport record behind it (one object per delivery
+    instead of two: every long-lived object per message costs the cyclic
+    garbage collector a share of a collection). The extra fields stay out
+    of ``repr`` and are not part of the public :class:`Message`."""
+
+    route: Route = attrs.field(kw_only=True, repr=False)
+    record: Record = attrs.field(kw_only=True, repr=False)
     #: Why the message is malformed (dead-lettered at once), or None.
-    rejection: Exception | None = None
+    rejection: Exception | None = attrs.field(default=None, kw_only=True, repr=False)
+
+    @property
+    def message(self) -> Message:
+        """What the handler gets: this very object."""
+        return self
 
 
 @attrs.define(eq=False)
