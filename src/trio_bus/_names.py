@@ -116,15 +116,25 @@ def validate_headers(headers: Mapping[str, str] | None) -> dict[str, str]:
     if not headers:
         return {}
     out: dict[str, str] = {}
+    valid = _valid_header_names
     for name, value in headers.items():
         if not isinstance(name, str) or not isinstance(value, str):
             raise InvalidInputError(f"header {name!r}: names and values must be str")
-        if not name or any(c in name for c in ": \r\n\t") or not name.isprintable():
-            raise InvalidInputError(f"invalid header name {name!r}")
+        if name not in valid:
+            if not name or any(c in name for c in ": \r\n\t") or not name.isprintable():
+                raise InvalidInputError(f"invalid header name {name!r}")
+            if len(valid) < _VALID_HEADER_NAMES_CACHE and len(name) <= 256:
+                valid.add(name)
         if "\r" in value or "\n" in value:
             raise InvalidInputError(f"header {name!r}: value has a line break")
         out[name] = value
     return out
+
+
+#: Header names already checked (a publisher sends the same few names again
+#: and again); bounded in entries and name length.
+_valid_header_names: set[str] = set()
+_VALID_HEADER_NAMES_CACHE = 4096
 
 
 def check_wire_headers(headers: Mapping[str, str]) -> str | None:
