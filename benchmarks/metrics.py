@@ -121,6 +121,8 @@ class ConsumerFigures:
     #: Consumer CPU (getrusage, user + system) per handled message from the
     #: subscription going live to the last handler's end: setup left out.
     cpu_us_per_msg: float = math.nan
+    #: Handler calls the bus cancelled (timeout, lapsed lease): they come again.
+    cancelled: int = 0
 
 
 @attrs.frozen(kw_only=True)
@@ -159,6 +161,8 @@ class Recorder:
     #: handler's end (see :meth:`mark_live`).
     cpu_live: float | None = None
     cpu_end: float | None = None
+    #: Handler calls cancelled by the bus (see ConsumerFigures.cancelled).
+    cancelled: int = 0
     _done: bool = attrs.field(default=False, alias="done")
 
     def mark_live(self) -> None:
@@ -237,6 +241,7 @@ class Recorder:
             peak_tasks=peak_tasks,
             crossings=crossings,
             cpu_us_per_msg=cpu,
+            cancelled=self.cancelled,
         )
 
 
