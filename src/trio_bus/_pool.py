@@ -9,10 +9,15 @@ round-robin.
 
 Hot-path choices (measured, see docs/architecture.md):
 
-* dispatch uses ``send_nowait`` and falls back to ``await send`` only when an
-  inbox is full, which is where backpressure lives;
-* an actor drains its inbox with ``receive_nowait`` and checkpoints every
+* dispatch hands each actor one chunk (a list, in order) per fetched batch
+  through its bounded memory-channel inbox with ``send_nowait``; only when
+  the inbox's messages would exceed its size do they go one at a time, each
+  waiting for room, which is where backpressure lives;
+* an actor drains its inbox (chunks) without waiting and checkpoints every
   few messages rather than once per hop;
+* the pool's work item is the :class:`Message` the handler gets (one object
+  per delivery besides the transport's record: long-lived objects cost the
+  cyclic garbage collector);
 * each actor reuses one cancel scope across handler calls and moves its
   deadline (a fresh scope per call costs twice as much). When the deadline
   fires, the scope is spent: the actor opens a new one and goes on with the
