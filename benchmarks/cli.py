@@ -5,6 +5,8 @@ Examples::
     python -m benchmarks --transport all --scenario all --repeat 3 --start-brokers --out out/
     python -m benchmarks --transport kafka --kafka-url 127.0.0.1:9092 --scenario seed
     python -m benchmarks --render-only --merge out/a/results.json --merge out/b/results.json
+    python -m benchmarks --transport kafka --scenario bulk --messages 20000 --start-brokers \
+        --compare --base-src /path/to/main/src    # before/after, ratios to raw
 
 Each (scenario, repeat) runs every system back to back, so slow drifts of a
 shared machine hit all systems alike. Results are written after every run,
@@ -38,7 +40,7 @@ from . import report
 from ._brokers import Broker, start_kafka, start_nats
 from ._proto import normalise_address
 from .metrics import RunResult
-from .orchestrate import plan, run_one, workload_for
+from .orchestrate import BASE_SRC_ENV, plan, run_one, workload_for
 from .workloads import FAMILIES, by_name
 
 __all__ = ["main"]
@@ -124,6 +126,19 @@ def write_outputs(out: Path, runs: Sequence[RunResult], meta: dict[str, Any]) ->
     default=None,
     help="Also write the results into this page (docs/benchmarks.md) and its plot.",
 )
+@click.option(
+    "--compare",
+    "compare_only",
+    is_flag=True,
+    help="Print only the ratio table (msg/s, p50, CPU per message against raw, or "
+    "the non-blocking trio fan-out on memory).",
+)
+@click.option(
+    "--base-src",
+    type=click.Path(file_okay=False, exists=True, path_type=Path),
+    default=None,
+    help="Also run trio_bus from this src directory (system trio_bus-base), interleaved.",
+)
 def main(
     transport: tuple[str, ...],
     scenario: str,
@@ -138,9 +153,13 @@ def main(
     merge: tuple[Path, ...],
     render_only: bool,
     docs: Path | None,
+    compare_only: bool,
+    base_src: Path | None,
 ) -> None:
     """Run the benchmark suite."""
     console = Console(stderr=True)
+    if base_src is not None:
+        os.environ[BASE_SRC_ENV] = str(base_src.resolve())
     runs: list[RunResult] = []
     meta: dict[str, Any] = {}
     commands: list[str] = []
@@ -198,7 +217,8 @@ def main(
             broker.stop()
     if docs is not None:
         report.update_docs(docs, report.medians(runs), meta, out / "results.png")
-    click.echo(report.markdown(report.medians(runs), meta))
+    meds = report.medians(runs)
+    click.echo(report.compare(meds) if compare_only else report.markdown(meds, meta))
     console.print(f"wrote {out}/results.json, results.md, results.png")
 
 

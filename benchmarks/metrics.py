@@ -23,6 +23,7 @@ from .workloads import Workload
 
 __all__ = [
     "ConsumerFigures",
+    "cpu_seconds",
     "OrderChecker",
     "ProducerFigures",
     "Recorder",
@@ -45,6 +46,12 @@ def percentile(values: Sequence[float], q: float) -> float:
     low = math.floor(rank)
     high = min(low + 1, len(ordered) - 1)
     return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
+
+
+def cpu_seconds() -> float:
+    """User plus system CPU seconds of this process so far (getrusage)."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
 
 
 @attrs.define(eq=False)
@@ -111,6 +118,11 @@ class ConsumerFigures:
     peak_rss_mb: float
     peak_tasks: int
     crossings: int | None
+    #: Consumer CPU (getrusage, user + system) per handled message from the
+    #: subscription going live to the last handler's end: setup left out.
+    cpu_us_per_msg: float = math.nan
+    #: Handler calls the bus cancelled (timeout, lapsed lease): they come again.
+    cancelled: int = 0
 
 
 @attrs.frozen(kw_only=True)
@@ -145,7 +157,17 @@ class Recorder:
     #: starts there, or at the first handler start if that came earlier).
     origin_ns: int | None = None
     last_end_ns: int = 0
+    #: CPU seconds of the process when it went live and at the last
+    #: handler's end (see :meth:`mark_live`).
+    cpu_live: float | None = None
+    cpu_end: float | None = None
+    #: Handler calls cancelled by the bus (see ConsumerFigures.cancelled).
+    cancelled: int = 0
     _done: bool = attrs.field(default=False, alias="done")
+
+    def mark_live(self) -> None:
+        """The consumer is set up: CPU from here on is per-message cost."""
+        self.cpu_live = cpu_seconds()
 
     @property
     def handled(self) -> int:
@@ -185,6 +207,7 @@ class Recorder:
         self.last_end_ns = time.time_ns()
         if not self._done and self.checker.distinct >= self.workload.messages:
             self._done = True
+            self.cpu_end = cpu_seconds()
             self.on_done()
 
     def figures(self, *, peak_tasks: int, crossings: int | None) -> ConsumerFigures:
@@ -197,6 +220,10 @@ class Recorder:
         elapsed = (
             (self.last_end_ns - start) / 1e9 if start is not None and self.last_end_ns else math.nan
         )
+        cpu = math.nan
+        if self.cpu_live is not None and handled:
+            end = self.cpu_end if self.cpu_end is not None else cpu_seconds()
+            cpu = (end - self.cpu_live) / handled * 1e6
         return ConsumerFigures(
             handled=handled,
             e2e_rate=handled / elapsed if elapsed and elapsed > 0 else math.nan,
@@ -213,6 +240,8 @@ class Recorder:
             peak_rss_mb=peak_rss_bytes() / 2**20,
             peak_tasks=peak_tasks,
             crossings=crossings,
+            cpu_us_per_msg=cpu,
+            cancelled=self.cancelled,
         )
 
 
@@ -260,6 +289,8 @@ class RunResult:
     error: str | None = None
     #: Producer side of ``first_ms``: message 0 stamped -> acknowledged.
     first_ack_ms: float = math.nan
+    #: Consumer CPU per message, µs (see :class:`ConsumerFigures`).
+    cpu_us_per_msg: float = math.nan
 
     @classmethod
     def combine(
@@ -301,6 +332,7 @@ class RunResult:
             elapsed_s=consumer.elapsed_s if consumer else nan,
             error=error,
             first_ack_ms=producer.first_ack_ms if producer else nan,
+            cpu_us_per_msg=consumer.cpu_us_per_msg if consumer else nan,
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -335,6 +367,7 @@ _MEDIAN_FIELDS = (
     "first_ack_ms",
     "peak_rss_mb",
     "elapsed_s",
+    "cpu_us_per_msg",
 )
 
 

@@ -32,7 +32,7 @@ from ._proto import RunSpec
 from .metrics import ConsumerFigures, ProducerFigures, RunResult
 from .workloads import Workload
 
-__all__ = ["BASELINE_CAP", "plan", "run_one", "systems_for"]
+__all__ = ["BASELINE_CAP", "BASE_SRC_ENV", "BASE_SYSTEM", "plan", "run_one", "systems_for"]
 
 #: Seconds without progress (after the producer finished) before a run is
 #: stopped and scored with what arrived.
@@ -47,6 +47,12 @@ BASELINE_CAP = 5_000
 
 Event = tuple[str, str, Any]
 
+#: A ``src`` directory of another trio_bus tree (e.g. main's): when set, the
+#: system :data:`BASE_SYSTEM` runs trio_bus from it, beside this tree's, in
+#: the same invocation (before/after figures under the same load).
+BASE_SRC_ENV = "BENCH_BASE_SRC"
+BASE_SYSTEM = "trio_bus-base"
+
 
 def systems_for(transport: str, workload: Workload) -> list[str]:
     """The systems measured on *transport* for *workload*.
@@ -56,11 +62,12 @@ def systems_for(transport: str, workload: Workload) -> list[str]:
     its concurrent mode breaks the order the workload is about) and of
     topic scaling (measures trio_bus's own growth).
     """
+    base = [BASE_SYSTEM] if os.environ.get(BASE_SRC_ENV) else []
     if transport == "memory":
         if workload.family == "topics":
-            return ["trio_bus"]
-        return ["trio_bus", "trio-channels"]
-    systems = ["trio_bus", "raw"]
+            return ["trio_bus", *base]
+        return ["trio_bus", *base, "trio-channels-nowait", "trio-channels"]
+    systems = ["trio_bus", *base, "raw"]
     if workload.family in ("seed", "bulk"):
         systems += ["faststream", "faststream-concurrent"]
     return systems
@@ -112,8 +119,15 @@ class _Child:
             # Profiling a run: py-spy's collapsed stacks, one file per run.
             out = Path(profile_dir) / f"{spec.transport}-{spec.workload.name}-{spec.system}.txt"
             argv = ["py-spy", "record", "--format", "raw", "-r", "200", "-o", str(out), "--", *argv]
+        env = None
+        if spec.system == BASE_SYSTEM and (base := os.environ.get(BASE_SRC_ENV)):
+            env = {
+                **os.environ,
+                "PYTHONPATH": os.pathsep.join(filter(None, (base, os.environ.get("PYTHONPATH")))),
+            }
         self.proc = subprocess.Popen(
             argv,
+            env=env,
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=log,

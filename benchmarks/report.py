@@ -23,6 +23,7 @@ __all__ = [
     "SEED_FLOOR",
     "Target",
     "check_targets",
+    "compare",
     "load_json",
     "markdown",
     "medians",
@@ -34,7 +35,19 @@ __all__ = [
 #: The seed system's measured figures: the historical floor.
 SEED_FLOOR = {"kafka": 199.93, "nats": 22.7, "first_ms": 943.0}
 #: Systems in report order.
-SYSTEM_ORDER = ("trio_bus", "raw", "trio-channels", "faststream", "faststream-concurrent")
+SYSTEM_ORDER = (
+    "trio_bus",
+    "trio_bus-base",
+    "raw",
+    "trio-channels-nowait",
+    "trio-channels",
+    "faststream",
+    "faststream-concurrent",
+)
+#: Systems measured against the baselines (this tree, and ``--base-src``'s).
+SUBJECTS = ("trio_bus", "trio_bus-base")
+#: The baseline each transport's ``--compare`` ratios are taken against.
+COMPARE_BASELINE = {"memory": "trio-channels-nowait", "nats": "raw", "kafka": "raw"}
 TRANSPORT_ORDER = ("memory", "nats", "kafka")
 #: Scenarios whose end-to-end rate the throughput targets apply to.
 THROUGHPUT_SCENARIOS = ("seed-3000", "bulk-noop", "bulk-1ms")
@@ -86,6 +99,7 @@ _RATIO_FIELDS = (
     "first_ms",
     "peak_rss_mb",
     "peak_tasks",
+    "cpu_us_per_msg",
 )
 
 
@@ -101,12 +115,17 @@ def ratios(meds: Sequence[RunResult]) -> list[dict[str, Any]]:
     index = {(r.transport, r.scenario, r.system): r for r in meds}
     out = []
     for r in meds:
-        if r.system != "trio_bus":
+        if r.system not in SUBJECTS:
             continue
         for (transport, scenario, system), base in index.items():
-            if (transport, scenario) != (r.transport, r.scenario) or system == "trio_bus":
+            if (transport, scenario) != (r.transport, r.scenario) or system in SUBJECTS:
                 continue
-            row: dict[str, Any] = {"transport": transport, "scenario": scenario, "baseline": system}
+            row: dict[str, Any] = {
+                "transport": transport,
+                "scenario": scenario,
+                "system": r.system,
+                "baseline": system,
+            }
             for name in _RATIO_FIELDS:
                 value = _ratio(float(getattr(r, name)), float(getattr(base, name)))
                 row[name] = None if math.isnan(value) else value
@@ -269,15 +288,16 @@ def markdown(meds: Sequence[RunResult], meta: Mapping[str, Any]) -> str:
         "Rates in msg/s, latencies in ms (publish time in a header -> handler start), "
         "1st ack = the producer's share of the first message (stamped -> acknowledged), "
         "RSS in MiB (consumer process), tasks = peak Trio tasks (trio_bus, trio-channels) "
-        "or asyncio tasks (raw, FastStream)."
+        "or asyncio tasks (raw, FastStream), cpu = consumer CPU µs per message "
+        "(getrusage, from going live to the last handler's end)."
     )
     lines.append("")
     header = (
         "| transport | scenario | system | msgs | publish | e2e | p50 | p95 | p99 | first "
-        "| 1st ack | success | order viol. | dups | RSS | tasks | crossings/msg | runs |"
+        "| 1st ack | success | order viol. | dups | RSS | tasks | crossings/msg | cpu | runs |"
     )
     lines.append(header)
-    lines.append("|" + "---|" * 18)
+    lines.append("|" + "---|" * 19)
     for r in meds:
         err = " ⚠" if r.error else ""
         lines.append(
@@ -288,7 +308,7 @@ def markdown(meds: Sequence[RunResult], meta: Mapping[str, Any]) -> str:
             f"| {r.success_ratio:.3f} | {r.order_violations:,} | {r.duplicates:,} "
             f"| {_fmt(r.peak_rss_mb, 1)} | {r.peak_tasks} "
             f"| {'-' if r.crossings_per_msg is None else f'{r.crossings_per_msg:.4f}'} "
-            f"| {r.runs} |"
+            f"| {_fmt(r.cpu_us_per_msg, 1)} | {r.runs} |"
         )
     errors = [r for r in meds if r.error]
     if errors:
@@ -301,11 +321,12 @@ def markdown(meds: Sequence[RunResult], meta: Mapping[str, Any]) -> str:
         lines.append("trio_bus / baseline (rates: higher is better; the rest: lower is better):")
         lines.append("")
         lines.append(
-            "| transport | scenario | baseline | publish | e2e | p50 | p99 | first | RSS | tasks |"
+            "| transport | scenario | system | baseline | publish | e2e | p50 | p99 | first "
+            "| RSS | tasks | cpu |"
         )
-        lines.append("|" + "---|" * 10)
+        lines.append("|" + "---|" * 12)
         lines.extend(
-            f"| {row['transport']} | {row['scenario']} | {row['baseline']} "
+            f"| {row['transport']} | {row['scenario']} | {row['system']} | {row['baseline']} "
             + " ".join(f"| {_ratio_cell(row[name])}" for name in _RATIO_FIELDS)
             + " |"
             for row in rows
@@ -337,6 +358,32 @@ def markdown(meds: Sequence[RunResult], meta: Mapping[str, Any]) -> str:
         for t in targets:
             met = "n/a" if t.met is None else ("yes" if t.met else f"**no** {t.detail}".strip())
             lines.append(f"| {t.name} | {t.goal} | {t.measured} | {met} |")
+    return "\n".join(lines) + "\n"
+
+
+def compare(meds: Sequence[RunResult]) -> str:
+    """The ``--compare`` table: per transport and scenario, each system's
+    msg/s, p50 and consumer CPU per message, and their ratios to the
+    transport's baseline (:data:`COMPARE_BASELINE`)."""
+    index = {(r.transport, r.scenario, r.system): r for r in meds}
+    lines = [
+        "| transport | scenario | system | e2e msg/s | p50 ms | cpu µs/msg "
+        "| e2e ratio | p50 ratio | cpu ratio |",
+        "|" + "---|" * 9,
+    ]
+    for r in meds:
+        base = index.get((r.transport, r.scenario, COMPARE_BASELINE.get(r.transport, "")))
+        cells = ["-", "-", "-"]
+        if base is not None and base is not r:
+            cells = [
+                _ratio_cell(_ratio(r.e2e_rate, base.e2e_rate)),
+                _ratio_cell(_ratio(r.p50_ms, base.p50_ms)),
+                _ratio_cell(_ratio(r.cpu_us_per_msg, base.cpu_us_per_msg)),
+            ]
+        lines.append(
+            f"| {r.transport} | {r.scenario} | {r.system} | {_fmt(r.e2e_rate)} "
+            f"| {_fmt(r.p50_ms, 1)} | {_fmt(r.cpu_us_per_msg, 1)} | " + " | ".join(cells) + " |"
+        )
     return "\n".join(lines) + "\n"
 
 

@@ -2,8 +2,11 @@
 
 * ``trio-channels`` (memory): one producer routes each message by
   ``crc32(key) % 256`` into one of 256 worker tasks' bounded trio memory
-  channels; no broker, no acks, no timeouts -- the floor of a keyed Trio
-  fan-out.
+  channels with a blocking ``await send`` per message; no broker, no acks,
+  no timeouts.
+* ``trio-channels-nowait`` (memory): the same fan-out written with the
+  technique trio_bus uses (``send_nowait``, ``receive_nowait`` draining, a
+  checkpoint every few messages) -- the floor of a keyed Trio fan-out.
 * ``raw`` on Kafka: aiokafka, ``getmany`` batches routed by key hash into
   256 per-key asyncio workers (bounded queues), offsets committed after
   handling over each partition's contiguous finished prefix. Producer:
@@ -12,6 +15,10 @@
 * ``raw`` on NATS: nats-py JetStream pull consumer (``fetch`` batches of
   500) routed the same way, ``msg.ack()`` after handling. Producer:
   ``publish_async`` per message, acks awaited at the end.
+
+The Kafka and NATS producers here feed every consumer system (trio_bus,
+raw, FastStream): one external producer process, the same client and
+settings, so producer-bound runs do not compare producers.
 
 Every asyncio baseline runs with ``asyncio.run`` in its own process, never
 inside Trio.
@@ -62,10 +69,23 @@ def route(key: str | bytes | None) -> int:
 _Item = tuple[Mapping[str, str], str]
 
 
+#: The non-blocking fan-out yields every this many messages: a worker as
+#: trio_bus's actors do, the producer once per fetch-sized batch.
+WORKER_CHECKPOINT = 16
+PRODUCER_CHECKPOINT = 500
+
+
 async def run_trio_channels(
-    spec: RunSpec, *, progress: Callable[[int], None] = lambda n: None
+    spec: RunSpec, *, progress: Callable[[int], None] = lambda n: None, nowait: bool = False
 ) -> tuple[ConsumerFigures, ProducerFigures]:
-    """The memory baseline: a keyed fan-out over 256 trio channels."""
+    """The memory baselines: a keyed fan-out over 256 trio channels.
+
+    Blocking (``trio-channels``): ``await send`` / ``async for`` per message,
+    a scheduler round each. Non-blocking (``trio-channels-nowait``, the
+    technique trio_bus uses itself): ``send_nowait`` falling back to
+    ``await send`` on a full channel, workers draining with ``receive_nowait``
+    and a checkpoint every few messages.
+    """
     from .run_trio_bus import count_trio_tasks
 
     wl = spec.workload
@@ -79,6 +99,23 @@ async def run_trio_channels(
                 await trio.sleep(work)
             recorder.finished(k)
 
+    async def worker_nowait(receive: trio.MemoryReceiveChannel[_Item]) -> None:
+        in_a_row = 0
+        while True:
+            try:
+                headers, key = receive.receive_nowait()
+            except trio.WouldBlock:
+                in_a_row = 0
+                headers, key = await receive.receive()
+            k, work = recorder.started(headers, key)
+            if work:
+                await trio.sleep(work)
+            recorder.finished(k)
+            in_a_row += 1
+            if in_a_row >= WORKER_CHECKPOINT:
+                in_a_row = 0
+                await trio.lowlevel.checkpoint()
+
     async def report() -> None:
         while True:
             progress(recorder.handled)
@@ -89,18 +126,28 @@ async def run_trio_channels(
         for _ in range(POOL):
             send, receive = trio.open_memory_channel[_Item](INBOX)
             sends.append(send)
-            nursery.start_soon(worker, receive)
+            nursery.start_soon(worker_nowait if nowait else worker, receive)
         nursery.start_soon(report)
         peak_tasks = count_trio_tasks()
         if wl.preload:
             # Channels cannot hold a preloaded topic; the clock starts at the
             # first send, which is where consuming starts too.
             recorder.origin_ns = time.time_ns()
+        recorder.mark_live()
         begin = time.perf_counter()
         for i in range(wl.messages):
             key = wl.key(i)
             headers = {"bench-ts": str(time.time_ns()), "bench-idx": str(i)}
-            await sends[route(key)].send((headers, key))
+            channel = sends[route(key)]
+            if not nowait:
+                await channel.send((headers, key))
+                continue
+            try:
+                channel.send_nowait((headers, key))
+            except trio.WouldBlock:
+                await channel.send((headers, key))  # backpressure
+            if i % PRODUCER_CHECKPOINT == PRODUCER_CHECKPOINT - 1:
+                await trio.lowlevel.checkpoint()
         publish_elapsed = time.perf_counter() - begin
         await done.wait()
         nursery.cancel_scope.cancel()
@@ -142,7 +189,9 @@ class AsyncioHarness:
             watch_stdin(stop)
 
     def live(self) -> None:
-        """The subscription is live: a preloaded workload's clock starts."""
+        """The subscription is live: a preloaded workload's clock starts,
+        and CPU from here on counts as per-message cost."""
+        self.recorder.mark_live()
         if self.spec.workload.preload:
             self.recorder.origin_ns = time.time_ns()
 
@@ -379,9 +428,18 @@ async def produce_kafka(spec: RunSpec) -> ProducerFigures:
 
 
 async def ensure_nats_streams(js: Any, spec: RunSpec) -> None:
-    """One file-backed stream per topic (trio_bus's default storage too)."""
+    """One file-backed stream per topic (trio_bus's default storage too).
+
+    A stream a trio_bus consumer created already (its subjects include
+    ``topic.>``) is used as it is: the producer publishes to ``topic``.
+    """
+    from nats.js.errors import NotFoundError
+
     for topic in spec.topics:
-        await js.add_stream(name=topic, subjects=[topic])
+        try:
+            await js.stream_info(topic)
+        except NotFoundError:
+            await js.add_stream(name=topic, subjects=[topic])
 
 
 async def consume_nats(spec: RunSpec, harness: AsyncioHarness, ready: Callable[[], None]) -> None:

@@ -15,6 +15,7 @@ crosses to asyncio.
 from __future__ import annotations
 
 import itertools
+import logging
 import math
 import time
 from collections.abc import Callable
@@ -29,6 +30,8 @@ from ._proto import PROGRESS_INTERVAL, RunSpec, emit, watch_stdin
 from .metrics import ConsumerFigures, ProducerFigures, Recorder
 
 __all__ = ["consume", "count_trio_tasks", "produce", "produce_with", "run_consumer"]
+
+logger = logging.getLogger("benchmarks")
 
 #: Messages per ``publish_many`` call (trio_bus sends 1000 per transport call).
 CHUNK = 1000
@@ -173,9 +176,18 @@ async def run_consumer(
 
     async def handler(message: trio_bus.Message) -> None:
         key, work = recorder.started(message.headers, message.aggregate_id)
-        if work:
-            await trio.sleep(work)
-        recorder.finished(key)
+        try:
+            if work:
+                await trio.sleep(work)
+        except trio.Cancelled:
+            recorder.cancelled += 1
+            raise
+        finally:
+            # Also when the bus cancels the call (a timeout, or a lapsed
+            # partition lease): the call is over, so a later start of the
+            # key is not "two at once"; the message comes again (a
+            # duplicate).
+            recorder.finished(key)
 
     memory = spec.transport == "memory"
     here = memory if produce_here is None else produce_here
@@ -197,6 +209,7 @@ async def run_consumer(
                     done.set()
 
                 nursery.start_soon(stop_on_request)
+            recorder.mark_live()
             ready()
             with trio.move_on_after(deadline):
                 if here and not spec.workload.preload:
@@ -211,6 +224,8 @@ async def run_consumer(
             # In one process the producer's crossings are inside ours already.
             producer = attrs.evolve(producer, crossings=None)
         figures = recorder.figures(peak_tasks=peak[0], crossings=crossings)
+    if figures.cancelled:
+        logger.warning("%d handler calls were cancelled by the bus", figures.cancelled)
     progress(recorder.handled)
     return ConsumerOutcome(figures, producer)
 

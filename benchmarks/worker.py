@@ -19,7 +19,11 @@ import trio
 
 from ._proto import RunSpec, emit
 
-__all__ = ["main"]
+__all__ = ["TRIO_BUS_SYSTEMS", "main"]
+
+#: trio_bus consumers: this tree's, and ``trio_bus-base`` run with another
+#: tree's ``src`` first on PYTHONPATH (``--base-src``, before/after runs).
+TRIO_BUS_SYSTEMS = ("trio_bus", "trio_bus-base")
 
 
 def _claim_stdout() -> None:
@@ -30,17 +34,19 @@ def _claim_stdout() -> None:
 
 def consume(spec: RunSpec) -> None:
     """Run the consumer of *spec.system*."""
-    if spec.system == "trio_bus":
+    if spec.system in TRIO_BUS_SYSTEMS:
         from . import run_trio_bus
 
         trio.run(run_trio_bus.consume, spec)
-    elif spec.system == "trio-channels":
+    elif spec.system.startswith("trio-channels"):
         from . import run_raw
 
         async def channels() -> None:
             emit("READY")
             consumer, producer = await run_raw.run_trio_channels(
-                spec, progress=lambda n: emit("PROGRESS", n)
+                spec,
+                progress=lambda n: emit("PROGRESS", n),
+                nowait=spec.system == "trio-channels-nowait",
             )
             emit("RESULT", {"consumer": attrs.asdict(consumer), "producer": attrs.asdict(producer)})
 
@@ -67,34 +73,19 @@ def _wait_for_go() -> None:
     raise SystemExit("stdin closed before GO")
 
 
-def _preload_imports(spec: RunSpec) -> None:
-    # Everything the producer will import lazily (transports, clients).
-    if spec.system == "trio_bus":
-        importlib.import_module(f"trio_bus.transports.{spec.transport}")
-    elif spec.transport == "kafka":
-        importlib.import_module("aiokafka")
-    else:
-        importlib.import_module("nats")
-    if spec.system.startswith("faststream"):
-        importlib.import_module(f"faststream.{spec.transport}")
-
-
 def produce(spec: RunSpec, *, wait: bool = False) -> None:
-    """Run the producer of *spec.system* (never for memory: in-process);
-    with *wait*, import everything first and start on a ``GO`` line."""
-    from . import run_faststream, run_raw, run_trio_bus
+    """Run the producer of a run (never for memory: in-process); with
+    *wait*, import everything first and start on a ``GO`` line.
 
-    _preload_imports(spec)
+    Every system is fed by the same producer (the raw client's, see
+    :mod:`.run_raw`): a fair comparison of consumers, not of producers.
+    """
+    from . import run_raw
+
+    importlib.import_module("aiokafka" if spec.transport == "kafka" else "nats")
     if wait:
         _wait_for_go()
-    if spec.system == "trio_bus":
-        figures = trio.run(run_trio_bus.produce, spec)
-    elif spec.system == "raw":
-        figures = asyncio.run(run_raw.produce(spec))
-    elif spec.system.startswith("faststream"):
-        figures = asyncio.run(run_faststream.produce(spec))
-    else:
-        raise ValueError(f"no producer process for {spec.system!r}")
+    figures = asyncio.run(run_raw.produce(spec))
     emit("RESULT", attrs.asdict(figures))
 
 

@@ -195,6 +195,7 @@ def _result(rate: float, violations: int = 0, ratio: float = 1.0) -> RunResult:
         crossings_per_msg=None,
         elapsed_s=0.1,
         first_ack_ms=2.0,
+        cpu_us_per_msg=5.0,
     )
 
 
@@ -208,6 +209,30 @@ def test_median_takes_the_median_of_speed_and_the_worst_of_correctness() -> None
     assert combined.runs == 3
 
 
+def test_compare_gives_cpu_rate_and_latency_ratios_to_the_baseline() -> None:
+    mine = attrs.evolve(_result(100.0), cpu_us_per_msg=30.0, p50_ms=20.0)
+    base = attrs.evolve(
+        _result(50.0), system="trio-channels-nowait", cpu_us_per_msg=10.0, p50_ms=10.0
+    )
+    text = report.compare(report.medians([mine, base]))
+    assert "| memory | seed-300 | trio_bus | 100 | 20.0 | 30.0 | 2.00 | 2.00 | 3.00 |" in text
+    assert "| memory | seed-300 | trio-channels-nowait | 50 | 10.0 | 10.0 | - | - | - |" in text
+
+
+def test_recorder_counts_cpu_from_going_live_only() -> None:
+    wl = Workload(name="w", family="seed", messages=2, keys=1, topics=1)
+    recorder = Recorder(wl)
+    sum(range(2_000_000))  # setup: not counted
+    recorder.mark_live()
+    for i in range(2):
+        key, _ = recorder.started({"bench-ts": "0", "bench-idx": str(i)}, None)
+        recorder.finished(key)
+    figures = recorder.figures(peak_tasks=1, crossings=None)
+    assert recorder.cpu_live is not None
+    assert recorder.cpu_end is not None
+    assert 0 <= figures.cpu_us_per_msg < 10_000
+
+
 def test_report_writes_json_markdown_and_png(tmp_path: Path) -> None:
     runs = [_result(100.0), attrs.evolve(_result(50.0), system="trio-channels")]
     meta = {"repeat": 1, "command": "x"}
@@ -219,7 +244,7 @@ def test_report_writes_json_markdown_and_png(tmp_path: Path) -> None:
     assert data["ratios"][0]["e2e_rate"] == 2.0
     text = report.markdown(report.medians(runs), meta)
     assert "| memory | seed-300 | trio_bus |" in text
-    assert "| memory | seed-300 | trio-channels | 2.00 | 2.00 |" in text
+    assert "| memory | seed-300 | trio_bus | trio-channels | 2.00 | 2.00 |" in text
     report.plot(report.medians(runs), tmp_path / "r.png")
     assert (tmp_path / "r.png").read_bytes()[:4] == b"\x89PNG"
 
@@ -267,11 +292,12 @@ async def test_smoke_memory_every_scenario() -> None:
     await _smoke_trio_bus_every_scenario("memory", "")
     with trio.fail_after(SMOKE_TIMEOUT):
         for workload in SCENARIOS.values():
-            consumer, producer = await run_raw.run_trio_channels(
-                _spec("trio-channels", "memory", "", workload)
-            )
-            _check(consumer.handled, consumer.order_violations)
-            assert producer.published == TINY
+            for nowait in (False, True):
+                consumer, producer = await run_raw.run_trio_channels(
+                    _spec("trio-channels", "memory", "", workload), nowait=nowait
+                )
+                _check(consumer.handled, consumer.order_violations)
+                assert producer.published == TINY
 
 
 async def test_smoke_memory_through_worker_processes(tmp_path: Path) -> None:
@@ -309,12 +335,15 @@ async def _smoke_baselines(transport: str, address: str, log_dir: Path) -> None:
 
     with trio.fail_after(SMOKE_TIMEOUT):
         async with trio.open_nursery() as nursery:
-            for system in ("raw", "faststream", "faststream-concurrent"):
+            # trio_bus too: every consumer is fed by the same (raw) producer.
+            for system in ("trio_bus", "raw", "faststream", "faststream-concurrent"):
                 nursery.start_soon(one, system)
     for system, result in results.items():
         assert result.error is None, (system, result.error)
         assert result.success_ratio == 1.0, system
+        assert result.cpu_us_per_msg > 0, system
     assert results["raw"].order_violations == 0
+    assert results["trio_bus"].order_violations == 0
 
 
 async def test_smoke_nats_every_scenario(nats_bus_url: str, tmp_path: Path) -> None:

@@ -67,20 +67,19 @@ async def _collect(actor: Actor, scope: trio.CancelScope, batching: Batching) ->
     """Fill ``actor.batch`` (holding ``actor.current``) from the inbox."""
     batch = actor.batch
     route = batch[0].route
-    receive = actor.receive
     # A deadline left from an earlier call must not fire while collecting.
     scope.deadline = math.inf
     until = trio.current_time() + batching.max_wait
     while len(batch) < batching.max_batch:
         try:
-            work = receive.receive_nowait()
+            work = actor.take_nowait()
         except trio.WouldBlock:
             if batching.max_wait <= 0 or route.closing:
                 return
             with trio.move_on_at(until) as waited:
                 route.collecting.add(waited)  # closing the route cancels it
                 try:
-                    work = await receive.receive()
+                    work = await actor.take()
                 finally:
                     route.collecting.discard(waited)
             if waited.cancelled_caught:

@@ -81,16 +81,21 @@ class Lease:
         for scope in self._running:
             scope.cancel()
 
-    def enter(self, scope: trio.CancelScope) -> None:
-        """A handler call starts in *scope*: cap its deadline at ``expires``."""
-        self._running[scope] = scope.deadline
+    def enter(self, scope: trio.CancelScope, own: float | None = None) -> None:
+        """A handler call starts in *scope*, wanting the deadline *own*
+        (default: the scope's): set it, capped at ``expires``."""
+        if own is None:
+            own = scope.deadline
+        self._running[scope] = own
         if self.revoked:
             scope.cancel()
-        elif self.expires < scope.deadline:
-            scope.deadline = self.expires
+        elif (want := min(own, self.expires)) != scope.deadline:
+            scope.deadline = want
 
-    def exit(self, scope: trio.CancelScope) -> None:
-        """The call in *scope* ended: give the scope its own deadline back."""
+    def exit(self, scope: trio.CancelScope, *, restore: bool = True) -> None:
+        """The call in *scope* ended: give the scope its own deadline back
+        (*restore* False: the caller sets the next deadline itself, so a
+        reused scope's deadline does not move twice per call)."""
         own = self._running.pop(scope, None)
-        if own is not None and not scope.cancel_called:
+        if restore and own is not None and not scope.cancel_called:
             scope.deadline = own

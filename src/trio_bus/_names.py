@@ -116,15 +116,25 @@ def validate_headers(headers: Mapping[str, str] | None) -> dict[str, str]:
     if not headers:
         return {}
     out: dict[str, str] = {}
+    valid = _valid_header_names
     for name, value in headers.items():
         if not isinstance(name, str) or not isinstance(value, str):
             raise InvalidInputError(f"header {name!r}: names and values must be str")
-        if not name or any(c in name for c in ": \r\n\t") or not name.isprintable():
-            raise InvalidInputError(f"invalid header name {name!r}")
+        if name not in valid:
+            if not name or any(c in name for c in ": \r\n\t") or not name.isprintable():
+                raise InvalidInputError(f"invalid header name {name!r}")
+            if len(valid) < _VALID_HEADER_NAMES_CACHE and len(name) <= 256:
+                valid.add(name)
         if "\r" in value or "\n" in value:
             raise InvalidInputError(f"header {name!r}: value has a line break")
         out[name] = value
     return out
+
+
+#: Header names already checked (a publisher sends the same few names again
+#: and again); bounded in entries and name length.
+_valid_header_names: set[str] = set()
+_VALID_HEADER_NAMES_CACHE = 4096
 
 
 def check_wire_headers(headers: Mapping[str, str]) -> str | None:
@@ -153,6 +163,38 @@ def check_wire_headers(headers: Mapping[str, str]) -> str | None:
         if total > MAX_WIRE_HEADER_BYTES:
             return f"headers exceed the limit of {MAX_WIRE_HEADER_BYTES} bytes"
     return None
+
+
+#: Per tuple of header names seen on the wire: the characters of the names,
+#: and the name that is ``X-Aggregate-ID`` in any case (or None). Messages of
+#: one producer share their names, so names are case-folded once per set,
+#: not per message. Bounded like the aggregate-ID cache; only short name
+#: sets are kept.
+_name_facts: dict[tuple[str, ...], tuple[int, str | None]] = {}
+NAME_FACTS_ENTRIES = 1024
+NAME_FACTS_CHARS = 1024
+_AGGREGATE_LOWER = AGGREGATE_ID_HEADER.lower()
+
+
+def header_names(headers: Mapping[str, str]) -> tuple[int, str | None]:
+    """``(characters of all header names, the name that is X-Aggregate-ID
+    in any case or None)`` of a non-empty *headers*, cached per name set."""
+    names = tuple(headers)
+    facts = _name_facts.get(names)
+    if facts is None:
+        chars = sum(map(len, names))
+        # The exact spelling wins over other cases (as in header_lookup).
+        alias = (
+            AGGREGATE_ID_HEADER
+            if AGGREGATE_ID_HEADER in headers
+            else next((n for n in names if n.lower() == _AGGREGATE_LOWER), None)
+        )
+        facts = (chars, alias)
+        if chars <= NAME_FACTS_CHARS:
+            if len(_name_facts) >= NAME_FACTS_ENTRIES:
+                _name_facts.clear()
+            _name_facts[names] = facts
+    return facts
 
 
 def header_lookup(headers: Mapping[str, str], name: str) -> str | None:

@@ -9,10 +9,15 @@ round-robin.
 
 Hot-path choices (measured, see docs/architecture.md):
 
-* dispatch uses ``send_nowait`` and falls back to ``await send`` only when an
-  inbox is full, which is where backpressure lives;
-* an actor drains its inbox with ``receive_nowait`` and checkpoints every
+* dispatch hands each actor one chunk (a list, in order) per fetched batch
+  through its bounded memory-channel inbox with ``send_nowait``; only when
+  the inbox's messages would exceed its size do they go one at a time, each
+  waiting for room, which is where backpressure lives;
+* an actor drains its inbox (chunks) without waiting and checkpoints every
   few messages rather than once per hop;
+* the pool's work item is the :class:`Message` the handler gets (one object
+  per delivery besides the transport's record: long-lived objects cost the
+  cyclic garbage collector);
 * each actor reuses one cancel scope across handler calls and moves its
   deadline (a fresh scope per call costs twice as much). When the deadline
   fires, the scope is spent: the actor opens a new one and goes on with the
@@ -37,7 +42,7 @@ import trio
 
 from ._batch import after_batch, attempt_batch, bisect
 from ._dead_letter import PublishOne, is_non_retryable, park
-from ._message import Message, Record
+from ._message import Record
 from ._names import stable_hash
 from ._routing import classify
 from ._stats import RunningHandler
@@ -66,6 +71,9 @@ MAX_TIMEOUT_SLACK = 1.0
 
 #: Messages an actor handles back to back before it yields to the scheduler.
 _BATCH_BEFORE_CHECKPOINT = 16
+#: Aggregate IDs whose actor index is remembered at most (IDs are at most
+#: 256 bytes, so the cache stays within a few MiB).
+ROUTE_CACHE_ENTRIES = 16384
 
 
 class ActorPool:
@@ -87,9 +95,12 @@ class ActorPool:
         #: Actor restarts after a crash of an actor's own loop.
         self.restarts = 0
         self._actors = []
+        self._inbox_size = inbox_size
         for index in range(size):
-            send, receive = trio.open_memory_channel[Work](inbox_size)
+            send, receive = trio.open_memory_channel[list[Work]](inbox_size)
             self._actors.append(Actor(index, send, receive))
+        #: aggregate ID -> actor index (see _cache_route).
+        self._route_cache: dict[str, int] = {}
         self._round_robin = 0
         self._alive = 0
         #: Test hook: called with the actor index before each message; an
@@ -99,7 +110,8 @@ class ActorPool:
     # ----------------------------------------------------------- statistics
 
     def inbox_depths(self) -> tuple[int, ...]:
-        return tuple(a.send.statistics().current_buffer_used for a in self._actors)
+        """Messages waiting per actor (dispatched, not started)."""
+        return tuple(a.queued for a in self._actors)
 
     def in_flight(self) -> int:
         return sum(1 for a in self._actors if a.current is not None)
@@ -130,43 +142,85 @@ class ActorPool:
     async def dispatch(self, route: Route, records: Sequence[Record]) -> None:
         """Route a fetched batch into the actors' inboxes, in order.
 
-        Waits (backpressure) only when an inbox is full.
+        Each actor gets one chunk (a list, in delivery order) per batch,
+        sent without waiting while the actor's queued messages stay within
+        the inbox size; otherwise its messages go one at a time, each
+        waiting for room (backpressure lives there). An inbox never holds
+        more than ``inbox_size`` messages.
         """
         actors, size = self._actors, self.size
         route.stats.consumed += len(records)
+        wants_envelope = route.wants_envelope
+        chunks: dict[int, list[Work]] = {}
         for record in records:
-            aggregate, envelope, rejection = classify(record, wants_envelope=route.wants_envelope)
-            message = Message(
-                topic=record.topic,
-                subject=record.subject,
-                value=record.value,
-                key=record.key,
-                headers=record.headers,
-                aggregate_id=aggregate,
-                attempt=1,
-                partition=record.partition,
-                offset=record.offset,
-                delivery_count=record.delivery_count,
-                timestamp=record.timestamp,
-                envelope=envelope,
-            )
+            aggregate, envelope, rejection = classify(record, wants_envelope=wants_envelope)
             if aggregate is not None:
-                actor = actors[stable_hash(aggregate) % size]
+                index = self._route_cache.get(aggregate)
+                if index is None:
+                    index = self._cache_route(aggregate)
             else:
-                self._round_robin = (self._round_robin + 1) % size
-                actor = actors[self._round_robin]
-            work = Work(route, record, message, rejection)
+                index = self._round_robin = (self._round_robin + 1) % size
+            # Positional, in Message's field order: a frozen class's keyword
+            # init costs about 1.6x as much.
+            work = Work(
+                record.topic,
+                record.subject,
+                record.value,
+                record.key,
+                record.headers,
+                aggregate,
+                1,
+                record.partition,
+                record.offset,
+                record.delivery_count,
+                record.timestamp,
+                envelope,
+                route=route,
+                record=record,
+                rejection=rejection,
+            )
+            chunk = chunks.get(index)
+            if chunk is None:
+                chunks[index] = [work]
+            else:
+                chunk.append(work)
+        limit = self._inbox_size
+        for index, chunk in chunks.items():
+            actor = actors[index]
+            count = len(chunk)
+            if actor.queued + count <= limit:
+                route._dispatched(count)
+                # Never full: it holds at most `queued` chunks.
+                actor.send.send_nowait(chunk)
+                actor.queued += count
+            else:
+                await self._send_waiting(route, actor, chunk)
+        await trio.lowlevel.checkpoint()
+
+    async def _send_waiting(self, route: Route, actor: Actor, chunk: list[Work]) -> None:
+        # The inbox is full: one message at a time, each once there is room
+        # (in flight from here: the dispatcher holds it).
+        limit = self._inbox_size
+        for sent, work in enumerate(chunk):
             route._dispatched()
             try:
-                actor.send.send_nowait(work)
-            except trio.WouldBlock:
-                try:
-                    await actor.send.send(work)
-                except BaseException:
-                    route.consumer.release(record)
-                    route._settled()
-                    raise
-        await trio.lowlevel.checkpoint()
+                await actor.wait_for_room(limit)
+            except BaseException:
+                self._release(work)
+                for left in chunk[sent + 1 :]:
+                    route.consumer.release(left.record)
+                raise
+            actor.send.send_nowait([work])
+            actor.queued += 1
+
+    def _cache_route(self, aggregate: str) -> int:
+        """The actor index of *aggregate*, remembered (bounded: emptied
+        when full, so wire input cannot grow it without limit)."""
+        cache = self._route_cache
+        if len(cache) >= ROUTE_CACHE_ENTRIES:
+            cache.clear()
+        index = cache[aggregate] = stable_hash(aggregate) % self.size
+        return index
 
     # --------------------------------------------------------------- actors
 
@@ -220,10 +274,10 @@ class ActorPool:
         ``actor.current`` survives a crash of this loop, so the restarted
         loop goes on with the same message: order holds across restarts.
         """
-        receive = actor.receive
         while True:
             with trio.CancelScope() as scope:
                 actor.scope = scope
+                actor.deadline = math.inf
                 handled_in_a_row = 0
                 while True:
                     if actor.current is None:
@@ -231,13 +285,15 @@ class ActorPool:
                             handled_in_a_row = 0
                             await trio.lowlevel.checkpoint()
                         try:
-                            actor.current = receive.receive_nowait()
+                            actor.current = actor.take_nowait()
                         except trio.WouldBlock:
                             handled_in_a_row = 0
-                            # The last handler's deadline may still be set
-                            # (see _attempt): never let it fire while idle.
-                            scope.deadline = math.inf
-                            actor.current = await receive.receive()
+                            # The last call's deadline stays set (moving it
+                            # here and back costs two moves per message when
+                            # actors idle between messages); if it fires
+                            # while idle, receive is cancel-atomic and the
+                            # loop below just opens a fresh scope.
+                            actor.current = await actor.take()
                         actor.attempt = 1
                     if self.fault_hook is not None:
                         self.fault_hook(actor.index)
@@ -258,7 +314,8 @@ class ActorPool:
         if route.closing:
             self.finish(actor, release=True)
             return True
-        if self._fenced(actor):
+        now = trio.current_time()
+        if self._fenced(actor, now):
             return True
         if work.rejection is not None:
             scope.deadline = math.inf
@@ -271,12 +328,12 @@ class ActorPool:
         if actor.attempt > 1:
             message = attrs.evolve(message, attempt=actor.attempt)
         if actor.attempt == 1:
-            actor.busy_since = trio.current_time()
+            actor.busy_since = now
             if work.record.timestamp is not None:
                 route.stats.end_to_end.observe(time.time() - work.record.timestamp)
         token = _current_message.set(message)
         try:
-            return await self.call(actor, scope, route.invoke, message, 1)
+            return await self.call(actor, scope, route.invoke, message, 1, now)
         finally:
             _current_message.reset(token)
 
@@ -287,6 +344,7 @@ class ActorPool:
         handler: Callable[[T], Awaitable[None]],
         arg: T,
         count: int,
+        now: float | None = None,
     ) -> bool:
         """Call ``handler(arg)`` for the *count* messages the actor holds,
         under *scope* with the route's timeout; settle them on success,
@@ -299,29 +357,36 @@ class ActorPool:
         assert work is not None
         route = work.route
         timeout = route.handler_timeout
-        now = trio.current_time()
+        if now is None:
+            now = trio.current_time()
         # Moving a deadline costs ~6 us (a third of a message's cost), so
         # a call keeps the current deadline when it lies within its
         # [timeout, timeout + slack] window and moves it only otherwise: a
         # handler is cancelled no earlier than its timeout and at most
         # TIMEOUT_SLACK later (see docs/architecture.md).
+        # The call's own deadline is kept apart from the scope's, which a
+        # lease may cap (at its expiry): the window check must not see the
+        # cap, or every call would move the deadline twice.
+        own = actor.deadline
         if timeout is None:
-            if scope.deadline != math.inf:
-                scope.deadline = math.inf
+            own = math.inf
         else:
             earliest = now + timeout
             slack = min(timeout * TIMEOUT_SLACK, MAX_TIMEOUT_SLACK)
-            if not earliest <= scope.deadline <= earliest + slack:
-                scope.deadline = earliest + slack
+            if not earliest <= own <= earliest + slack:
+                own = earliest + slack
+        actor.deadline = own
         lease = work.record.lease
         if lease is not None:
-            lease.enter(scope)
+            lease.enter(scope, own)
+        elif scope.deadline != own:
+            scope.deadline = own
         try:
             try:
                 await handler(arg)
             finally:
                 if lease is not None:
-                    lease.exit(scope)
+                    lease.exit(scope, restore=False)
         except Exception as exc:
             scope.deadline = math.inf
             if scope.cancel_called:
@@ -393,14 +458,20 @@ class ActorPool:
         await trio.sleep(route.retry.delay(actor.attempt))
         actor.attempt += 1
 
-    def _fenced(self, actor: Actor) -> bool:
+    def _fenced(self, actor: Actor, now: float | None = None) -> bool:
         """Hand back what the actor holds if its lease lapsed (see _lease.py):
         no call, retry or dead-lettering without it; the transport drops the
-        release and the partition's new owner handles the message."""
+        release and the partition's new owner handles the message. *now*:
+        the current Trio time, when the caller read it already."""
         work = actor.current
         assert work is not None
         lease = work.record.lease
-        if lease is None or lease.held():
+        if lease is None:
+            return False
+        if now is None:
+            if lease.held():
+                return False
+        elif not lease.revoked and now < lease.expires:  # Lease.held at *now*
             return False
         logger.debug(
             "lease %r lapsed: handing back %s offset %s",
@@ -459,7 +530,7 @@ class ActorPool:
             self._abandon_current(actor)
             while True:
                 try:
-                    work = actor.receive.receive_nowait()
+                    work = actor.take_nowait()
                 except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
                     break
                 self._release(work)

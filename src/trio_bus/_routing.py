@@ -10,8 +10,10 @@ from ._envelope import Envelope, decode_envelope
 from ._message import Record
 from ._names import (
     AGGREGATE_ID_HEADER,
+    MAX_WIRE_HEADER_BYTES,
+    MAX_WIRE_HEADERS,
     check_wire_headers,
-    header_lookup,
+    header_names,
     normalize_aggregate_id,
 )
 from .errors import EnvelopeError, HeaderLimitError, InvalidAggregateIDError
@@ -40,9 +42,18 @@ def classify(
     so does a body that is not a valid envelope when *wants_envelope*, and
     headers over the wire limits (checked first: the lookup scans them).
     """
-    reason = check_wire_headers(record.headers)
-    if reason is not None:
-        return None, None, HeaderLimitError(reason)
+    headers = record.headers
+    alias: str | None = None
+    if headers:
+        names_chars, alias = header_names(headers)
+        # A character is at most 4 bytes: most messages end the check here.
+        if (
+            len(headers) > MAX_WIRE_HEADERS
+            or 4 * (names_chars + sum(map(len, headers.values()))) > MAX_WIRE_HEADER_BYTES
+        ):
+            reason = check_wire_headers(headers)
+            if reason is not None:
+                return None, None, HeaderLimitError(reason)
     envelope: Envelope | None = None
     envelope_error: Exception | None = None
     if record.value[:1] == b"{":
@@ -54,7 +65,7 @@ def classify(
     if envelope is not None:
         aggregate: str | None = envelope.aggregate_id
     else:
-        raw = header_lookup(record.headers, AGGREGATE_ID_HEADER)
+        raw = headers[alias] if alias is not None else None
         source = "header " + AGGREGATE_ID_HEADER
         if raw is None:
             raw, source = record.key, "key"

@@ -4,6 +4,7 @@ items (one per delivery) and the per-actor state that survives a restart."""
 from __future__ import annotations
 
 import contextvars
+import math
 from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
@@ -85,10 +86,10 @@ class Route:
             for scope in self.collecting:
                 scope.cancel()
 
-    def _dispatched(self) -> None:
-        self.in_flight += 1
-        if self.in_flight == 1:
+    def _dispatched(self, count: int = 1) -> None:
+        if not self.in_flight:
             self._idle = trio.Event()
+        self.in_flight += count
 
     def _settled(self) -> None:
         self.in_flight -= 1
@@ -100,20 +101,46 @@ class Route:
         await self._idle.wait()
 
 
-@attrs.define(slots=True, eq=False)
-class Work:
-    route: Route
-    record: Record
-    message: Message
+@attrs.frozen(slots=True, eq=False)
+class Work(Message):
+    """One delivery in the pool: the :class:`Message` its handler gets,
+    with the route and transport record behind it (one object per delivery
+    instead of two: every long-lived object per message costs the cyclic
+    garbage collector a share of a collection). The extra fields stay out
+    of ``repr`` and are not part of the public :class:`Message`."""
+
+    route: Route = attrs.field(kw_only=True, repr=False)
+    record: Record = attrs.field(kw_only=True, repr=False)
     #: Why the message is malformed (dead-lettered at once), or None.
-    rejection: Exception | None = None
+    rejection: Exception | None = attrs.field(default=None, kw_only=True, repr=False)
+
+    @property
+    def message(self) -> Message:
+        """What the handler gets: this very object."""
+        return self
 
 
 @attrs.define(eq=False)
 class Actor:
+    """One actor's inbox and the state that survives a restart of its loop.
+
+    The inbox is a bounded Trio memory channel of *chunks*: the dispatcher
+    sends each actor one list per fetched batch (its messages, in order),
+    and the actor unpacks a chunk into ``pending`` and takes messages from
+    there one at a time. ``queued`` counts the messages dispatched to it and
+    not started (in the channel and in ``pending``): the dispatcher sends
+    without waiting only while that stays within the inbox size.
+    """
+
     index: int
-    send: trio.MemorySendChannel[Work]
-    receive: trio.MemoryReceiveChannel[Work]
+    send: trio.MemorySendChannel[list[Work]]
+    receive: trio.MemoryReceiveChannel[list[Work]]
+    #: Messages of chunks taken from the channel, not started yet.
+    pending: deque[Work] = attrs.Factory(deque)
+    queued: int = 0
+    #: A dispatcher waiting for room (see wait_for_room), and how many.
+    room: trio.lowlevel.ParkingLot = attrs.Factory(trio.lowlevel.ParkingLot)
+    waiting: int = 0
     scope: trio.CancelScope | None = None
     current: Work | None = None
     #: The running batch (``current`` first) of a batch route, else empty.
@@ -131,3 +158,37 @@ class Actor:
     pending_failure: Exception | None = None
     restarts: deque[float] = attrs.Factory(deque)
     busy_since: float | None = None
+    #: The deadline the running call wants for its own timeout (the scope's
+    #: may be capped lower by a lease).
+    deadline: float = math.inf
+
+    def take_nowait(self) -> Work:
+        """The next message of the inbox; raises trio.WouldBlock if none."""
+        pending = self.pending
+        if not pending:
+            pending.extend(self.receive.receive_nowait())
+        self.queued -= 1
+        if self.waiting:
+            self.room.unpark()
+        return pending.popleft()
+
+    async def take(self) -> Work:
+        """The next message, waiting for one (cancel-atomic: the channel's
+        receive is, and nothing is taken before it returns)."""
+        pending = self.pending
+        if not pending:
+            pending.extend(await self.receive.receive())
+        self.queued -= 1
+        if self.waiting:
+            self.room.unpark()
+        return pending.popleft()
+
+    async def wait_for_room(self, limit: int) -> None:
+        """Wait until fewer than *limit* messages are queued (dispatcher)."""
+        await trio.lowlevel.checkpoint_if_cancelled()
+        while self.queued >= limit:
+            self.waiting += 1
+            try:
+                await self.room.park()
+            finally:
+                self.waiting -= 1

@@ -57,9 +57,13 @@ Settle = Record | Release
 
 
 def _decode_headers(raw: Sequence[tuple[str, bytes | None]]) -> dict[str, str]:
-    return {
-        name: (value.decode("utf-8", "replace") if value is not None else "") for name, value in raw
-    }
+    try:  # the common case: every value present and valid UTF-8
+        return {name: value.decode() for name, value in raw}  # type: ignore[union-attr]
+    except (AttributeError, UnicodeDecodeError):
+        return {
+            name: (value.decode("utf-8", "replace") if value is not None else "")
+            for name, value in raw
+        }
 
 
 class Flow:
@@ -126,22 +130,25 @@ class Flow:
                 continue  # not ours any more, or about to be sought back
             topic, partition, lease = tp.topic, tp.partition, self.leases.get(tp)
             out: list[Record] = []
+            add = track.add
             for msg in messages:
-                if not track.add(msg.offset):
+                if not add(msg.offset):
                     continue
-                key = msg.key
+                key, value, timestamp = msg.key, msg.value, msg.timestamp
+                # Positional, in Record's field order (the hot path).
                 out.append(
                     Record(
-                        topic=topic,
-                        subject=topic,
-                        value=msg.value if msg.value is not None else b"",
-                        key=key.decode("utf-8", "replace") if key is not None else None,
-                        headers=_decode_headers(msg.headers) if msg.headers else {},
-                        partition=partition,
-                        offset=msg.offset,
-                        token=track,
-                        timestamp=msg.timestamp / 1000 if msg.timestamp is not None else None,
-                        lease=lease,
+                        topic,
+                        topic,
+                        value if value is not None else b"",
+                        key.decode("utf-8", "replace") if key is not None else None,
+                        _decode_headers(msg.headers) if msg.headers else {},
+                        partition,
+                        msg.offset,
+                        None,
+                        track,
+                        timestamp / 1000 if timestamp is not None else None,
+                        lease,
                     )
                 )
             if out:
