@@ -80,6 +80,10 @@ class Refusals:
             self._logger.warning("%s accepts our credentials again", self.broker_kind)
         self._error = None
 
+    def clear(self) -> None:
+        """Forget the episode without a word (the transport is closing)."""
+        self._error = None
+
     def remaining(self) -> float | None:
         """Seconds left of the grace, or None outside an episode."""
         if self._error is None:

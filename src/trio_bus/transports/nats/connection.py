@@ -31,6 +31,7 @@ from nats.aio.msg import Msg
 
 from ..._secrets import redact_text, warn_if_unverified
 from ...errors import AuthenticationError, TransportUnavailableError
+from .._refusals import Refusals
 from .options import NatsOptions
 from .security import (
     AUTH_REFUSALS,
@@ -122,21 +123,23 @@ class Connection:
         self._echo_waiters: dict[bytes, asyncio.Future[None]] = {}
         self._servers: list[str] = []
         self._was_connected = False
-        # The refusal of our credentials since the last (re)connection and
-        # the timer ending its grace.
+        # The refusals of our credentials since the last (re)connection (the
+        # shared policy, on the loop's clock: the timer ending the grace runs
+        # on it), the client's last refusal (the error's cause) and the timer.
+        self._refusals = Refusals(
+            "nats",
+            options.connect.auth_failure_grace,
+            logger,
+            clock=lambda: asyncio.get_running_loop().time(),
+        )
         self._auth_refusal: BaseException | None = None
         self._auth_timer: asyncio.TimerHandle | None = None
-        self._auth_deadline = 0.0
 
     @property
     def problem(self) -> str | None:
         """Why the connection is failing in a way waiting will not mend
         (the server refuses our credentials), without secrets; or None."""
-        if self._auth_refusal is None:
-            return None
-        error = authentication_error(self.options.connect, self._servers, self._auth_refusal)
-        grace = self.options.connect.auth_failure_grace
-        return f"{error}; the transport fails if still refused after {grace:g}s"
+        return self._refusals.problem
 
     @property
     def js(self) -> Any:
@@ -244,23 +247,24 @@ class Connection:
         self._connected.set()
 
     def _refused(self, exc: BaseException) -> None:
-        """Record a refusal of our credentials after the first connection;
-        the first of an episode starts its grace and is logged loudly, the
-        repeats (one per reconnection attempt) quietly."""
-        repeat = self._auth_refusal is not None
+        """Record a refusal of our credentials after the first connection
+        (see :class:`.._refusals.Refusals`); the first of an episode arms
+        the timer that ends its grace."""
+        first = self._refusals.remaining() is None
         self._auth_refusal = exc
-        if repeat:
-            logger.debug("nats refuses our credentials again: %s", self.problem)
-            return
-        logger.error("nats refuses our credentials: %s", self.problem)
-        grace = self.options.connect.auth_failure_grace
+        self._refusals.refused(authentication_error(self.options.connect, self._servers, exc))
+        if first:
+            self._arm_auth_timer(self._refusals.grace)
+
+    def _arm_auth_timer(self, delay: float) -> None:
         loop = asyncio.get_running_loop()
-        self._auth_deadline = loop.time() + grace
-        self._auth_timer = loop.call_later(grace, self._events.put_nowait, "auth_deadline")
+        self._auth_timer = loop.call_later(delay, self._events.put_nowait, "auth_deadline")
 
     def _end_refusal(self) -> None:
-        if self._auth_refusal is not None and not self.closing:
-            logger.warning("nats accepts our credentials again")
+        if self.closing:
+            self._refusals.clear()
+        else:
+            self._refusals.accepted()
         self._auth_refusal = None
         if self._auth_timer is not None:
             self._auth_timer.cancel()
@@ -282,12 +286,14 @@ class Connection:
         """
         while True:
             event = await self._events.get()
-            if event == "auth_deadline":
-                error = self._auth_error()
-                # (A deadline of an earlier episode may arrive late: ignored.)
-                late = asyncio.get_running_loop().time() >= self._auth_deadline - 0.01
-                if error is not None and late and not self.closing:
+            if event == "auth_deadline" and not self.closing:
+                error = self._refusals.expired()
+                if error is not None:
                     raise error from self._auth_refusal
+                left = self._refusals.remaining()
+                if left is not None:
+                    # asyncio may run a timer a little early: wait the rest.
+                    self._arm_auth_timer(left)
             elif event == "disconnected" and not self.closing:
                 logger.warning("disconnected from nats: %s", self.cause())
             elif event == "reconnected":

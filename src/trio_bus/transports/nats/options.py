@@ -28,6 +28,7 @@ from .._provisioning import (
     optional,
     optional_positive,
 )
+from .._refusals import AUTH_FAILURE_GRACE
 
 __all__ = [
     "ConnectOptions",
@@ -178,12 +179,6 @@ class ConsumerOptions:
         if self.in_progress_interval is not None:
             return self.in_progress_interval
         return self.ack_wait / 3
-
-
-#: Default of ``ConnectOptions.auth_failure_grace``: long enough for an
-#: operator's credential rotation to land on every server, short enough
-#: that a revoked service fails loudly.
-AUTH_FAILURE_GRACE = 5.0
 
 
 @attrs.frozen(kw_only=True)
