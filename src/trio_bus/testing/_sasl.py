@@ -35,7 +35,7 @@ import struct
 
 import trio
 
-from ._tls import _pump
+from ._tls import _pump, serve_loopback
 
 __all__ = ["SASLTerminator"]
 
@@ -87,10 +87,7 @@ class SASLTerminator:
         self, *, task_status: trio.TaskStatus[SASLTerminator] = trio.TASK_STATUS_IGNORED
     ) -> None:
         """Listen and serve until cancelled; ``nursery.start`` returns it."""
-        listeners = await trio.open_tcp_listeners(self.port, host="127.0.0.1")
-        self.port = listeners[0].socket.getsockname()[1]
-        task_status.started(self)
-        await trio.serve_listeners(self._serve, listeners)
+        await serve_loopback(self, self._serve, task_status)
 
     async def _serve(self, client: trio.SocketStream) -> None:
         with trio.CancelScope() as scope:

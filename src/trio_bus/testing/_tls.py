@@ -23,8 +23,9 @@ the CA exists only for the test.
 from __future__ import annotations
 
 import ssl
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import attrs
 import trio
@@ -142,10 +143,7 @@ class TLSTerminator:
         self, *, task_status: trio.TaskStatus[TLSTerminator] = trio.TASK_STATUS_IGNORED
     ) -> None:
         """Listen and forward until cancelled; ``nursery.start`` returns it."""
-        listeners = await trio.open_tcp_listeners(self.port, host="127.0.0.1")
-        self.port = listeners[0].socket.getsockname()[1]
-        task_status.started(self)
-        await trio.serve_listeners(self._serve, listeners)
+        await serve_loopback(self, self._serve, task_status)
 
     async def _serve(self, client: trio.SocketStream) -> None:
         tls = trio.SSLStream(client, self._context, server_side=True)
@@ -164,6 +162,20 @@ class TLSTerminator:
         async with tls, upstream, trio.open_nursery() as nursery:
             nursery.start_soon(_pump, tls, upstream, nursery.cancel_scope)
             nursery.start_soon(_pump, upstream, tls, nursery.cancel_scope)
+
+
+async def serve_loopback(
+    server: Any,
+    serve: Callable[[trio.SocketStream], Awaitable[None]],
+    task_status: trio.TaskStatus[Any],
+) -> None:
+    """Listen on ``server.port`` of 127.0.0.1 (0: a free one, written back),
+    report *server* started, and run *serve* per connection until
+    cancelled (the terminators' ``run``)."""
+    listeners = await trio.open_tcp_listeners(server.port, host="127.0.0.1")
+    server.port = listeners[0].socket.getsockname()[1]
+    task_status.started(server)
+    await trio.serve_listeners(serve, listeners)
 
 
 async def _pump(source: trio.abc.Stream, sink: trio.abc.Stream, link: trio.CancelScope) -> None:
