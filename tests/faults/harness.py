@@ -166,6 +166,18 @@ class Harness:
         await worker.exited.wait()
         return None
 
+    def freeze(self, worker: Worker) -> None:
+        """SIGSTOP *worker*; the ``freeze`` event is written after the signal
+        was sent, so it is no earlier than the stop (the checker's
+        frozen-member rule ends cancelled calls there)."""
+        worker.process.send_signal(signal.SIGSTOP)
+        self.log.write("freeze", proc=worker.proc)
+
+    def thaw(self, worker: Worker) -> None:
+        """SIGCONT a worker frozen by :meth:`freeze`."""
+        self.log.write("thaw", proc=worker.proc)
+        worker.process.send_signal(signal.SIGCONT)
+
     async def stop_quietly(self, worker: Worker) -> None:
         """SIGTERM a worker as the harness's own control step (a publisher
         that has run long enough): no ``signal`` event, so T ignores it."""
@@ -279,6 +291,8 @@ def _row(report: Report) -> dict[str, object]:
         "unexpected": report.unexpected,
         "early_acks": report.early_acks,
         "order_violations": report.order_violations,
+        "overlaps": report.overlaps,
+        "frozen_overlaps": report.frozen_overlaps,
         "duplicates": report.duplicates,
         "shutdown_max_s": round(report.shutdown_max_s, 2),
         "failed": report.failed(),

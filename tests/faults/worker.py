@@ -95,6 +95,11 @@ def make_handler(
         log.write("start", **where)
         try:
             await behave(args, agg, seq)
+        except trio.Cancelled:
+            # Cancelled at an await (timeout, shutdown, a lapsed lease): the
+            # code after it never ran (the checker's frozen-member rule).
+            log.write("end", outcome="cancelled", **where)
+            raise
         except BaseException:
             log.write("end", outcome="fail", **where)
             raise
