@@ -17,6 +17,7 @@ import pytest
 import trio
 
 from .checker import CheckParams, Report
+from .events import Event
 from .harness import Harness, Worker, now_ns, scale
 
 pytestmark = pytest.mark.faults
@@ -63,7 +64,9 @@ async def test_group_join_leave_kill_restart(harness: Harness) -> None:
     await h.consumer("c1", *MEMBER)
     c2 = await h.consumer("c2", *MEMBER)
     interval = str(scale(150, 250))
-    publisher = await h.publisher("p1", n, "--aggregates", str(AGGREGATES), "--interval-ms", interval)
+    publisher = await h.publisher(
+        "p1", n, "--aggregates", str(AGGREGATES), "--interval-ms", interval
+    )
     await h.count("start", n * 15 // 100, timeout=120)
     await h.consumer("c3", *MEMBER)  # joins mid-stream
     await h.count("start", n * 35 // 100, timeout=120)
@@ -88,14 +91,16 @@ async def test_group_member_frozen_past_its_session(harness: Harness) -> None:
     overlap with the member that took its partitions fails O."""
     h = harness
     await h.sampler()
-    members = [await h.consumer(f"c{i}", *MEMBER) for i in (1, 2, 3)]
+    # 50 ms of work a call, so the freeze catches calls in flight.
+    args = [*MEMBER, "--work-ms", "50"]
+    members = [await h.consumer(f"c{i}", *args) for i in (1, 2, 3)]
     publisher = await h.publisher(
         "p1", 10**6, "--aggregates", str(AGGREGATES), "--interval-ms", "100"
     )
     await h.count("start", scale(1500, 600), timeout=120)
     victim = members[0]
+    await h.wait_for(lambda evs: bool(_running(evs, victim)), f"a call running in {victim.proc}")
     recent = _recent_aggregates(h, victim, window_s=1.0)
-    assert recent, handlers_of(h)
     frozen_at = now_ns()
     h.freeze(victim)
     try:
@@ -109,6 +114,19 @@ async def test_group_member_frozen_past_its_session(harness: Harness) -> None:
     await h.settle_published(timeout=180)
     report = await h.finish("group member SIGSTOP/SIGCONT", PARAMS)
     assert_holds(report)
+    # The freeze caught calls in flight, and their ends were checked.
+    caught = _running([e for e in h.events() if e["t"] <= frozen_at], victim)
+    assert caught, "no call of the frozen member was in flight at the freeze"
+
+
+def _running(events: list[Event], worker: Worker) -> set[tuple[str, int, int]]:
+    """Calls of *worker* started and not ended in *events*."""
+    running: set[tuple[str, int, int]] = set()
+    for e in events:
+        if e["proc"] == worker.proc and e["ev"] in ("start", "end"):
+            call = (str(e["agg"]), int(e["seq"]), int(e["attempt"]))
+            (running.add if e["ev"] == "start" else running.discard)(call)
+    return running
 
 
 def _recent_aggregates(h: Harness, worker: Worker, window_s: float) -> set[str]:
@@ -124,10 +142,9 @@ def _recent_aggregates(h: Harness, worker: Worker, window_s: float) -> set[str]:
 async def _taken_over(h: Harness, victim: Worker, aggs: set[str], *, since: int) -> None:
     """Wait until another member started a call of one of *aggs* after *since*."""
 
-    def taken(events: list[dict[str, object]]) -> bool:
+    def taken(events: list[Event]) -> bool:
         return any(
-            e["ev"] == "start" and e["proc"] != victim.proc and e["agg"] in aggs
-            and int(e["t"]) > since  # type: ignore[call-overload]
+            e["ev"] == "start" and e["proc"] != victim.proc and e["agg"] in aggs and e["t"] > since
             for e in events
         )
 
