@@ -160,15 +160,15 @@ async def test_survivors_complete_their_rejoin_after_a_member_restarts(
     ]
     for m in members:
         opened: dict[tuple[object, object], tuple[int, int]] = {}
-        for e in read_events(m.log):
-            if e["proc"] != m.proc or e["ev"] not in ("start", "end"):
+        for ev in read_events(m.log):
+            if ev["proc"] != m.proc or ev["ev"] not in ("start", "end"):
                 continue
-            key = (e["agg"], e["seq"])
-            if e["ev"] == "start":
-                opened[key] = (int(e["partition"]), int(e["t"]))
+            key = (ev["agg"], ev["seq"])
+            if ev["ev"] == "start":
+                opened[key] = (int(ev["partition"]), int(ev["t"]))
             elif key in opened:
                 p, s = opened.pop(key)
-                intervals.append((p, s, int(e["t"]), m.proc))
+                intervals.append((p, s, int(ev["t"]), m.proc))
         end = killed_at if m.proc == "c1" else time.monotonic_ns()
         intervals.extend((p, s, end, m.proc) for p, s in opened.values())
     overlaps = []

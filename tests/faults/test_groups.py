@@ -17,8 +17,8 @@ import pytest
 import trio
 
 from .checker import CheckParams, Report
-from .events import Event
-from .harness import Harness, Worker, now_ns, scale
+from .events import Event, now_ns
+from .harness import Harness, Worker, scale
 
 pytestmark = pytest.mark.faults
 
