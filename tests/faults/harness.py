@@ -23,7 +23,7 @@ import trio
 from trio_bus.testing import FaultProxy
 
 from .checker import CheckParams, DeadLetter, Held, Report, check
-from .events import Event, EventLog, now_ns, read_events
+from .events import Event, EventLog, LogReader, now_ns
 
 #: Seconds between two reads of the event logs while waiting.
 POLL = 0.05
@@ -72,6 +72,7 @@ class Harness:
     proxy: FaultProxy | None = None
     log: EventLog = attrs.field(init=False)
     workers: list[Worker] = attrs.Factory(list)
+    _reader: LogReader = attrs.Factory(LogReader)
     _count: int = 0
 
     def __attrs_post_init__(self) -> None:
@@ -79,7 +80,7 @@ class Harness:
 
     def events(self) -> list[Event]:
         """Every event of the run so far."""
-        return read_events(*sorted(self.dir.glob("*.log")))
+        return self._reader.read(sorted(self.dir.glob("*.log")))
 
     async def wait_for(
         self, predicate: Callable[[list[Event]], bool], what: str, timeout: float = WAIT
@@ -249,14 +250,16 @@ class Harness:
         ticks = sum(e["ev"] == "tick" for e in self.events())
         if ticks:  # one more complete sample of the final ack floor
             await self.count("tick", ticks + 2)
-        for worker in self.workers:
+        running = [w for w in self.workers if w.running]
+        for worker in running:  # all at once: they drain in parallel
+            worker.process.send_signal(signal.SIGTERM)
+        with trio.move_on_after(15):
+            for worker in running:
+                await worker.exited.wait()
+        for worker in running:
             if worker.running:
-                worker.process.send_signal(signal.SIGTERM)
-                with trio.move_on_after(15):
-                    await worker.exited.wait()
-                if worker.running:
-                    worker.process.kill()
-                    await worker.exited.wait()
+                worker.process.kill()
+                await worker.exited.wait()
         held, dead = await self.readback()
         # The harness's own stop signals are not part of what is checked.
         events = [

@@ -230,9 +230,11 @@ async def test_broker_sigkill_and_restart(
     problems: list[str] = []
     before = sum(e["ev"] == "start" for e in harness.events())
     try:
-        await harness.count("start", before + 500, timeout=90)
+        # 40 s: many sessions and reconnect backoffs; Kafka's known gap
+        # (strict xfail) fails here, and need not wait longer to do so.
+        await harness.count("start", before + 500, timeout=40)
         await harness.stop_quietly(publisher)
-        await harness.settle_published(timeout=90)
+        await harness.settle_published(timeout=40)
     except AssertionError as exc:  # still check and record what happened
         problems.append(str(exc))
     report = await harness.finish("broker SIGKILL+restart", PARAMS)
