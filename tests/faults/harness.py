@@ -125,12 +125,24 @@ class Harness:
         self.log.write("exit", proc=worker.proc, rc=rc)
         worker.exited.set()
 
-    async def consumer(self, proc: str, *args: str) -> Worker:
-        """Start a consumer and wait until its subscription is live."""
+    async def consumer(self, proc: str, *args: str, standby: Worker | None = None) -> Worker:
+        """Start a consumer and wait until its subscription is live; with
+        *standby* (from :meth:`standby`, same *proc* and *args*), wake that
+        already started process instead."""
         before = sum(e["ev"] == "ready" and e["proc"] == proc for e in self.events())
-        worker = await self.spawn("consume", proc, *args)
+        if standby is None:
+            worker = await self.spawn("consume", proc, *args)
+        else:
+            worker = standby
+            await self.count("standby", 1, proc=proc)  # before, SIGUSR1 would kill it
+            worker.process.send_signal(signal.SIGUSR1)
         await self.count("ready", before + 1, proc=proc)
         return worker
+
+    async def standby(self, proc: str, *args: str) -> Worker:
+        """Start a consumer process that imports what it needs and waits;
+        :meth:`consumer` with ``standby=`` wakes it."""
+        return await self.spawn("consume", proc, *args, "--standby")
 
     async def publisher(self, proc: str, count: int, *args: str) -> Worker:
         """Start a publisher of *count* messages (``--aggregates`` in *args*)."""

@@ -13,6 +13,7 @@ KeyboardInterrupt, so the process ends killed by SIGINT (-2).
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import signal
@@ -220,6 +221,18 @@ async def cycles(args: argparse.Namespace, log: EventLog) -> None:
             log.write("resources", cycle=i + 1, **resources())
 
 
+def standby(url: str, log: EventLog) -> None:
+    """Import everything the run needs, then wait for SIGUSR1: the harness
+    starts the next consumer of a signal scenario while the current one
+    runs, so the interpreter's start-up is not on the scenario's clock."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1})
+    transport = "nats" if url.startswith("nats") else "kafka"
+    importlib.import_module(f"trio_bus.transports.{transport}")  # ahead of use
+    log.write("standby")  # SIGUSR1 is blocked: the harness may send it now
+    signal.sigwait({signal.SIGUSR1})
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGUSR1})
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m tests.faults.worker")
     parser.add_argument("role", choices=["consume", "publish", "cycles"])
@@ -240,8 +253,11 @@ def main() -> None:
     parser.add_argument("--count", type=int, default=1000)
     parser.add_argument("--aggregates", type=int, default=20)
     parser.add_argument("--interval-ms", type=float, default=0.0)
+    parser.add_argument("--standby", action="store_true", help="start on SIGUSR1")
     args = parser.parse_args()
     log = EventLog(args.log, args.proc)
+    if args.standby:
+        standby(args.url, log)
     run = {"consume": consume, "publish": publish, "cycles": cycles}[args.role]
     trio.run(run, args, log)
     sys.exit(0)
