@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from tests.faults.checker import CheckParams, DeadLetter, Held, Report, check
-from tests.faults.events import Event, EventLog, read_events
+from tests.faults.events import Event, EventLog, LogReader, read_events
 
 
 class Run:
@@ -253,3 +253,18 @@ def test_event_log_round_trip(tmp_path: Path) -> None:
     events = read_events(tmp_path / "a.log", tmp_path / "b.log", tmp_path / "missing.log")
     assert [(e["ev"], e["proc"]) for e in events] == [("start", "a"), ("end", "b")]
     assert events[0]["t"] <= events[1]["t"]
+
+
+def test_log_reader_parses_only_what_was_appended(tmp_path: Path) -> None:
+    path = tmp_path / "a.log"
+    log, reader = EventLog(path, "a"), LogReader()
+    log.write("start", seq=1)
+    assert [e["seq"] for e in reader.read([path, tmp_path / "missing.log"])] == [1]
+    with path.open("ab") as f:
+        f.write(b'{"ev": "end", "proc": "a", "t": 1')  # not a whole line yet
+    assert [e["seq"] for e in reader.read([path])] == [1]
+    with path.open("ab") as f:
+        f.write(b', "seq": 2}\n')
+    log.write("end", seq=3)
+    log.close()
+    assert sorted(e["seq"] for e in reader.read([path])) == [1, 2, 3]
