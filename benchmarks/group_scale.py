@@ -150,7 +150,8 @@ def _message(w: Workload, topic: str, i: int) -> trio_bus.OutgoingMessage:
 async def throughput(url: str, w: Workload, n_members: int, workdir: Path) -> dict[str, Any]:
     """Handle *w* with *n_members* member processes; msg/s."""
     tag = uuid.uuid4().hex[:8]
-    members = Members(url, f"scale-{tag}", f"scale-{tag}", workdir)
+    (workdir / tag).mkdir()
+    members = Members(url, f"scale-{tag}", f"scale-{tag}", workdir / tag)
     names = [f"m{i}" for i in range(n_members)]
     try:
         async with trio_bus.open_bus(url, client_id=f"scale-pub-{tag}") as bus:
@@ -187,7 +188,8 @@ async def failover(url: str, w: Workload, workdir: Path) -> dict[str, Any]:
     """SIGKILL one of three members under load; seconds until a survivor
     starts one of its aggregates."""
     tag = uuid.uuid4().hex[:8]
-    members = Members(url, f"fail-{tag}", f"fail-{tag}", workdir)
+    (workdir / tag).mkdir()
+    members = Members(url, f"fail-{tag}", f"fail-{tag}", workdir / tag)
     names = ["m0", "m1", "m2"]
     try:
         async with trio_bus.open_bus(url, client_id=f"fail-pub-{tag}") as bus:
