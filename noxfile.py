@@ -64,7 +64,8 @@ def faults(session: nox.Session) -> None:
     env = {"FAULTS_RESULTS": os.environ.get("FAULTS_RESULTS", ".nox/faults-results.jsonl")}
     if "--quick" in session.posargs:
         env["FAULTS_QUICK"] = "1"
-    pytest_args = args or ["-q"]
+    # The per-test durations keep the session's budget (~15 min on 2 cores) in view.
+    pytest_args = args or ["-q", "--durations=15"]
     session.run("python", "-m", "pytest", "-m", "faults", "tests/faults", *pytest_args, env=env)
 
 

@@ -11,8 +11,8 @@ from typing import Any
 
 import pytest
 
-from tests.faults.checker import CheckParams, DeadLetter, Held, check
-from tests.faults.events import Event, EventLog, read_events
+from tests.faults.checker import CheckParams, DeadLetter, Held, Report, check
+from tests.faults.events import Event, EventLog, LogReader, read_events
 
 
 class Run:
@@ -162,6 +162,59 @@ def test_other_partitions_do_not_order_each_other() -> None:
     assert run.check(expect_no_duplicates=True) == []
 
 
+def _frozen_call(end_outcome: str, *, freeze: bool = True, takeover_first: bool = False) -> Run:
+    """c1 runs a/0, is frozen; c2 runs a/0 meanwhile; c1 thaws and its call
+    ends with *end_outcome* (takeover_first: c2 starts before the freeze)."""
+    fields = {"agg": "a", "seq": 0, "attempt": 1, "partition": 0, "offset": 0}
+    run = Run().publish("a", 0)
+    run.ev("start", "c1", **fields)
+    if takeover_first:
+        run.ev("start", "c2", **fields)
+    if freeze:
+        run.ev("freeze", "c1")
+    if not takeover_first:
+        run.ev("start", "c2", **fields)
+    run.ev("end", "c2", outcome="ok", **fields)
+    if freeze:
+        run.ev("thaw", "c1")
+    return run.ev("end", "c1", outcome=end_outcome, **fields)
+
+
+def _report(run: Run) -> Report:
+    return check(run.events, run.held, [], CheckParams())
+
+
+def test_o_frozen_members_cancelled_call_ends_at_the_freeze() -> None:
+    run = _frozen_call("cancelled")
+    report = _report(run)
+    assert report.failed() == [], report.violations
+    assert (report.overlaps, report.frozen_overlaps) == (0, 1)
+
+
+def test_o_frozen_members_call_that_completes_after_the_thaw_overlaps() -> None:
+    for outcome in ("ok", "fail"):
+        report = _report(_frozen_call(outcome))
+        assert report.failed() == ["O"], outcome
+        assert (report.overlaps, report.frozen_overlaps) == (1, 0)
+
+
+def test_o_cancelled_call_without_a_freeze_keeps_its_end() -> None:
+    report = _report(_frozen_call("cancelled", freeze=False))
+    assert report.failed() == ["O"]
+    assert report.overlaps == 1
+
+
+def test_o_overlap_before_the_freeze_is_not_excused() -> None:
+    report = _report(_frozen_call("cancelled", takeover_first=True))
+    assert report.failed() == ["O"]
+    assert (report.overlaps, report.frozen_overlaps) == (1, 0)
+
+
+def test_t_ignores_freeze_and_thaw() -> None:
+    run = clean().ev("freeze", "c1").ev("thaw", "c1")
+    assert run.check() == []
+
+
 @pytest.mark.parametrize(
     ("sig", "rc", "took_ticks", "expected"),
     [
@@ -200,3 +253,18 @@ def test_event_log_round_trip(tmp_path: Path) -> None:
     events = read_events(tmp_path / "a.log", tmp_path / "b.log", tmp_path / "missing.log")
     assert [(e["ev"], e["proc"]) for e in events] == [("start", "a"), ("end", "b")]
     assert events[0]["t"] <= events[1]["t"]
+
+
+def test_log_reader_parses_only_what_was_appended(tmp_path: Path) -> None:
+    path = tmp_path / "a.log"
+    log, reader = EventLog(path, "a"), LogReader()
+    log.write("start", seq=1)
+    assert [e["seq"] for e in reader.read([path, tmp_path / "missing.log"])] == [1]
+    with path.open("ab") as f:
+        f.write(b'{"ev": "end", "proc": "a", "t": 1')  # not a whole line yet
+    assert [e["seq"] for e in reader.read([path])] == [1]
+    with path.open("ab") as f:
+        f.write(b', "seq": 2}\n')
+    log.write("end", seq=3)
+    log.close()
+    assert sorted(e["seq"] for e in reader.read([path])) == [1, 2, 3]

@@ -6,11 +6,14 @@ the broker holds afterwards, read back by a raw client. Event kinds:
 * ``pub`` (publishers): ``agg``, ``seq``, ``ok``, ``err`` (error type name),
   ``sha`` (body digest), ``valid`` (False for fuzzed malformed bodies).
 * ``start`` / ``end`` (consumer workers): ``agg``, ``seq``, ``attempt``,
-  ``partition``, ``offset``; ``end`` has ``outcome`` (``ok`` or ``fail``).
+  ``partition``, ``offset``; ``end`` has ``outcome`` (``ok``, ``fail``, or
+  ``cancelled``: trio.Cancelled reached the handler at an await).
 * ``floor`` (ack-floor sampler): ``partition`` and ``floor``: every offset
   below it is acked (NATS ack floor + 1, Kafka committed offset); ``kind``
   is ``ack`` (NATS) or ``commit`` (Kafka, the default).
 * ``signal`` / ``exit`` (harness): ``sig`` / ``rc`` of a worker ``proc``.
+* ``freeze`` / ``thaw`` (harness): SIGSTOP / SIGCONT sent to a worker ``proc``
+  (not shutdown signals: T ignores them).
 * ``closed`` (worker, after ``open_bus`` returned or raised): ``tasks_left``
   and ``threads`` (names of threads still alive other than trio's idle cache).
 
@@ -24,7 +27,14 @@ C  Kafka commits never move backwards (contiguity itself is A);
 O  no overlapping handler intervals of one aggregate across all processes,
    and no message of an aggregate starts before every earlier one (in broker
    order) has finished once: first deliveries come in publish order and
-   redeliveries settle before later messages run;
+   redeliveries settle before later messages run. Frozen-member rule: a
+   handler call of a process that was frozen (``freeze``) while the call
+   ran, and whose ``end`` is ``cancelled``, ends at the freeze -- nothing of
+   its own code ran after it (it was cancelled at the await it was
+   suspended in when the process stopped). An overlap that exists only
+   with such a call's logged end is counted apart (``frozen_overlaps``),
+   not a violation; a call that ends ``ok`` or ``fail`` after the thaw
+   keeps its logged end;
 D  no duplicate deliveries (only enforced when the scenario has no faults);
 T  every signalled worker exited within the bound with a documented status,
    leaving no task or thread behind.
@@ -98,6 +108,8 @@ class Report:
     unexpected: int = 0
     early_acks: int = 0
     order_violations: int = 0
+    overlaps: int = 0
+    frozen_overlaps: int = 0
     duplicates: int = 0
     shutdown_max_s: float = 0.0
     violations: dict[str, list[str]] = attrs.Factory(lambda: defaultdict(list))
@@ -117,7 +129,8 @@ class Report:
             f"published={self.published} acked={self.acked} handled={self.handled} "
             f"dlq={self.dead_lettered} lost={self.lost} unexpected={self.unexpected} "
             f"early_acks={self.early_acks} "
-            f"order={self.order_violations} dups={self.duplicates} "
+            f"order={self.order_violations} overlaps={self.overlaps} "
+            f"frozen_overlaps={self.frozen_overlaps} dups={self.duplicates} "
             f"shutdown_max={self.shutdown_max_s:.2f}s failed={','.join(self.failed()) or '-'}"
         )
 
@@ -248,9 +261,11 @@ def _check_order(
             if finished > latest[0]:
                 latest = (finished, key)
     exits = {e["proc"]: e["t"] for e in evs if e["ev"] == "exit"}
+    freezes = _freezes(evs)
     open_calls: dict[tuple[str, str, int, int], int] = {}
-    intervals: dict[str, list[tuple[int, int, str]]] = defaultdict(list)
-    violations = 0
+    # aggregate -> (start, effective end, logged end, proc) of every call
+    intervals: dict[str, list[tuple[int, int, int, str]]] = defaultdict(list)
+    inversions = 0
     for e in evs:
         call = (
             e.get("proc", ""),
@@ -263,22 +278,50 @@ def _check_order(
             key = _key(e)
             finished, blame = gate.get(key, (-1, key))
             if finished > e["t"] and blame != key:
-                violations += 1
+                inversions += 1
                 report.add("O", f"{key} started in {e['proc']} before {blame} finished")
         elif e["ev"] == "end" and call in open_calls:
-            intervals[call[1]].append((open_calls.pop(call), e["t"], call[0]))
+            start, end = open_calls.pop(call), e["t"]
+            effective = end
+            if e["outcome"] == "cancelled":
+                frozen = [f for f, _ in freezes.get(call[0], ()) if start <= f < end]
+                effective = min(frozen, default=end)
+            intervals[call[1]].append((start, effective, end, call[0]))
     for call, started in open_calls.items():  # killed mid-handler: open until exit
-        intervals[call[1]].append((started, exits.get(call[0], never), call[0]))
+        end = exits.get(call[0], never)
+        intervals[call[1]].append((started, end, end, call[0]))
+    overlaps = frozen_overlaps = 0
     for agg, spans in intervals.items():
         spans.sort()
-        busy_until, owner = -1, ""
-        for start, end, proc in spans:
+        busy_until, owner = -1, ""  # by effective ends
+        logged_until = -1  # by logged ends
+        for start, effective, end, proc in spans:
             if start < busy_until:
-                violations += 1
+                overlaps += 1
                 report.add("O", f"aggregate {agg}: {proc} overlapped {owner}")
-            if end > busy_until:
-                busy_until, owner = end, proc
-    report.order_violations = violations
+            elif start < logged_until:
+                frozen_overlaps += 1
+            if effective > busy_until:
+                busy_until, owner = effective, proc
+            logged_until = max(logged_until, end)
+    report.order_violations = inversions
+    report.overlaps = overlaps
+    report.frozen_overlaps = frozen_overlaps
+
+
+def _freezes(evs: Sequence[Event]) -> dict[str, list[tuple[int, int]]]:
+    """proc -> (freeze time, thaw time) of each SIGSTOP the harness sent
+    (a process never thawed stays frozen until the end of the run)."""
+    out: dict[str, list[tuple[int, int]]] = defaultdict(list)
+    stopped: dict[str, int] = {}
+    for e in evs:
+        if e["ev"] == "freeze":
+            stopped.setdefault(e["proc"], e["t"])
+        elif e["ev"] == "thaw" and e["proc"] in stopped:
+            out[e["proc"]].append((stopped.pop(e["proc"]), e["t"]))
+    for proc, t in stopped.items():
+        out[proc].append((t, 2**63))
+    return out
 
 
 def _check_duplicates(evs: Sequence[Event], params: CheckParams, report: Report) -> None:

@@ -13,13 +13,12 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 Event = dict[str, Any]
 
-__all__ = ["Event", "EventLog", "now_ns", "read_events"]
+__all__ = ["Event", "EventLog", "LogReader", "now_ns", "read_events"]
 
 
 def now_ns() -> int:
@@ -47,18 +46,35 @@ class EventLog:
 def read_events(*paths: Path) -> list[Event]:
     """Every whole event line of *paths*, sorted by time (a torn last line,
     which O_APPEND writes make impossible, would be skipped)."""
-    events: list[Event] = []
-    for path in paths:
-        if path.exists():
-            events.extend(_parse(path))
-    events.sort(key=lambda e: e["t"])
-    return events
+    return LogReader().read(list(paths))
 
 
-def _parse(path: Path) -> Iterator[Event]:
-    with path.open("rb") as f:
-        for raw in f:
+class LogReader:
+    """Re-reads a set of growing logs cheaply: each call parses only the
+    bytes appended since the last one (a line still being written, which
+    O_APPEND makes impossible, would wait for its newline)."""
+
+    def __init__(self) -> None:
+        self._seen: dict[Path, tuple[int, list[Event]]] = {}
+
+    def read(self, paths: list[Path]) -> list[Event]:
+        """Every whole event line of *paths* so far, sorted by time."""
+        events: list[Event] = []
+        for path in paths:
+            offset, parsed = self._seen.get(path, (0, []))
             try:
-                yield json.loads(raw)
-            except ValueError:
+                with path.open("rb") as f:
+                    f.seek(offset)
+                    chunk = f.read()
+            except FileNotFoundError:
                 continue
+            whole = chunk.rfind(b"\n") + 1
+            for raw in chunk[:whole].splitlines():
+                try:
+                    parsed.append(json.loads(raw))
+                except ValueError:
+                    continue
+            self._seen[path] = (offset + whole, parsed)
+            events.extend(parsed)
+        events.sort(key=lambda e: e["t"])
+        return events

@@ -23,7 +23,7 @@ import trio
 from trio_bus.testing import FaultProxy
 
 from .checker import CheckParams, DeadLetter, Held, Report, check
-from .events import Event, EventLog, now_ns, read_events
+from .events import Event, EventLog, LogReader, now_ns
 
 #: Seconds between two reads of the event logs while waiting.
 POLL = 0.05
@@ -72,6 +72,7 @@ class Harness:
     proxy: FaultProxy | None = None
     log: EventLog = attrs.field(init=False)
     workers: list[Worker] = attrs.Factory(list)
+    _reader: LogReader = attrs.Factory(LogReader)
     _count: int = 0
 
     def __attrs_post_init__(self) -> None:
@@ -79,7 +80,7 @@ class Harness:
 
     def events(self) -> list[Event]:
         """Every event of the run so far."""
-        return read_events(*sorted(self.dir.glob("*.log")))
+        return self._reader.read(sorted(self.dir.glob("*.log")))
 
     async def wait_for(
         self, predicate: Callable[[list[Event]], bool], what: str, timeout: float = WAIT
@@ -124,12 +125,24 @@ class Harness:
         self.log.write("exit", proc=worker.proc, rc=rc)
         worker.exited.set()
 
-    async def consumer(self, proc: str, *args: str) -> Worker:
-        """Start a consumer and wait until its subscription is live."""
+    async def consumer(self, proc: str, *args: str, standby: Worker | None = None) -> Worker:
+        """Start a consumer and wait until its subscription is live; with
+        *standby* (from :meth:`standby`, same *proc* and *args*), wake that
+        already started process instead."""
         before = sum(e["ev"] == "ready" and e["proc"] == proc for e in self.events())
-        worker = await self.spawn("consume", proc, *args)
+        if standby is None:
+            worker = await self.spawn("consume", proc, *args)
+        else:
+            worker = standby
+            await self.count("standby", 1, proc=proc)  # before, SIGUSR1 would kill it
+            worker.process.send_signal(signal.SIGUSR1)
         await self.count("ready", before + 1, proc=proc)
         return worker
+
+    async def standby(self, proc: str, *args: str) -> Worker:
+        """Start a consumer process that imports what it needs and waits;
+        :meth:`consumer` with ``standby=`` wakes it."""
+        return await self.spawn("consume", proc, *args, "--standby")
 
     async def publisher(self, proc: str, count: int, *args: str) -> Worker:
         """Start a publisher of *count* messages (``--aggregates`` in *args*)."""
@@ -165,6 +178,18 @@ class Harness:
         worker.process.kill()
         await worker.exited.wait()
         return None
+
+    def freeze(self, worker: Worker) -> None:
+        """SIGSTOP *worker*; the ``freeze`` event is written after the signal
+        was sent, so it is no earlier than the stop (the checker's
+        frozen-member rule ends cancelled calls there)."""
+        worker.process.send_signal(signal.SIGSTOP)
+        self.log.write("freeze", proc=worker.proc)
+
+    def thaw(self, worker: Worker) -> None:
+        """SIGCONT a worker frozen by :meth:`freeze`."""
+        self.log.write("thaw", proc=worker.proc)
+        worker.process.send_signal(signal.SIGCONT)
 
     async def stop_quietly(self, worker: Worker) -> None:
         """SIGTERM a worker as the harness's own control step (a publisher
@@ -237,14 +262,16 @@ class Harness:
         ticks = sum(e["ev"] == "tick" for e in self.events())
         if ticks:  # one more complete sample of the final ack floor
             await self.count("tick", ticks + 2)
-        for worker in self.workers:
+        running = [w for w in self.workers if w.running]
+        for worker in running:  # all at once: they drain in parallel
+            worker.process.send_signal(signal.SIGTERM)
+        with trio.move_on_after(15):
+            for worker in running:
+                await worker.exited.wait()
+        for worker in running:
             if worker.running:
-                worker.process.send_signal(signal.SIGTERM)
-                with trio.move_on_after(15):
-                    await worker.exited.wait()
-                if worker.running:
-                    worker.process.kill()
-                    await worker.exited.wait()
+                worker.process.kill()
+                await worker.exited.wait()
         held, dead = await self.readback()
         # The harness's own stop signals are not part of what is checked.
         events = [
@@ -279,6 +306,8 @@ def _row(report: Report) -> dict[str, object]:
         "unexpected": report.unexpected,
         "early_acks": report.early_acks,
         "order_violations": report.order_violations,
+        "overlaps": report.overlaps,
+        "frozen_overlaps": report.frozen_overlaps,
         "duplicates": report.duplicates,
         "shutdown_max_s": round(report.shutdown_max_s, 2),
         "failed": report.failed(),

@@ -76,7 +76,7 @@ def _note(exc: Exception) -> None:
 
 async def nats_readback(url: str, topic: str) -> dict[str, list[Any]]:
     import nats
-    from nats.js.errors import NotFoundError
+    from nats.js.api import DeliverPolicy
 
     nc = await nats.connect(url)
     try:
@@ -84,22 +84,35 @@ async def nats_readback(url: str, topic: str) -> dict[str, list[Any]]:
         stream = topic.replace(".", "_")
         info = await js.stream_info(stream)
         out: dict[str, list[Any]] = {"held": [], "dead": []}
-        seqs = list(range(info.state.first_seq, info.state.last_seq + 1))
-        for start in range(0, len(seqs), 200):
+        total = info.state.messages
+        got: dict[int, Any] = {}
+        done = asyncio.Event()
 
-            async def get(seq: int) -> Any:
-                with contextlib.suppress(NotFoundError):
-                    return await js.get_msg(stream, seq)
-                return None
+        async def collect(msg: Any) -> None:
+            got[msg.metadata.sequence.stream] = msg
+            if len(got) >= total:
+                done.set()
 
-            for msg in await asyncio.gather(*(get(s) for s in seqs[start : start + 200])):
-                if msg is None:
-                    continue
-                headers = dict(msg.headers or {})
-                if headers.get(NATS_TOPIC_HEADER, topic) != topic:
-                    _dead(out, msg.data or b"", headers)
-                else:
-                    _held(out, msg.data or b"", 0, msg.seq)
+        # Ordered push consumers over the topic and its nested subjects (the
+        # dead-letter topic): the whole stream in a few round trips, where
+        # one get per sequence took seconds for large streams.
+        subs = [
+            await js.subscribe(
+                subject, cb=collect, ordered_consumer=True, deliver_policy=DeliverPolicy.ALL
+            )
+            for subject in (topic, f"{topic}.>")
+        ]
+        if total:
+            await asyncio.wait_for(done.wait(), 120)
+        for sub in subs:
+            await sub.unsubscribe()
+        for seq in sorted(got):
+            msg = got[seq]
+            headers = dict(msg.headers or {})
+            if headers.get(NATS_TOPIC_HEADER, topic) != topic:
+                _dead(out, msg.data or b"", headers)
+            else:
+                _held(out, msg.data or b"", 0, seq)
         return out
     finally:
         await nc.close()

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 COLUMNS = ["published", "acked", "handled", "dead_lettered", "lost", "unexpected", "early_acks"]
-COLUMNS += ["order_violations", "duplicates", "shutdown_max_s"]
+COLUMNS += ["overlaps", "frozen_overlaps", "order_violations", "duplicates", "shutdown_max_s"]
 
 
 def render(lines: list[dict[str, object]]) -> str:

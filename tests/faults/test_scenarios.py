@@ -87,10 +87,15 @@ async def test_signal_at_random_moments(harness: Harness, sig: signal.Signals) -
     args = [*trap, "--work-ms", "3", "--shutdown-grace", str(grace)]
     await harness.sampler()
     publisher = await harness.publisher("p1", 10**6, "--aggregates", "10", "--interval-ms", "50")
+    ready = await harness.standby("c0", *args)
     for i in range(tries):
-        worker = await harness.consumer(f"c{i}", *args)
+        worker = await harness.consumer(f"c{i}", *args, standby=ready)
+        # The next one starts up meanwhile (off the clock); it waits for its turn.
+        ready = await harness.standby(f"c{i + 1}", *args)
         await harness.count("start", rng.randint(1, 100), proc=f"c{i}")
         await harness.signal(worker, sig, timeout=params.shutdown_bound_s + 2)
+    ready.process.kill()  # the unused standby: never in the group
+    await ready.exited.wait()
     await harness.stop_quietly(publisher)
     await harness.consumer("final", *args)
     await harness.settle_published(timeout=120)
@@ -230,9 +235,11 @@ async def test_broker_sigkill_and_restart(
     problems: list[str] = []
     before = sum(e["ev"] == "start" for e in harness.events())
     try:
-        await harness.count("start", before + 500, timeout=90)
+        # 40 s: many sessions and reconnect backoffs; Kafka's known gap
+        # (strict xfail) fails here, and need not wait longer to do so.
+        await harness.count("start", before + 500, timeout=40)
         await harness.stop_quietly(publisher)
-        await harness.settle_published(timeout=90)
+        await harness.settle_published(timeout=40)
     except AssertionError as exc:  # still check and record what happened
         problems.append(str(exc))
     report = await harness.finish("broker SIGKILL+restart", PARAMS)
