@@ -4,9 +4,10 @@ a publisher streams over 50 aggregates. The checker's O is the point: no
 two handler calls of one aggregate overlap across all processes, first
 deliveries per aggregate in publish order; L and A as everywhere.
 
-On NATS a group on main is one shared durable consumer, so a group of
-three overlaps by construction until partitioned groups land (issue 10):
-the NATS variants are strict xfails here.
+Kafka keeps order across members with its partitions and the partition
+fence; NATS with partitioned groups (leases in a KV bucket,
+docs/scaling.md). With one shared durable consumer (``partitions=1``) a
+NATS group of three overlaps by construction: these scenarios fail then.
 """
 
 from __future__ import annotations
@@ -31,13 +32,6 @@ AGGREGATES = 50
 #: Least time a frozen member stays frozen: twice the Kafka test URL's
 #: 2 s session, so its leases certainly lapsed (the outage, not a wait).
 FREEZE_MIN = 4.0
-NATS_SHARED = "NATS groups share one durable consumer; partitioned groups are issue 10"
-
-
-@pytest.fixture(autouse=True)
-def _nats_groups_are_issue_10(transport: str, request: pytest.FixtureRequest) -> None:
-    if transport == "nats":
-        request.applymarker(pytest.mark.xfail(strict=True, reason=NATS_SHARED))
 
 
 def assert_holds(report: Report) -> None:
