@@ -188,7 +188,11 @@ class _Coordinator:
         self.code = 0
         self.delay = 0.5
         self.held_at_send: list[bool] = []
+        self.rejoins = 0
         self._fence = fence
+
+    def request_rejoin(self) -> None:
+        self.rejoins += 1
 
     async def _send_req(self, request: _Request) -> _Response:
         self.held_at_send.append(all(lease.held() for lease in self._fence.leases.values()))
@@ -227,7 +231,7 @@ async def test_fence_rules(autojump_clock: trio.testing.MockClock) -> None:
     # REBALANCE_IN_PROGRESS: at most the rebalance timeout after the last
     # stable answer's send time.
     coordinator.code = 27
-    await trio.sleep(8.0)
+    await trio.sleep(7.0)  # answered just before the lease would lapse
     await send(_Request(HEARTBEAT))
     assert lease.expires == sent + 13.0 - 1.0
 
@@ -252,3 +256,33 @@ async def test_fence_rules(autojump_clock: trio.testing.MockClock) -> None:
     await send(_Request(LEAVE_GROUP))
     assert coordinator.held_at_send[-1] is False
     assert not fence.held(tp)
+
+
+async def test_a_lapsed_lease_is_not_revived_the_member_rejoins(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # A heartbeat answered after the lease had lapsed (a loaded machine):
+    # the pool may have handed deliveries back meanwhile, so the lease stays
+    # void and the member rejoins (new leases, committed positions) instead.
+    fence = Fence("g", session_timeout=10.0, rebalance_timeout=13.0, margin=1.0)
+    coordinator = _Coordinator(fence)
+    fence.install(coordinator)
+    tp = aiokafka.TopicPartition("t", 0)
+    await coordinator._send_req(_Request(SYNC_GROUP))  # through the fence's wrapper
+    fence.grant([tp])
+    lease = fence.leases[tp]
+    coordinator.delay = 12.0  # the answer comes after the lease expired
+    await coordinator._send_req(_Request(HEARTBEAT))
+    assert lease.revoked
+    assert not fence.held(tp)
+    assert coordinator.rejoins == 1
+    assert fence.lapses == 1
+    # An answer in time after that renews nothing void and asks no more.
+    coordinator.delay = 0.5
+    await coordinator._send_req(_Request(HEARTBEAT))
+    assert coordinator.rejoins == 1
+    # The rejoin's new assignment brings a fresh, held lease.
+    await coordinator._send_req(_Request(SYNC_GROUP))
+    fence.grant([tp])
+    assert fence.held(tp)
+    assert fence.leases[tp] is not lease

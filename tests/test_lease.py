@@ -189,3 +189,15 @@ async def test_no_retry_or_dead_letter_once_the_lease_lapsed(
     assert failing == [1]
     assert consumer.released == [1]
     assert consumer.acked == []
+
+
+async def test_a_lapsed_lease_is_not_revived(autojump_clock: trio.testing.MockClock) -> None:
+    # Deliveries may have been handed back while it was not held: a late
+    # renewal must not let the partition's later ones run before them.
+    lease = Lease(trio.current_time() + 1.0)
+    assert lease.renew(trio.current_time() + 2.0)
+    await trio.sleep(2.5)
+    assert not lease.held()
+    assert not lease.renew(trio.current_time() + 5.0)
+    assert lease.revoked
+    assert not lease.held()

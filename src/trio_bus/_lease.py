@@ -48,8 +48,8 @@ class Lease:
         self.expires = expires
         #: What it covers, for logs (e.g. ``"orders/p3"``).
         self.name = name
-        #: Given up or lost for good: never held again (a new acquisition
-        #: of the partition gets a new Lease).
+        #: Given up, lost or lapsed for good: never held again (a new
+        #: acquisition of the partition gets a new Lease).
         self.revoked = False
         # Cancel scopes of handler calls running under this lease, with the
         # deadline each call wants for its own timeout.
@@ -63,14 +63,28 @@ class Lease:
         """Whether a handler call may start (or go on) under this lease."""
         return not self.revoked and trio.current_time() < self.expires
 
-    def renew(self, expires: float) -> None:
+    def renew(self, expires: float) -> bool:
         """Extend the lease to *expires* (never shortens it; no-op once
-        revoked), moving the deadlines of the calls running under it."""
-        if self.revoked or expires <= self.expires:
-            return
+        revoked), moving the deadlines of the calls running under it.
+        Returns False when the lease is void (revoked, or revoked now).
+
+        A lease that already lapsed is revoked instead: while it was not
+        held the pool may have handed deliveries back (the transport drops
+        them), so reviving it would let the partition's later deliveries
+        run before those -- out of order, the skipped ones replayed only at
+        the next rebalance. The transport acquires the partition again
+        with a new lease (and redelivers from its committed position)."""
+        if self.revoked:
+            return False
+        if expires <= self.expires:
+            return True
+        if trio.current_time() >= self.expires:
+            self.revoke()
+            return False
         self.expires = expires
         for scope, own in self._running.items():
             scope.deadline = min(own, expires)
+        return True
 
     def revoke(self) -> None:
         """Void the lease now and cancel every call running under it."""

@@ -24,6 +24,13 @@ and that cannot happen before the lease expired here:
   rejoin), lost (a heartbeat answered ``UNKNOWN_MEMBER_ID``,
   ``ILLEGAL_GENERATION`` or ``FENCED_INSTANCE_ID``), before a LeaveGroup is
   sent, and when the group stops;
+* a lease that lapsed before an answer renewed it (a heartbeat answered
+  late: a loaded machine, a slow coordinator) is not revived -- the pool may
+  have handed deliveries back meanwhile, and reviving it would run the
+  partition's later records before them (``Lease.renew`` revokes it). The
+  member rejoins the group instead, which re-grants the partitions with new
+  leases and seeks them to their committed offsets: what was handed back
+  is delivered again, in order;
 * the commit loop sends no offset of a partition whose lease is not held.
 
 Heartbeat answers are learned by wrapping the coordinator's request method
@@ -86,11 +93,16 @@ class Fence:
         # Send time of the last request answered with no error: the group
         # was stable then, with this member in it.
         self._stable_sent = -math.inf
+        #: Asks the coordinator for a rejoin (set by :meth:`install`).
+        self._rejoin: Callable[[], None] = lambda: None
+        #: Rejoins asked for because leases lapsed before their renewal.
+        self.lapses = 0
 
     def install(self, coordinator: Any) -> None:
         """Watch *coordinator*'s requests (an aiokafka ``GroupCoordinator``,
         right after the consumer started)."""
         send: Callable[[Any], Awaitable[Any]] = coordinator._send_req
+        self._rejoin = coordinator.request_rejoin
 
         async def send_req(request: Any) -> Any:
             key = getattr(request, "API_KEY", None)
@@ -120,8 +132,19 @@ class Fence:
             return
         self.expires = until
         self.renewals += 1
-        for lease in self.leases.values():
-            lease.renew(until)
+        lapsed = []
+        for tp, lease in self.leases.items():
+            if not lease.revoked and not lease.renew(until):  # it had lapsed
+                lapsed.append(tp)
+        if lapsed:
+            self.lapses += 1
+            logger.warning(
+                "group %r: leases of %d partitions lapsed before a heartbeat answer renewed"
+                " them; rejoining to get them back in order",
+                self.name,
+                len(lapsed),
+            )
+            self._rejoin()
 
     def grant(self, partitions: Iterable[TopicPartition]) -> None:
         """New leases for a new assignment (``on_partitions_assigned``),
