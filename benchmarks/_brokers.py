@@ -9,13 +9,14 @@ from __future__ import annotations
 import contextlib
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import attrs
 
 from trio_bus.testing import NatsServer, run_tansu, tansu_binary
 
-__all__ = ["Broker", "start_kafka", "start_nats"]
+__all__ = ["Broker", "broker_url", "start_kafka", "start_nats"]
 
 
 @attrs.define(eq=False)
@@ -58,3 +59,19 @@ def start_kafka(cache: Path | None = None) -> Broker:
     stack = contextlib.ExitStack()
     broker = stack.enter_context(run_tansu(tansu_binary(home), workdir / "tansu.log"))
     return Broker("kafka", broker.bootstrap, workdir, stack)
+
+
+@contextlib.contextmanager
+def broker_url(transport: str, url: str | None, kafka_params: str) -> Iterator[str]:
+    """*url*, or the URL of a broker of *transport* started for the block
+    (Kafka URLs get *kafka_params*) and stopped after it."""
+    if url is not None:
+        yield url
+        return
+    broker = start_kafka() if transport == "kafka" else start_nats()
+    try:
+        scheme = "kafka" if transport == "kafka" else "nats"
+        query = f"?{kafka_params}" if transport == "kafka" else ""
+        yield f"{scheme}://{broker.address}{query}"
+    finally:
+        broker.stop()

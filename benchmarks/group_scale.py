@@ -282,21 +282,10 @@ def cli(argv: list[str] | None = None) -> None:
     parser.add_argument("--no-failover", dest="failover", action="store_false")
     parser.add_argument("--json", action="store_true", help="one JSON object per run")
     args = parser.parse_args(argv)
-    broker = None
-    if args.url is None:
-        from ._brokers import start_kafka, start_nats
+    from ._brokers import broker_url
 
-        if args.transport == "kafka":
-            broker = start_kafka()
-            args.url = f"kafka://{broker.address}?{KAFKA_URL_PARAMS}"
-        else:
-            broker = start_nats()
-            args.url = f"nats://{broker.address}"
-    try:
+    with broker_url(args.transport, args.url, KAFKA_URL_PARAMS) as args.url:
         trio.run(main, args)
-    finally:
-        if broker is not None:
-            broker.stop()
 
 
 if __name__ == "__main__":

@@ -154,17 +154,10 @@ def cli(argv: list[str] | None = None) -> None:
     parser.add_argument("--messages", type=int, default=0, help="messages (at least one a topic)")
     parser.add_argument("--json", action="store_true", help="one JSON object per run")
     args = parser.parse_args(argv)
-    broker = None
-    if args.url is None:
-        from ._brokers import start_kafka
+    from ._brokers import broker_url
 
-        broker = start_kafka()
-        args.url = f"kafka://{broker.address}?{KAFKA_URL_PARAMS}"
-    try:
+    with broker_url("kafka", args.url, KAFKA_URL_PARAMS) as args.url:
         trio.run(main, args)
-    finally:
-        if broker is not None:
-            broker.stop()
 
 
 if __name__ == "__main__":
