@@ -123,19 +123,45 @@ async def nats_sample(url: str, topic: str, group: str, log: EventLog, every: fl
 
     nc = await nats.connect(url, max_reconnect_attempts=-1)
     js = nc.jetstream()
+    stream, durable = topic.replace(".", "_"), group.replace(".", "_")
     try:
         while True:
             backlog = None
             try:
-                info = await js.consumer_info(topic.replace(".", "_"), group.replace(".", "_"))
-                log.write("floor", partition=0, floor=info.ack_floor.stream_seq + 1, kind="ack")
-                backlog = (info.num_pending or 0) + (info.num_ack_pending or 0)
+                floor, backlog = await _nats_group_state(js, stream, durable)
+                log.write("floor", partition=0, floor=floor, kind="ack")
             except Exception as exc:  # broker away or consumer not there yet: again later
                 _note(exc)
             log.write("tick", backlog=backlog)
             await asyncio.sleep(every)  # the sampling period
     finally:
         await nc.close()
+
+
+async def _nats_group_state(js: Any, stream: str, durable: str) -> tuple[int, int]:
+    """``(floor, backlog)`` of a group over all its durables: the shared one
+    (``partitions=1``) and the partitioned ``<durable>_p<p>`` ones.
+
+    Every stream sequence below ``floor`` is acked: each durable's ack floor
+    bounds its own filter, and a durable with nothing pending or unacked
+    has acked all it filters up to the stream's last sequence, read first.
+    """
+    last = (await js.stream_info(stream)).state.last_seq
+    infos = [
+        info
+        for info in await js.consumers_info(stream)
+        if info.name == durable
+        or (info.name.startswith(durable + "_p") and info.name[len(durable) + 2 :].isdigit())
+    ]
+    if not infos:
+        raise LookupError(f"no durable of group {durable} on {stream} yet")
+    floor, backlog = last + 1, 0
+    for info in infos:
+        pending = (info.num_pending or 0) + (info.num_ack_pending or 0)
+        backlog += pending
+        if pending:
+            floor = min(floor, info.ack_floor.stream_seq + 1)
+    return floor, backlog
 
 
 # --------------------------------------------------------------------- Kafka
