@@ -178,11 +178,14 @@ async def test_refused_credentials_fail_fast(refusal: tuple[str, NatsOptions, st
     assert isinstance(exc, TransportUnavailableError), repr(exc)
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="under load the server may close a refused TLS client before its alert is read:"
-    " seen once on 2026-12-02 as TransportUnavailableError (no client cert); passes alone",
-)
+#: Seen once on 2026-12-02 in a clean-clone run on a loaded machine (passes
+#: alone): with TLS 1.3 the client's handshake ends before the server checks
+#: its certificate, and a server that closes at once may reset the
+#: connection before the client reads the alert, so the client sees only a
+#: reset: an unavailable server, not a refusal.
+ALERT_LOST = "the server's certificate-required alert was lost in a reset (under load)"
+
+
 @pytest.mark.parametrize("refusal", REFUSALS, indirect=True)
 async def test_refused_credentials_are_an_authentication_error_without_the_secret(
     refusal: tuple[str, NatsOptions, str], caplog: pytest.LogCaptureFixture
@@ -190,9 +193,12 @@ async def test_refused_credentials_are_an_authentication_error_without_the_secre
     caplog.set_level(logging.DEBUG)
     url, opts, mechanism = refusal
     exc = await open_fails(url, opts)
+    assert_no_secret(["wr0ng-pw", "wr0ng-token"], [*exception_texts(exc), *log_texts(caplog)])
+    if mechanism == "TLS client certificate" and not isinstance(exc, AuthenticationError):
+        assert isinstance(exc, TransportUnavailableError), repr(exc)
+        pytest.xfail(ALERT_LOST)
     assert isinstance(exc, AuthenticationError), repr(exc)
     assert exc.mechanism == mechanism
-    assert_no_secret(["wr0ng-pw", "wr0ng-token"], [*exception_texts(exc), *log_texts(caplog)])
 
 
 @pytest.mark.parametrize("case", ["untrusted CA", "wrong hostname", "system CAs only"])
