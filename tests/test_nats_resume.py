@@ -148,3 +148,29 @@ def test_redact_masks_url_secrets() -> None:
     )
     assert redact_text("cannot reach tls://tok3n@h:4222") == "cannot reach tls://***@h:4222"
     assert redact_text("nats://h:4222 said no") == "nats://h:4222 said no"
+
+
+def test_past_a_resync_deadline_nothing_is_released_until_asked_again() -> None:
+    """A redelivery later than the resync's deadline (naks sent under load)
+    must not run after newer messages: the barrier keeps holding and says it
+    is overdue; the next resync's fresh state lets the late one through first."""
+    barrier: Barrier[str] = Barrier()
+    barrier.pause(deadline=100.0)
+    barrier.resync(awaiting=[5], expect=1, after_dseq=9, deadline=10.0)
+    assert barrier.admit("newer", seq=8, dseq=10, count=1, now=9.0) == []
+    assert not barrier.overdue(9.9)
+    assert barrier.admit("newest", seq=9, dseq=11, count=1, now=10.5) == []
+    assert barrier.overdue(10.5)
+    barrier.pause(deadline=60.0)  # the puller asks again
+    assert not barrier.overdue(20.0)
+    assert barrier.resync(awaiting=[5], expect=1, after_dseq=11, deadline=25.0) == []
+    assert barrier.admit("late", seq=5, dseq=12, count=2, now=21.0) == ["late", "newer", "newest"]
+    assert not barrier.holding
+
+
+def test_a_start_up_hold_still_ends_at_its_deadline_on_admit() -> None:
+    barrier: Barrier[str] = Barrier()
+    barrier.start_up(pending=1, delivered_seq=10, deadline=30.0)
+    assert barrier.admit("a", seq=11, dseq=1, count=1, now=29.0) == []
+    assert not barrier.overdue(31.0)
+    assert barrier.admit("b", seq=12, dseq=2, count=1, now=31.0) == ["a", "b"]

@@ -58,6 +58,10 @@ ACK_DELAY = 0.005
 ACK_BATCH = 256
 #: Seconds a resync waits for the nak'd deliveries to come back.
 RESYNC_TIMEOUT = 5.0
+#: Resyncs in a row while redeliveries are still awaited, before what is
+#: held is released anyway (in order, but a redelivery that comes later
+#: then runs after newer messages of its aggregate).
+RESYNC_ROUNDS = 3
 _BACKOFF = (0.05, 2.0)
 
 #: What Trio puts in the mailbox: (delivery, ACK or NAK), or None after a
@@ -102,6 +106,7 @@ class Puller:
         self.closing = False
         self.need_bind = False
         self.need_resync = False
+        self.resync_rounds = 0  # resyncs in a row past their deadline
         self._peers: Iterable[Puller] = ()
 
     # ---------------------------------------------------------- lifecycle
@@ -405,7 +410,18 @@ class Puller:
             if self.slot is None or not self.slot.fenced():
                 await settler.send()  # after a lease loss: nothing, acks neither
             now = loop.time()
-            self._hand_over(self.barrier.expire(now))
+            if not self.barrier.holding:
+                self.resync_rounds = 0
+            elif self.barrier.overdue(now) and self.resync_rounds < RESYNC_ROUNDS - 1:
+                self.resync_rounds += 1
+                logger.info(
+                    "%s: %d redeliveries still awaited; resyncing again",
+                    self.durable,
+                    self.barrier.expected,
+                )
+                self._pause(now)
+            else:
+                self._hand_over(self.barrier.expire(now))
             if self.pulls.silent(now):
                 # The pull is gone (server restart, lost connection): bind
                 # and pull again.

@@ -6,7 +6,9 @@ delivery was lost in transit (a reconnection). The bus must not run such a
 message after a later message of the same aggregate that it has already
 handled, so while redeliveries are due the barrier *holds* every new
 delivery back, and releases everything — lowest stream sequence first —
-once the awaited ones came back, or at a deadline.
+once the awaited ones came back, or at a deadline (a resync past its
+deadline is first asked again, up to ``RESYNC_ROUNDS`` times in all, see
+:mod:`.puller`).
 
 Two ways to enter it:
 
@@ -163,9 +165,24 @@ class Barrier(Generic[T]):
             awaiting.discard(seq)
             self._expect -= 1
         done = not self._paused and (self._expect <= 0 or awaiting == set())
-        if done or now >= self._deadline:
+        # Past a resync's deadline the puller decides (resync again, or
+        # expire): releasing here would let a late redelivery come after
+        # newer messages of its aggregate.
+        if done or (now >= self._deadline and awaiting is None):
             return self.release()
         return []
+
+    def overdue(self, now: float) -> bool:
+        """Whether a resync's deadline passed with redeliveries still
+        awaited (they may still come: the naks went out under load, or were
+        lost; asking again keeps the order, releasing would not)."""
+        return (
+            self._holding
+            and not self._paused
+            and self._awaiting is not None
+            and self._expect > 0
+            and now >= self._deadline
+        )
 
     def expire(self, now: float) -> list[T]:
         """Everything held, if the deadline passed."""
