@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 
 import pytest
 import trio
 import trio.testing
 
 from trio_bus.errors import TransportUnavailableError
+from trio_bus.transports import _bridge
 from trio_bus.transports._bridge import UNWIND_TIMEOUT, Handoff, Mailbox, open_bridge
 
 
@@ -56,6 +58,48 @@ async def test_a_call_that_ignores_cancellation_is_bounded() -> None:
         with trio.move_on_after(0.05):
             await bridge.call(stubborn)
         assert trio.current_time() - start < 0.05 + UNWIND_TIMEOUT + 0.5
+
+
+async def test_a_task_that_swallows_cancellation_twice_still_ends_at_close() -> None:
+    swallowed = 0
+
+    async def retrying() -> None:  # a client library's retry loop
+        nonlocal swallowed
+        while swallowed < 3:
+            try:
+                await asyncio.sleep(3600)
+            except asyncio.CancelledError:
+                swallowed += 1
+
+    with trio.fail_after(_bridge.TEARDOWN_TIMEOUT):
+        async with open_bridge("test") as bridge:
+            task = bridge.loop.create_task(retrying())
+            await trio.sleep(0.01)
+    assert task.done()
+    assert swallowed == 3
+
+
+async def test_a_task_that_never_ends_is_abandoned_and_named_at_close(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """trio-asyncio alone would wait for it forever (shielded)."""
+    monkeypatch.setattr(_bridge, "TEARDOWN_TIMEOUT", 0.3)
+
+    async def deaf() -> None:
+        while True:
+            try:
+                await asyncio.sleep(3600)
+            except asyncio.CancelledError:
+                pass
+
+    with trio.fail_after(5):
+        async with open_bridge("test") as bridge:
+            bridge.loop.create_task(deaf(), name="deaf-task")
+            await trio.sleep(0.01)
+    [record] = [r for r in caplog.records if "abandoned" in r.getMessage()]
+    assert record.levelno == logging.ERROR
+    assert "deaf-task" in record.getMessage()
+    assert "deaf" in record.getMessage().rsplit("abandoned:", 1)[1]
 
 
 async def test_calls_fail_fast_once_the_loop_has_stopped() -> None:

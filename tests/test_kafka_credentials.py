@@ -127,19 +127,6 @@ def revoke(kafka: SASLKafka, password: str | None) -> float:
     return trio.current_time()
 
 
-#: Leaving open_bus after the Kafka transport failed with AuthenticationError
-#: while running hung in 3 of about 5 runs on 2026-12-02 (the Trio loop idle in
-#: epoll past the test's fail_after: an uncancellable wait, most likely the
-#: asyncio loop's teardown waiting on an aiokafka task that does not finish
-#: while the broker refuses us). Until that is found and bounded, the tests
-#: that end a bus that way are skipped: a hang would stall the whole suite.
-CLOSE_HANGS = pytest.mark.skip(
-    reason="closing a Kafka bus failed by AuthenticationError while running can hang"
-    " (unbounded teardown; see the comment above CLOSE_HANGS)"
-)
-
-
-@CLOSE_HANGS
 async def test_revoked_password_is_reported_then_fails_the_bus(
     sasl_kafka: SASLKafka, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -187,7 +174,6 @@ async def test_revoked_password_is_reported_then_fails_the_bus(
     )
 
 
-@CLOSE_HANGS
 async def test_deleted_user_fails_the_bus_too(sasl_kafka: SASLKafka) -> None:
     with trio.fail_after(WAIT), pytest.raises(AuthenticationError) as raised:
         async with consuming(sasl_kafka.url, "deleted"):
@@ -222,7 +208,6 @@ def episode(refusals: Refusals) -> tuple[str | None, float | None]:
     return refusals.problem, refusals.remaining()
 
 
-@CLOSE_HANGS
 async def test_password_rotated_then_broker_roll_fails_the_bus(
     rolling_kafka: RollingKafka, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -52,6 +52,10 @@ T = TypeVar("T")
 #: finish unwinding before it gives up on it (the loop cancels it again when
 #: it closes).
 UNWIND_TIMEOUT = 1.0
+#: Seconds leaving :func:`open_bridge` waits for the asyncio tasks still on
+#: the loop to end, cancelling them again every :data:`RECANCEL_INTERVAL`.
+TEARDOWN_TIMEOUT = 5.0
+RECANCEL_INTERVAL = 0.1
 
 
 class Bridge:
@@ -142,17 +146,72 @@ async def open_bridge(name: str) -> AsyncIterator[Bridge]:
     """Open an asyncio loop for the lifetime of the block.
 
     Leaving the block stops the loop after every asyncio task on it has
-    been cancelled and has finished.
+    been cancelled and has finished, within :data:`TEARDOWN_TIMEOUT` (a
+    task that would not end is abandoned and named in an ERROR log).
     """
     loop: Any
     async with trio_asyncio.open_loop() as loop:
         bridge = Bridge(loop, name)
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(bridge._watch, name=f"trio_bus.{name}-loop-watch")
-            try:
-                yield bridge
-            finally:
-                nursery.cancel_scope.cancel()
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(bridge._watch, name=f"trio_bus.{name}-loop-watch")
+                try:
+                    yield bridge
+                finally:
+                    nursery.cancel_scope.cancel()
+        finally:
+            with trio.CancelScope(shield=True):
+                await _end_tasks(loop, name)
+
+
+async def _end_tasks(loop: asyncio.AbstractEventLoop, name: str) -> None:
+    """Cancel the loop's asyncio tasks and wait for them, at most
+    :data:`TEARDOWN_TIMEOUT`; abandon (and name, at ERROR) those that
+    would not end.
+
+    trio-asyncio's own teardown cancels each task once and then waits for
+    all of them, shielded and unbounded: one task that swallows its
+    cancellation (a library retry loop) would hang leaving the bus. Here a
+    task is cancelled again every :data:`RECANCEL_INTERVAL` until it ends;
+    one still running at the bound is unregistered from asyncio, so the
+    loop's teardown does not wait for it: a leaked task, reported, rather
+    than a close that never ends.
+    """
+    if not loop.is_running():
+        return  # nothing can run any more: trio-asyncio drops the tasks
+    deadline = trio.current_time() + TEARDOWN_TIMEOUT
+    while True:
+        pending = [task for task in asyncio.all_tasks(loop) if not task.done()]
+        if not pending:
+            return
+        if trio.current_time() >= deadline:
+            break
+        for task in pending:
+            task.cancel()
+        await trio.sleep(RECANCEL_INTERVAL)
+    for task in pending:
+        logger.error(
+            "the %s transport's asyncio task %s did not end within %gs of being cancelled;"
+            " abandoned: %s",
+            name,
+            task.get_name(),
+            TEARDOWN_TIMEOUT,
+            _where(task),
+        )
+        # Private, but the only way to keep trio-asyncio from waiting for
+        # it (asyncio.all_tasks reads this registry).
+        asyncio.tasks._unregister_task(task)
+
+
+def _where(task: asyncio.Task[Any]) -> str:
+    """Where a task is suspended, outermost coroutine first."""
+    frames = task.get_stack()
+    if not frames:
+        return repr(task.get_coro())
+    return " -> ".join(
+        f"{f.f_code.co_qualname} ({f.f_code.co_filename.rsplit('/', 1)[-1]}:{f.f_lineno})"
+        for f in frames
+    )
 
 
 class Handoff(Generic[T]):
