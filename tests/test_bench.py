@@ -271,9 +271,12 @@ async def _smoke_trio_bus_every_scenario(transport: str, address: str) -> None:
     # All scenarios at once on one broker: each run has its own bus, topics
     # and group, and publishes from its own bus (no producer process).
     async def one(workload: Workload) -> None:
-        if transport == "kafka":
-            # Each subscription of a group is one rebalance on Kafka (~2 s on
-            # Tansu): two topics prove the multi-topic path.
+        if transport != "memory":
+            # The smoke proves each scenario's path, not its scale: on a
+            # broker, topics-100 is 100 subscriptions (800 partition durables
+            # on NATS) at once with the other runs, which took over the
+            # timeout on a slow CI machine. Two topics prove the multi-topic
+            # path; the scale runs in the benchmarks and group tests.
             workload = attrs.evolve(workload, topics=min(workload.topics, 2))
         outcome = await run_trio_bus.run_consumer(
             _spec("trio_bus", transport, address, workload), produce_here=True
