@@ -6,6 +6,7 @@ own pytest plugin, :mod:`trio_bus.testing.plugin`)."""
 
 from __future__ import annotations
 
+import gc
 import importlib.metadata
 import subprocess
 import sys
@@ -80,3 +81,16 @@ def installed_wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
         timeout=600,
     )
     return bin_dir
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_runtest_teardown(item: pytest.Item) -> None:
+    """Collect garbage once the test's fixtures are torn down.
+
+    pytest turns unraisable exceptions (an unclosed socket, a task never
+    awaited) into errors of the phase in which they surface; with CPython
+    collecting cycles at random, that is whichever later test happens to
+    trigger a collection. Collecting here, just before pytest's own check
+    (also ``trylast``, registered earlier, so called after this one), blames
+    the test that leaked."""
+    gc.collect()

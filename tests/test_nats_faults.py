@@ -196,12 +196,6 @@ async def publish_bulk(
             after_batch(k)
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="known defect (2026-12-02): fails in about 2 of 6 local runs, with the puller of"
-    " before and after this session's resync change alike: a delivery from before a reset"
-    " runs after later messages of its aggregate; cause not found (docs/nats.md)",
-)
 async def test_connection_resets_keep_per_aggregate_order(nats_bus_url: str) -> None:
     """The backlog streams at the consumer (a large prefetch) while its
     connection is reset five times: deliveries in transit are lost, and

@@ -21,18 +21,42 @@ def holding(barrier: Barrier[str]) -> bool:
 def test_plan_naks_what_we_do_not_hold() -> None:
     # Delivered 11..20 (ack floor 10); we hold 12 and 15; the server has 5
     # pending: 3 of them are lost in transit.
-    naks, expect = plan_resync(ack_floor=10, delivered=20, ack_pending=5, held={12, 15, 3})
+    naks, expect = plan_resync(
+        ack_floor=10, delivered=20, ack_pending=5, held={12, 15, 3}, pending={12, 15, 3}
+    )
     assert naks == [11, 13, 14, 16, 17, 18, 19, 20]
     assert expect == 3
 
 
+def test_plan_does_not_count_processed_acks_as_pending() -> None:
+    # 11..18 delivered: 11 and 14 held unsettled; 12 and 13 acked (the
+    # server processed the acks, the client has not seen them confirmed
+    # yet); 15..18 lost in transit. Counting the acks as pending would
+    # expect two redeliveries of the four, and release what is held before
+    # the last two came back, after newer messages of their aggregates.
+    naks, expect = plan_resync(
+        ack_floor=10, delivered=18, ack_pending=6, held={11, 12, 13, 14}, pending={11, 14}
+    )
+    assert naks == [15, 16, 17, 18]
+    assert expect == 4
+
+
 def test_plan_nothing_pending_beyond_what_we_hold() -> None:
-    assert plan_resync(ack_floor=10, delivered=20, ack_pending=2, held={12, 15}) == ([], 0)
-    assert plan_resync(ack_floor=20, delivered=20, ack_pending=0, held=set()) == ([], 0)
+    held = {12, 15}
+    assert plan_resync(ack_floor=10, delivered=20, ack_pending=2, held=held, pending=held) == (
+        [],
+        0,
+    )
+    assert plan_resync(ack_floor=20, delivered=20, ack_pending=0, held=set(), pending=set()) == (
+        [],
+        0,
+    )
 
 
 def test_plan_is_bounded_and_naks_the_newest() -> None:
-    naks, expect = plan_resync(ack_floor=0, delivered=1000, ack_pending=900, held=set(), limit=10)
+    naks, expect = plan_resync(
+        ack_floor=0, delivered=1000, ack_pending=900, held=set(), pending=set(), limit=10
+    )
     assert naks == list(range(991, 1001))
     assert expect == 10
 
@@ -56,10 +80,35 @@ def test_a_copy_in_flight_before_the_naks_does_not_count() -> None:
     barrier: Barrier[str] = Barrier()
     barrier.pause(deadline=100.0)
     assert barrier.resync(awaiting=[18], expect=1, after_dseq=30, deadline=10.0) == []
-    # The original delivery of 18 (dseq 30) was still in flight: held, and
-    # replaced by the redelivery the nak causes.
+    # The original delivery of 18 (dseq 30) was still in flight: held; the
+    # redelivery the nak causes is a copy (the puller drops it) and counts.
     assert barrier.admit("m18-first", seq=18, dseq=30, count=1, now=1.0) == []
-    assert barrier.admit("m18-again", seq=18, dseq=31, count=2, now=1.0) == ["m18-again"]
+    assert barrier.copy(seq=18, dseq=31, count=2, now=1.0) == ["m18-first"]
+
+
+def test_a_dropped_copy_counts_as_the_awaited_redelivery_once() -> None:
+    # 18 arrived before the naks took effect (not counted), so the puller
+    # holds it; the nak'd copy of 18 is dropped but is the redelivery.
+    barrier: Barrier[str] = Barrier()
+    barrier.pause(deadline=100.0)
+    assert barrier.resync(awaiting=[18, 19], expect=2, after_dseq=30, deadline=10.0) == []
+    assert barrier.admit("m18", seq=18, dseq=29, count=2, now=1.0) == []
+    assert barrier.admit("m21", seq=21, dseq=31, count=1, now=1.0) == []
+    assert barrier.copy(seq=18, dseq=32, count=3, now=1.0) == []
+    # A second copy of 18 does not stand in for 19.
+    assert barrier.copy(seq=18, dseq=33, count=4, now=1.0) == []
+    assert holding(barrier)
+    assert barrier.admit("m19", seq=19, dseq=34, count=2, now=1.0) == ["m18", "m19", "m21"]
+    assert barrier.copy(seq=19, dseq=35, count=3, now=1.0) == []
+
+
+def test_a_copy_does_not_count_at_start_up() -> None:
+    barrier: Barrier[str] = Barrier()
+    barrier.start_up(pending=2, delivered_seq=10, deadline=100.0)
+    assert barrier.admit("m4", seq=4, dseq=1, count=2, now=1.0) == []
+    assert barrier.copy(seq=4, dseq=2, count=3, now=1.0) == []
+    assert holding(barrier)
+    assert barrier.admit("m7", seq=7, dseq=3, count=2, now=1.0) == ["m4", "m7"]
 
 
 def test_resync_with_nothing_to_await_releases_in_order() -> None:

@@ -108,6 +108,7 @@ class Puller:
         self.need_resync = False
         self.resync_rounds = 0  # resyncs in a row past their deadline
         self._peers: Iterable[Puller] = ()
+        self._reconnects = conn.nc.stats["reconnects"]  # reconnections seen
 
     # ---------------------------------------------------------- lifecycle
 
@@ -171,13 +172,17 @@ class Puller:
     def _same_group(self, other: Puller) -> bool:
         return other is not self and other.where == self.where and other.durable == self.durable
 
-    def _held_by_group(self) -> set[int]:
-        """What this process holds of the group: a resync must not nak it."""
-        held = self.settler.held()
-        for peer in self._peers:
-            if self._same_group(peer):
-                held |= peer.settler.held()
-        return held
+    def _held_by_group(self) -> tuple[set[int], set[int]]:
+        """What this process holds of the group, (not to nak, still pending
+        on the server): a resync must not nak the first and counts the
+        second (see :func:`.resume.plan_resync`)."""
+        settlers = [self.settler, *(p.settler for p in self._peers if self._same_group(p))]
+        held: set[int] = set()
+        pending: set[int] = set()
+        for settler in settlers:
+            held |= settler.held()
+            pending.update(settler.unsettled)
+        return held, pending
 
     async def _bind(self, resume: Resume = "") -> Any:
         assert self.where is not None
@@ -216,7 +221,15 @@ class Puller:
 
     def reconnected(self) -> None:
         """Pull requests died with the old connection; deliveries may have
-        been lost on it: hold new ones back until resynced."""
+        been lost on it: hold new ones back until resynced.
+
+        Called by the first delivery on a new connection or by the
+        connection's reconnect event, whichever comes first (once per
+        reconnection)."""
+        count = self.conn.nc.stats["reconnects"]
+        if count == self._reconnects:
+            return
+        self._reconnects = count
         now = asyncio.get_running_loop().time()
         self.pulls.lost()
         self.gaps.reconnected(now)
@@ -292,6 +305,13 @@ class Puller:
     # ---------------------------------------------------------- receiving
 
     async def _on_msg(self, msg: Msg) -> None:
+        if self.conn.nc.stats["reconnects"] != self._reconnects:
+            # The first delivery on a new connection: nats-py runs its
+            # reconnect callback only after a round trip, and the server
+            # may already deliver on a pull request of the old connection
+            # (interest came back with the resubscription) while what was
+            # in transit on it is lost. Hold from this delivery on.
+            self.reconnected()
         now = asyncio.get_running_loop().time()
         headers = msg.headers
         if headers and not msg.data and "Status" in headers:
@@ -307,9 +327,9 @@ class Puller:
         count, seq, dseq, stamp = parse_reply(reply)
         self.max_seq = max(self.max_seq, seq)
         delivery = Delivery(seq, dseq, reply, now, count, stamp)
-        previous = self.settler.hold(delivery)
-        if previous is not None:  # a redelivery: drop a superseded copy
-            self.handoff.discard(lambda record: record.token is previous)
+        if count > 1 and self._stale_copy(delivery, now):
+            return
+        self.settler.hold(delivery)
         if self.closing or (self.slot is not None and self.slot.draining):
             return  # closing, or a partition being given up: nak'd at close, in order
         if headers and self.where is not None and not self.where.nested:
@@ -341,11 +361,35 @@ class Puller:
         else:
             self.handoff.put(record)
 
+    def _stale_copy(self, delivery: Delivery, now: float) -> bool:
+        """Whether a redelivery is a further copy of a sequence this consumer
+        holds unsettled, or acked: then it is dropped (acked again in the
+        second case; the server acks by stream sequence, so the earlier
+        delivery's ack settles it) and only counted by the barrier.
+
+        Copies come from naks of resyncs in a row (the server queues a
+        sequence again once it redelivered it) and from ``ack_wait``
+        running out under a slow handler. Handing one over would run the
+        message again, after newer messages of its aggregate."""
+        settler = self.settler
+        if delivery.seq not in settler.unsettled:
+            if not settler.acked(delivery.seq):
+                return False
+            settler.settle(delivery, ACK)
+            self.mailbox.wake()
+        if self.gaps.seen(delivery.dseq, now):
+            self._pause(now)
+        if self.barrier.holding:
+            self._hand_over(
+                self.barrier.copy(
+                    seq=delivery.seq, dseq=delivery.dseq, count=delivery.count, now=now
+                )
+            )
+        return True
+
     def _hand_over(self, records: list[Record]) -> None:
         if records:
-            # Drop what a later delivery of the same sequence superseded.
-            unsettled = self.settler.unsettled
-            self.handoff.put_many(r for r in records if unsettled.get(r.offset or 0) is r.token)
+            self.handoff.put_many(records)
 
     def _drain(self) -> None:
         for item in self.mailbox.drain():
@@ -442,7 +486,9 @@ class Puller:
         self._drain()
         self.settler.reconnected()
         await self.settler.send()  # acks before the naks, on one connection
-        await self.conn.round_trip(self.conn.options.request_timeout)
+        if not await self.conn.round_trip(self.conn.options.request_timeout):
+            # Which acks the state below reflects would be unknown.
+            raise TransportUnavailableError("no round trip to the server for a resync")
         try:
             return await self.conn.jsm.consumer_info(self.where.stream, self.durable)
         except nats.js.errors.NotFoundError:
@@ -466,11 +512,13 @@ class Puller:
             return
         delivered = info.delivered.consumer_seq or 0
         self.gaps.advance(delivered)
+        held, pending = self._held_by_group()
         naks, expect = plan_resync(
             ack_floor=info.ack_floor.stream_seq or 0,
             delivered=info.delivered.stream_seq or 0,
             ack_pending=info.num_ack_pending or 0,
-            held=self._held_by_group(),
+            held=held,
+            pending=pending,
         )
         prefix = f"$JS.ACK.{self.where.stream}.{self.durable}.1."
         for seq in naks:

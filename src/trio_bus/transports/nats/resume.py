@@ -44,6 +44,7 @@ def plan_resync(
     delivered: int,
     ack_pending: int,
     held: Collection[int],
+    pending: Collection[int],
     limit: int = RESYNC_NAK_LIMIT,
 ) -> tuple[list[int], int]:
     """What to nak after a reconnection, and how many redeliveries to await.
@@ -52,16 +53,21 @@ def plan_resync(
         ack_floor: The consumer's ack floor (stream sequence).
         delivered: The last stream sequence the consumer delivered.
         ack_pending: The server's ``num_ack_pending``.
-        held: Stream sequences this bus holds unsettled, or acked but not
-            yet confirmed (naking those would bring back handled messages).
+        held: Stream sequences not to nak: held unsettled, or acked but not
+            known to be processed (naking those would bring back handled
+            messages).
+        pending: Those of *held* the server counts in ``ack_pending``: the
+            unsettled ones (acks it processed are not pending).
         limit: Most sequences to nak (the highest ones).
 
     Returns:
         The sequences to nak in ascending order (the server ignores those
-        already acked), and the redeliveries to expect:
-        ``ack_pending`` minus what we hold in the range.
+        already acked), and the redeliveries to expect: ``ack_pending``
+        minus what is *pending* in the range. Counting acked sequences
+        there would expect too few, and release what is held before the
+        last redeliveries came back.
     """
-    held_in_range = sum(1 for seq in held if ack_floor < seq <= delivered)
+    held_in_range = sum(1 for seq in pending if ack_floor < seq <= delivered)
     expect = max(0, ack_pending - held_in_range)
     if not expect:
         return [], 0
@@ -155,11 +161,22 @@ class Barrier(Generic[T]):
         if not self._holding:
             return [item]
         self._items[seq] = item
+        return self._arrived(seq, dseq, count, now, copy=False)
+
+    def copy(self, *, seq: int, dseq: int, count: int, now: float) -> list[T]:
+        """A further copy of a sequence already held (here or downstream)
+        arrived: it may be the awaited redelivery of *seq* (a resync naks
+        by sequence; at start-up the first copy counted), and holds nothing."""
+        if not self._holding:
+            return []
+        return self._arrived(seq, dseq, count, now, copy=True)
+
+    def _arrived(self, seq: int, dseq: int, count: int, now: float, *, copy: bool) -> list[T]:
         awaiting = self._awaiting
         if self._paused:
             pass
         elif awaiting is None:
-            if seq <= self._old_upto and count > 1:
+            if seq <= self._old_upto and count > 1 and not copy:
                 self._expect -= 1
         elif seq in awaiting and dseq > self._after_dseq:
             awaiting.discard(seq)

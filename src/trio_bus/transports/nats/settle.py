@@ -100,12 +100,16 @@ class Settler:
     def __len__(self) -> int:
         return len(self._outbox)
 
-    def hold(self, delivery: Delivery) -> Delivery | None:
-        """A delivery arrived; return the earlier one of its sequence it
-        supersedes, if any."""
-        previous = self.unsettled.get(delivery.seq)
+    def hold(self, delivery: Delivery) -> None:
+        """A delivery arrived (not a copy of one held: see ``Puller``)."""
         self.unsettled[delivery.seq] = delivery
-        return previous
+
+    def acked(self, seq: int) -> bool:
+        """Whether an ack of stream sequence *seq* is queued, or sent and not
+        confirmed. A scan: for redeliveries only, off the hot path."""
+        if seq in self._unconfirmed.values():
+            return True
+        return any(p is ACK and parse_reply(reply)[1] == seq for reply, p in self._outbox)
 
     def settle(self, delivery: Delivery, payload: bytes) -> None:
         """Trio code settled *delivery* (``ACK`` or ``NAK``)."""
