@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import logging
+import sys
 
 import pytest
 import trio
@@ -79,27 +79,45 @@ async def test_a_task_that_swallows_cancellation_twice_still_ends_at_close() -> 
     assert swallowed == 3
 
 
-async def test_a_task_that_never_ends_is_abandoned_and_named_at_close(
-    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
-) -> None:
-    """trio-asyncio alone would wait for it forever (shielded)."""
-    monkeypatch.setattr(_bridge, "TEARDOWN_TIMEOUT", 0.3)
+#: A bus process whose asyncio side has a task that ignores every cancel.
+DEAF_TASK = """
+import asyncio, logging, trio
+from trio_bus.transports import _bridge
 
-    async def deaf() -> None:
-        while True:
-            try:
-                await asyncio.sleep(3600)
-            except asyncio.CancelledError:
-                pass
+_bridge.TEARDOWN_TIMEOUT = 0.3
+logging.basicConfig(level=logging.ERROR, format="%(levelname)s %(message)s")
 
-    with trio.fail_after(5):
-        async with open_bridge("test") as bridge:
-            bridge.loop.create_task(deaf(), name="deaf-task")
-            await trio.sleep(0.01)
-    [record] = [r for r in caplog.records if "abandoned" in r.getMessage()]
-    assert record.levelno == logging.ERROR
-    assert "deaf-task" in record.getMessage()
-    assert "deaf" in record.getMessage().rsplit("abandoned:", 1)[1]
+async def deaf():
+    while True:
+        try:
+            await asyncio.sleep(3600)
+        except asyncio.CancelledError:
+            pass
+
+async def main():
+    async with _bridge.open_bridge("test") as bridge:
+        bridge.loop.create_task(deaf(), name="deaf-task")
+        await trio.sleep(0.01)
+
+trio.run(main)
+print("left the bridge")
+"""
+
+
+async def test_a_task_that_never_ends_is_abandoned_and_named_at_close() -> None:
+    """trio-asyncio alone would wait for it forever, shielded: no timeout in
+    this process could end that, so it runs in a child with a deadline."""
+    with trio.fail_after(60):  # a hang is killed (run_process kills on cancel)
+        done = await trio.run_process(
+            [sys.executable, "-c", DEAF_TASK], capture_stdout=True, capture_stderr=True, check=False
+        )
+    out, err = done.stdout.decode(), done.stderr.decode()
+    assert done.returncode == 0, err
+    assert "left the bridge" in out
+    [line] = [line for line in err.splitlines() if "abandoned" in line]
+    assert line.startswith("ERROR ")
+    assert "deaf-task" in line
+    assert "deaf" in line.rsplit("abandoned:", 1)[1]
 
 
 async def test_calls_fail_fast_once_the_loop_has_stopped() -> None:
