@@ -106,7 +106,7 @@ class Puller:
         self.closing = False
         self.need_bind = False
         self.need_resync = False
-        self.resync_rounds = 0  # resyncs in a row past their deadline
+        self._resync_rounds = 0  # resyncs in a row past their deadline
         self._peers: Iterable[Puller] = ()
         self._reconnects = conn.nc.stats["reconnects"]  # reconnections seen
 
@@ -455,9 +455,9 @@ class Puller:
                 await settler.send()  # after a lease loss: nothing, acks neither
             now = loop.time()
             if not self.barrier.holding:
-                self.resync_rounds = 0
-            elif self.barrier.overdue(now) and self.resync_rounds < RESYNC_ROUNDS - 1:
-                self.resync_rounds += 1
+                self._resync_rounds = 0
+            elif self.barrier.overdue(now) and self._resync_rounds < RESYNC_ROUNDS - 1:
+                self._resync_rounds += 1
                 logger.info(
                     "%s: %d redeliveries still awaited; resyncing again",
                     self.durable,
