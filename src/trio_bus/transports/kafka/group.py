@@ -139,7 +139,16 @@ class Group:
         kwargs.update(client_kwargs(opts, self._hosts, self._client_id))
         kwargs.update(opts.consumer_args)
         consumer = aiokafka.AIOKafkaConsumer(**kwargs)
-        await consumer.start()
+        try:
+            await consumer.start()
+        except BaseException:
+            # Failed or cancelled half-way (the bootstrap connection may be
+            # open): stop() below would not know this consumer.
+            try:
+                await consumer.stop()
+            except Exception as exc:  # the start's own error is the one to raise
+                logger.debug("group %r: stopping a consumer that did not start: %r", self.name, exc)
+            raise
         self.fence.install(consumer._coordinator)
         self.joins.watch(consumer._coordinator)
         self.joins.client = consumer._client
