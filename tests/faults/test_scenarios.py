@@ -29,16 +29,6 @@ def assert_holds(report: Report) -> None:
     assert report.ok, f"{report.summary()}\n{dict(report.violations)}"
 
 
-#: The known gap the Kafka broker-restart scenario shows (docs/reliability.md).
-KAFKA_EMPTY_RESTART = (
-    "Tansu with memory storage comes back from SIGKILL empty (topics, offsets and the "
-    "group gone); the consumer then handles nothing more: the new topic's offsets start "
-    "below the positions the consumer's partition tracks hold, and its commits fail with "
-    "UnknownTopicOrPartitionError. A broker that loses its log is outside what the Kafka "
-    "transport recovers from today."
-)
-
-
 async def test_baseline_no_faults(harness: Harness) -> None:
     """No fault: every property holds, duplicates included; SIGTERM at the
     end of a trapping consumer exits 0 within the bound."""
@@ -213,18 +203,16 @@ def _record(harness: Harness, scenario: str, fields: dict[str, int]) -> None:
             f.write(json.dumps(line) + "\n")
 
 
-async def test_broker_sigkill_and_restart(
-    broker: BrokerEnv, harness: Harness, request: pytest.FixtureRequest
-) -> None:
+async def test_broker_sigkill_and_restart(broker: BrokerEnv, harness: Harness) -> None:
     """SIGKILL the broker mid-stream and start it again on the same port.
 
     NATS keeps its store in its directory: every property is enforced.
     Tansu runs with ``memory://`` storage here (the only engine this build
     can run without a database server, docs/reliability.md): it comes back
-    empty, so what was stored and committed is gone by construction; only
-    U, O and T are enforced there, the rest is measured."""
-    if broker.transport == "kafka":
-        request.applymarker(pytest.mark.xfail(strict=True, reason=KAFKA_EMPTY_RESTART))
+    empty, so what was stored and committed is gone by construction (C
+    fails: commits start again from 0); U, O and T are enforced there, the
+    rest is measured, and the consumer must go on handling what is
+    published after the restart."""
     await harness.sampler()
     await harness.consumer("c1", "--work-ms", "2", "--trap-sigterm")
     publisher = await harness.publisher("p1", 10**6, "--aggregates", "20", "--interval-ms", "20")
@@ -235,8 +223,7 @@ async def test_broker_sigkill_and_restart(
     problems: list[str] = []
     before = sum(e["ev"] == "start" for e in harness.events())
     try:
-        # 40 s: many sessions and reconnect backoffs; Kafka's known gap
-        # (strict xfail) fails here, and need not wait longer to do so.
+        # 40 s: many sessions and reconnect backoffs.
         await harness.count("start", before + 500, timeout=40)
         await harness.stop_quietly(publisher)
         await harness.settle_published(timeout=40)
