@@ -133,17 +133,20 @@ class Ledger:
     def check(self) -> None:
         assert self.overlaps == 0
         latest: dict[str, int] = {}
-        late: list[tuple[str, int, int]] = []
+        late: list[tuple[str, int, int, bool]] = []
         first: dict[str, list[int]] = defaultdict(list)
         seen: set[int] = set()
         for aggregate, value in self.handled:
             if value < latest.get(aggregate, -1):
-                late.append((aggregate, value, latest[aggregate]))
+                late.append((aggregate, value, latest[aggregate], value in seen))
             latest[aggregate] = max(value, latest.get(aggregate, -1))
             if value not in seen:
                 seen.add(value)
                 first[aggregate].append(value)
-        assert not late, f"ran after a later message of its aggregate: {late[:10]}"
+        assert not late, (
+            "ran after a later message of its aggregate "
+            f"(aggregate, value, latest before, ran before): {late[:10]}"
+        )
         for aggregate, values in first.items():
             assert values == sorted(values), aggregate
 

@@ -95,6 +95,8 @@ class GroupConsumer(Consumer):
         self.handoff: Handoff[Record] = Handoff()
         self.slots: dict[int, tuple[Slot, Puller]] = {}
         self._revisions: dict[int, int] = {}  # our lease keys' revisions
+        # Acks in flight when a partition's lease lapsed (see _let_go).
+        self._carried: dict[int, list[str]] = {}
         self._lock = trio.Lock()
         self._closed = False
         #: Trio time of the next round (the lease task reads it).
@@ -215,6 +217,8 @@ class GroupConsumer(Consumer):
         slot = Slot(partition=p, filters=filters(topic, p), lease=lease, consumer=self._copts)
         streams = self._transport._streams
         puller = Puller(self._conn, streams, self.spec, slot=slot, handoff=self.handoff)
+        for reply in self._carried.pop(p, ()):
+            puller.settler.send_later(reply, ACK)
         self._revisions[p] = revision
         self.slots[p] = (slot, puller)
         try:
@@ -255,6 +259,15 @@ class GroupConsumer(Consumer):
         seconds = _close_budget()
         pullers = [puller for _, _, puller in taken]
         await self._bridge.call(_close_all, self._transport, pullers, seconds, settle)
+        if not settle:
+            # Acks of handlers that finished under the lease, unconfirmed
+            # (sent into an outage, or not sent): a lapsed lease sends
+            # nothing, so they are lost unless this process claims the
+            # partition again, whose puller then sends them before it
+            # resyncs, so a handled message does not run again behind newer
+            # ones. (Bounded: at most max_ack_pending per partition.)
+            for p, _, puller in taken:
+                self._carried[p] = puller.settler.acks_in_flight()
         revisions = [(p, self._revisions.pop(p, 0)) for p, _, _ in taken]
         if settle:
             deletes = [Write(f"p.{p}", None, rev) for p, rev in revisions if rev]

@@ -136,6 +136,13 @@ class Settler:
         seqs.update(parse_reply(reply)[1] for reply, p in self._outbox if p is ACK)
         return seqs
 
+    def acks_in_flight(self) -> list[str]:
+        """Reply subjects of acks queued or not confirmed (for a partition
+        whose lease lapsed: they go with it to this process's next puller
+        of the partition, see ``PartitionedGroup``)."""
+        queued = [reply for reply, p in self._outbox if p is ACK]
+        return [*self._unconfirmed, *queued]
+
     def in_progress(self, now: float) -> None:
         """Queue ``+WPI`` for every delivery not touched for an interval."""
         older_than = now - self.wpi_interval
