@@ -29,6 +29,9 @@ PARAMS = CheckParams(shutdown_bound_s=GRACE + 4)
 #: Every member traps SIGTERM: a SIGTERM is a graceful leave.
 MEMBER = ["--trap-sigterm", "--work-ms", "2", "--shutdown-grace", str(GRACE)]
 AGGREGATES = 50
+#: Handler work per call in the freeze scenario, in ms, and how many
+#: freezes it may take to catch a call in flight.
+WORK_MS, FREEZE_TRIES = 50, 20
 #: Least time a frozen member stays frozen: twice the Kafka test URL's
 #: 2 s session, so its leases certainly lapsed (the outage, not a wait).
 FREEZE_MIN = 4.0
@@ -85,18 +88,29 @@ async def test_group_member_frozen_past_its_session(harness: Harness) -> None:
     overlap with the member that took its partitions fails O."""
     h = harness
     await h.sampler()
-    # 50 ms of work a call, so the freeze catches calls in flight.
-    args = [*MEMBER, "--work-ms", "50"]
+    # WORK_MS of work a call, so the freeze catches calls in flight.
+    args = [*MEMBER, "--work-ms", str(WORK_MS)]
     members = [await h.consumer(f"c{i}", *args) for i in (1, 2, 3)]
     publisher = await h.publisher(
         "p1", 10**6, "--aggregates", str(AGGREGATES), "--interval-ms", "100"
     )
     await h.count("start", scale(1500, 600), timeout=120)
     victim = members[0]
-    await h.wait_for(lambda evs: bool(_running(evs, victim)), f"a call running in {victim.proc}")
-    recent = _recent_aggregates(h, victim, window_s=1.0)
-    frozen_at = now_ns()
-    h.freeze(victim)
+    for _ in range(FREEZE_TRIES):
+        await h.wait_for(
+            lambda evs: bool(_running(evs, victim)), f"a call running in {victim.proc}"
+        )
+        recent = _recent_aggregates(h, victim, window_s=1.0)
+        frozen_at = now_ns()
+        h.freeze(victim)
+        # A call started within the last WORK_MS - 10 ms cannot have ended
+        # yet; an older one may have (its end event not written): then thaw
+        # at once (a freeze of milliseconds, no lease lapses) and try again.
+        if _running_since(h, victim, frozen_at - (WORK_MS - 10) * 1_000_000, frozen_at):
+            break
+        h.thaw(victim)
+    else:
+        raise AssertionError(f"no freeze of {victim.proc} caught a call in {FREEZE_TRIES} tries")
     try:
         await _taken_over(h, victim, recent, since=frozen_at)
         await trio.sleep(max(0.0, FREEZE_MIN - (now_ns() - frozen_at) / 1e9))  # the outage
@@ -121,6 +135,18 @@ def _running(events: list[Event], worker: Worker) -> set[tuple[str, int, int]]:
             call = (str(e["agg"]), int(e["seq"]), int(e["attempt"]))
             (running.add if e["ev"] == "start" else running.discard)(call)
     return running
+
+
+def _running_since(h: Harness, worker: Worker, since: int, until: int) -> bool:
+    """Whether a call of *worker* that started in [since, until] had not
+    ended by *until* (as far as the events written so far say)."""
+    running = _running([e for e in h.events() if e["t"] <= until], worker)
+    starts = {
+        (str(e["agg"]), int(e["seq"]), int(e["attempt"]))
+        for e in h.events()
+        if e["proc"] == worker.proc and e["ev"] == "start" and since <= e["t"] <= until
+    }
+    return bool(running & starts)
 
 
 def _recent_aggregates(h: Harness, worker: Worker, window_s: float) -> set[str]:
