@@ -233,18 +233,25 @@ async def kafka_sample(bootstrap: str, topic: str, group: str, log: EventLog, ev
     client = await _kafka_client(bootstrap, topic, group, log, every)
     try:
         partitions = sorted(client.partitions_for_topic(topic))
+        tps = [aiokafka.TopicPartition(topic, p) for p in partitions]
+
+        async def sample() -> int:
+            ends = await client.end_offsets(tps)
+            backlog = 0
+            for tp in tps:
+                offset = await client.committed(tp) or 0
+                log.write("floor", partition=tp.partition, floor=offset, kind="commit")
+                backlog += ends[tp] - offset
+            return backlog
+
         while True:
-            backlog = None
+            backlog: int | None = None
             try:
-                tps = [aiokafka.TopicPartition(topic, p) for p in partitions]
-                ends = await client.end_offsets(tps)
-                backlog = 0
-                for tp in tps:
-                    offset = await client.committed(tp) or 0
-                    log.write("floor", partition=tp.partition, floor=offset, kind="commit")
-                    backlog += ends[tp] - offset
-            except Exception as exc:  # broker away: sample again later
-                backlog = None
+                # Bounded: after a broker restart aiokafka's offset lookup
+                # waits its whole request timeout (40 s), and the harness
+                # counts ticks.
+                backlog = await asyncio.wait_for(sample(), max(2.0, 10 * every))
+            except Exception as exc:  # broker away or slow: sample again later
                 _note(exc)
             log.write("tick", backlog=backlog)
             await asyncio.sleep(every)  # the sampling period
