@@ -230,12 +230,18 @@ async def test_connection_resets_keep_per_aggregate_order(nats_bus_url: str) -> 
         ) as bus:
             await bus.subscribe(topic, ledger.handler, start="earliest")
             nursery.start_soon(resetter)
-            # More keeps coming while the resets happen.
-            await publish_bulk(nats_bus_url, topic, range(n, 2 * n), aggregates, ledger)
+            # More keeps coming while the resets happen (until all five did:
+            # a fast consumer can finish a fixed backlog before the last).
+            total = n
+            for _ in range(20):
+                await publish_bulk(nats_bus_url, topic, range(total, total + n), aggregates, ledger)
+                total += n
+                if proxy.resets == 5:
+                    break
             await ledger.wait_all_acked_handled()
         nursery.cancel_scope.cancel()
     assert proxy.resets == 5
-    assert ledger.acked == set(range(2 * n))
+    assert ledger.acked == set(range(total))
     ledger.check()
 
 
