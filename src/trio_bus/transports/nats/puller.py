@@ -377,6 +377,8 @@ class Puller:
                 return False
             settler.settle(delivery, ACK)
             self.mailbox.wake()
+        if self.closing or (self.slot is not None and self.slot.draining):
+            return True  # hands nothing over (see _on_msg)
         if self.gaps.seen(delivery.dseq, now):
             self._pause(now)
         if self.barrier.holding:
