@@ -30,10 +30,9 @@ from ._message import Message
 from .errors import ConfigError
 
 if TYPE_CHECKING:
-    from ._pool import ActorPool
     from ._work import Actor
 
-__all__ = ["DEFAULT_MAX_BATCH", "DEFAULT_MAX_WAIT", "BatchHandler", "Batching", "attempt_batch"]
+__all__ = ["DEFAULT_MAX_BATCH", "DEFAULT_MAX_WAIT", "BatchHandler", "Batching", "batch_messages"]
 
 BatchHandler = Callable[[Sequence[Message]], Awaitable[None]]
 
@@ -116,14 +115,12 @@ def after_batch(actor: Actor) -> None:
     actor.attempt = 1
 
 
-async def attempt_batch(
-    pool: ActorPool, actor: Actor, scope: trio.CancelScope, batching: Batching
-) -> bool:
-    """Run one attempt of the batch starting at ``actor.current``
-    (collecting it on the first attempt); settle it if it is done.
-
-    Returns False when ``scope`` can no longer be used.
-    """
+async def batch_messages(
+    actor: Actor, scope: trio.CancelScope, batching: Batching
+) -> list[Message] | None:
+    """The messages of this attempt of the batch starting at
+    ``actor.current`` (collected on the first attempt); None when the route
+    closed while it was collecting (then the caller releases the batch)."""
     first = actor.current
     assert first is not None
     if not actor.batch:
@@ -131,15 +128,13 @@ async def attempt_batch(
         actor.busy_since = trio.current_time()
         await _collect(actor, scope, batching)
         if first.route.closing:
-            pool.finish(actor, release=True)
-            return True
+            return None
         stats = first.route.stats.end_to_end
         now = time.time()
         for work in actor.batch:
             if work.record.timestamp is not None:
                 stats.observe(now - work.record.timestamp)
     attempt = actor.attempt
-    messages = [
+    return [
         w.message if attempt == 1 else attrs.evolve(w.message, attempt=attempt) for w in actor.batch
     ]
-    return await pool.call(actor, scope, batching.invoke, messages, len(messages))

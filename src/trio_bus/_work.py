@@ -21,7 +21,7 @@ from .transports._base import Consumer
 if TYPE_CHECKING:
     from ._batch import Batching
 
-__all__ = ["EnvelopeHandler", "Handler", "Route", "current_message"]
+__all__ = ["EnvelopeHandler", "Handler", "Route", "current_message", "settle"]
 
 Handler = Callable[[Message], Awaitable[None]]
 EnvelopeHandler = Callable[[Envelope], Awaitable[None]]
@@ -118,6 +118,17 @@ class Work(Message):
     def message(self) -> Message:
         """What the handler gets: this very object."""
         return self
+
+
+def settle(work: Work, *, release: bool = False) -> None:
+    """Ack (or, with *release*, hand back) one delivery and count it
+    settled on its route."""
+    route = work.route
+    if release:
+        route.consumer.release(work.record)
+    else:
+        route.consumer.ack(work.record)
+    route._settled()
 
 
 @attrs.define(eq=False)
