@@ -49,7 +49,7 @@ from trio_bus.transports.nats import (
     NatsOptions,
     open_transport,
 )
-from trio_bus.transports.nats import puller as puller_module
+from trio_bus.transports.nats import resync as resync_module
 from trio_bus.transports.nats.puller import Puller
 from trio_bus.transports.nats.transport import CLOSE_TIMEOUT
 
@@ -260,8 +260,8 @@ async def test_blackhole_then_heal_keeps_order_and_loses_nothing(
     machine: the pullers must ask again rather than release what they hold
     (the old code failed it every time)."""
     if short_resync:
-        monkeypatch.setattr(puller_module, "RESYNC_TIMEOUT", 0.02)
-        monkeypatch.setattr(puller_module, "RESYNC_ROUNDS", 10_000)
+        monkeypatch.setattr(resync_module, "RESYNC_TIMEOUT", 0.02)
+        monkeypatch.setattr(resync_module, "RESYNC_ROUNDS", 10_000)
     server_port = int(nats_bus_url.rsplit(":", 1)[1])
     topic = uid("t")
     n, trickle, aggregates = 1500, 60, 20

@@ -13,7 +13,7 @@ in-progress acks, and applies the recovery policies (docs/nats.md,
   with backoff while JetStream is unavailable; a stream that cannot be
   found or recreated per the topic strategy is fatal);
 * a reconnection, or a delivery-sequence gap soon after one: resync (see
-  :mod:`.resume`).
+  :mod:`.resync`).
 
 Anything else it raises ends the transport.
 """
@@ -27,7 +27,6 @@ from collections.abc import Iterable
 from datetime import datetime
 from typing import Any
 
-import nats.js.errors
 from nats.aio.msg import Msg
 
 from ..._message import Record
@@ -44,11 +43,12 @@ from .connection import Connection
 from .options import TOPIC_HEADER, durable_name
 from .partitions import Slot
 from .pulls import Pulls
-from .resume import Barrier, GapWatch, plan_resync
-from .settle import ACK, NAK, Delivery, Settler, parse_reply
-from .streams import Streams, TopicInfo, map_api_error
+from .resume import Barrier, GapWatch
+from .resync import after_deadline, resync, stale_copy
+from .settle import ACK, Delivery, Settler, parse_reply
+from .streams import Streams, TopicInfo
 
-__all__ = ["ACK_BATCH", "ACK_DELAY", "RESYNC_TIMEOUT", "Puller", "Settlement"]
+__all__ = ["ACK_BATCH", "ACK_DELAY", "Puller", "Settlement"]
 
 logger = logging.getLogger("trio_bus.nats")
 
@@ -56,12 +56,6 @@ logger = logging.getLogger("trio_bus.nats")
 ACK_DELAY = 0.005
 #: Acks queued that are sent at once.
 ACK_BATCH = 256
-#: Seconds a resync waits for the nak'd deliveries to come back.
-RESYNC_TIMEOUT = 5.0
-#: Resyncs in a row while redeliveries are still awaited, before what is
-#: held is released anyway (in order, but a redelivery that comes later
-#: then runs after newer messages of its aggregate).
-RESYNC_ROUNDS = 3
 _BACKOFF = (0.05, 2.0)
 
 #: What Trio puts in the mailbox: (delivery, ACK or NAK), or None after a
@@ -107,7 +101,7 @@ class Puller:
         self.need_bind = False
         self.need_resync = False
         self._resync_rounds = 0  # resyncs in a row past their deadline
-        self._peers: Iterable[Puller] = ()
+        self.peers: Iterable[Puller] = ()
         self._reconnects = conn.nc.stats["reconnects"]  # reconnections seen
 
     # ---------------------------------------------------------- lifecycle
@@ -134,13 +128,13 @@ class Puller:
         # Unacked deliveries and no live member pulling (a live member keeps
         # a pull request waiting): the previous holder died; see
         # ConsumerOptions.ordered_resume.
-        self._peers = peers
-        live_here = any(self._same_group(p) for p in peers)
+        self.peers = peers
+        live_here = any(self.same_group(p) for p in peers)
         if self.slot is not None and info.num_ack_pending:
             # A partition changing hands: the previous owner's lease is over,
             # so what it left unacked is nak'd back now (a resync) instead of
             # after ack_wait, and handed over before anything newer.
-            self._pause(loop.time())
+            self.pause(loop.time())
         elif (
             self.copts.ordered_resume
             and not self.spec.ephemeral
@@ -169,20 +163,14 @@ class Puller:
         # so a message published right after is delivered.
         await self._maybe_pull()
 
-    def _same_group(self, other: Puller) -> bool:
+    def same_group(self, other: Puller) -> bool:
+        """Whether *other* is another puller of this one's durable."""
         return other is not self and other.where == self.where and other.durable == self.durable
 
-    def _held_by_group(self) -> tuple[set[int], set[int]]:
-        """What this process holds of the group, (not to nak, still pending
-        on the server): a resync must not nak the first and counts the
-        second (see :func:`.resume.plan_resync`)."""
-        settlers = [self.settler, *(p.settler for p in self._peers if self._same_group(p))]
-        held: set[int] = set()
-        pending: set[int] = set()
-        for settler in settlers:
-            held |= settler.held()
-            pending.update(settler.unsettled)
-        return held, pending
+    def giving_up(self) -> bool:
+        """Closing, or a partition being given up: deliveries are held to
+        be nak'd at close, not handed over."""
+        return self.closing or (self.slot is not None and self.slot.draining)
 
     async def _bind(self, resume: Resume = "") -> Any:
         assert self.where is not None
@@ -233,9 +221,10 @@ class Puller:
         now = asyncio.get_running_loop().time()
         self.pulls.lost()
         self.gaps.reconnected(now)
-        self._pause(now)
+        self.pause(now)
 
-    def _pause(self, now: float) -> None:
+    def pause(self, now: float) -> None:
+        """Hold new deliveries and resync (at the next turn of the loop)."""
         self.need_resync = True
         self.barrier.pause(deadline=now + self.copts.ack_wait + 2 * self.copts.idle_heartbeat)
         self.mailbox.wake()
@@ -259,7 +248,7 @@ class Puller:
 
     async def flush(self, seconds: float) -> None:
         """Send what Trio settled; wait up to *seconds* for confirmation."""
-        self._drain()
+        self.drain_mailbox()
         await self.settler.send()
         await self.settler.confirm(seconds)
 
@@ -290,7 +279,7 @@ class Puller:
                 await asyncio.wait_for(self.sub.drain(), seconds / 2)
             except Exception as exc:
                 logger.debug("draining the pull inbox failed: %r", exc)
-        self._drain()
+        self.drain_mailbox()
         self.barrier.release()
         self.settler.release_all()
         if settle and nc.is_connected:
@@ -327,11 +316,11 @@ class Puller:
         count, seq, dseq, stamp = parse_reply(reply)
         self.max_seq = max(self.max_seq, seq)
         delivery = Delivery(seq, dseq, reply, now, count, stamp)
-        if count > 1 and self._stale_copy(delivery, now):
+        if count > 1 and stale_copy(self, delivery, now):
             return
         self.settler.hold(delivery)
-        if self.closing or (self.slot is not None and self.slot.draining):
-            return  # closing, or a partition being given up: nak'd at close, in order
+        if self.giving_up():
+            return  # nak'd at close, in order
         if headers and self.where is not None and not self.where.nested:
             owner = headers.get(TOPIC_HEADER)
             if owner is not None and owner != self.spec.topic:
@@ -341,7 +330,7 @@ class Puller:
                 return
         if self.gaps.seen(dseq, now):
             logger.info("%s: deliveries before %d went missing; resyncing", self.durable, dseq)
-            self._pause(now)
+            self.pause(now)
         record = Record(
             topic=self.spec.topic,
             subject=msg.subject,
@@ -357,43 +346,17 @@ class Puller:
         if self.slot is not None:
             record.partition, record.lease = self.slot.partition, self.slot.lease
         if self.barrier.holding:
-            self._hand_over(self.barrier.admit(record, seq=seq, dseq=dseq, count=count, now=now))
+            self.hand_over(self.barrier.admit(record, seq=seq, dseq=dseq, count=count, now=now))
         else:
             self.handoff.put(record)
 
-    def _stale_copy(self, delivery: Delivery, now: float) -> bool:
-        """Whether a redelivery is a further copy of a sequence this consumer
-        holds unsettled, or acked: then it is dropped (acked again in the
-        second case; the server acks by stream sequence, so the earlier
-        delivery's ack settles it) and only counted by the barrier.
-
-        Copies come from naks of resyncs in a row (the server queues a
-        sequence again once it redelivered it) and from ``ack_wait``
-        running out under a slow handler. Handing one over would run the
-        message again, after newer messages of its aggregate."""
-        settler = self.settler
-        if delivery.seq not in settler.unsettled:
-            if not settler.acked(delivery.seq):
-                return False
-            settler.settle(delivery, ACK)
-            self.mailbox.wake()
-        if self.closing or (self.slot is not None and self.slot.draining):
-            return True  # hands nothing over (see _on_msg)
-        if self.gaps.seen(delivery.dseq, now):
-            self._pause(now)
-        if self.barrier.holding:
-            self._hand_over(
-                self.barrier.copy(
-                    seq=delivery.seq, dseq=delivery.dseq, count=delivery.count, now=now
-                )
-            )
-        return True
-
-    def _hand_over(self, records: list[Record]) -> None:
+    def hand_over(self, records: list[Record]) -> None:
+        """Hand released *records* to Trio, in order."""
         if records:
             self.handoff.put_many(records)
 
-    def _drain(self) -> None:
+    def drain_mailbox(self) -> None:
+        """Take in what Trio settled."""
         for item in self.mailbox.drain():
             if item is not None:
                 self.settler.settle(*item)
@@ -435,14 +398,14 @@ class Puller:
         next_wpi = loop.time() + copts.wpi_interval / 2
         backoff = _BACKOFF[0]
         while True:
-            self._drain()
+            self.drain_mailbox()
             if self.conn.nc.is_connected and (self.need_bind or self.need_resync):
                 try:
                     if self.need_bind:
                         await self._rebind()
                         self.need_bind = False
                     if self.need_resync and not self.need_bind:
-                        await self._resync()
+                        await resync(self)
                 except TransportUnavailableError as exc:
                     logger.warning("%s: %s; retrying in %.2fs", self.durable, exc, backoff)
                     await asyncio.sleep(backoff)
@@ -452,22 +415,11 @@ class Puller:
             await self._maybe_pull()
             if 0 < len(settler) < ACK_BATCH:
                 await asyncio.sleep(ACK_DELAY)  # let more acks join the write
-                self._drain()
+                self.drain_mailbox()
             if self.slot is None or not self.slot.fenced():
                 await settler.send()  # after a lease loss: nothing, acks neither
             now = loop.time()
-            if not self.barrier.holding:
-                self._resync_rounds = 0
-            elif self.barrier.overdue(now) and self._resync_rounds < RESYNC_ROUNDS - 1:
-                self._resync_rounds += 1
-                logger.info(
-                    "%s: %d redeliveries still awaited; resyncing again",
-                    self.durable,
-                    self.barrier.expected,
-                )
-                self._pause(now)
-            else:
-                self._hand_over(self.barrier.expire(now))
+            self._resync_rounds = after_deadline(self, now, self._resync_rounds)
             if self.pulls.silent(now):
                 # The pull is gone (server restart, lost connection): bind
                 # and pull again.
@@ -480,57 +432,3 @@ class Puller:
             settler.confirmations()
             wait = tick if not self.barrier.holding else min(tick, self.barrier.deadline - now)
             await self.mailbox.wait(max(0.0, wait))
-
-    async def _fresh_state(self) -> Any:
-        """The consumer's state once the server processed our acks (None:
-        the consumer is gone)."""
-        assert self.where is not None
-        self._drain()
-        self.settler.reconnected()
-        await self.settler.send()  # acks before the naks, on one connection
-        if not await self.conn.round_trip(self.conn.options.request_timeout):
-            # Which acks the state below reflects would be unknown.
-            raise TransportUnavailableError("no round trip to the server for a resync")
-        try:
-            return await self.conn.jsm.consumer_info(self.where.stream, self.durable)
-        except nats.js.errors.NotFoundError:
-            return None
-        except Exception as exc:
-            raise map_api_error(exc, f"reading consumer {self.durable!r}") from exc
-
-    async def _resync(self) -> None:
-        """Have the server redeliver now what it delivered and we never got;
-        hold new deliveries until those are back (see :mod:`.resume`)."""
-        assert self.where is not None
-        # Cleared first: a reconnection while this runs asks for another.
-        self.need_resync = False
-        try:
-            info = await self._fresh_state()
-        except BaseException:
-            self.need_resync = True
-            raise
-        if info is None:
-            self.need_resync = self.need_bind = True  # resync the new consumer
-            return
-        delivered = info.delivered.consumer_seq or 0
-        self.gaps.advance(delivered)
-        held, pending = self._held_by_group()
-        naks, expect = plan_resync(
-            ack_floor=info.ack_floor.stream_seq or 0,
-            delivered=info.delivered.stream_seq or 0,
-            ack_pending=info.num_ack_pending or 0,
-            held=held,
-            pending=pending,
-        )
-        prefix = f"$JS.ACK.{self.where.stream}.{self.durable}.1."
-        for seq in naks:
-            self.settler.send_later(f"{prefix}{seq}.{delivered}.0.0", NAK)
-        await self.settler.send()
-        if self.need_resync:
-            return  # reconnected meanwhile: the next resync decides
-        now = asyncio.get_running_loop().time()
-        logger.info("%s: resync, %d redeliveries awaited", self.durable, expect)
-        released = self.barrier.resync(
-            awaiting=naks, expect=expect, after_dseq=delivered, deadline=now + RESYNC_TIMEOUT
-        )
-        self._hand_over(released)
