@@ -18,7 +18,7 @@ import trio
 from ._message import Record
 from ._names import stable_hash
 from ._routing import classify
-from ._work import Actor, Route, Work, settle
+from ._work import Actor, Route, Work, new_work, settle
 
 __all__ = ["ROUTE_CACHE_ENTRIES", "Dispatcher"]
 
@@ -56,25 +56,7 @@ class Dispatcher:
                     index = self._cache_route(aggregate)
             else:
                 index = self._round_robin = (self._round_robin + 1) % size
-            # Positional, in Message's field order: a frozen class's keyword
-            # init costs about 1.6x as much.
-            work = Work(
-                record.topic,
-                record.subject,
-                record.value,
-                record.key,
-                record.headers,
-                aggregate,
-                1,
-                record.partition,
-                record.offset,
-                record.delivery_count,
-                record.timestamp,
-                envelope,
-                route=route,
-                record=record,
-                rejection=rejection,
-            )
+            work = new_work(record, route, aggregate, envelope, rejection)
             chunk = chunks.get(index)
             if chunk is None:
                 chunks[index] = [work]

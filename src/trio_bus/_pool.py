@@ -113,6 +113,7 @@ class ActorPool:
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Run every actor under supervision until cancelled."""
+        self._handling.now = trio.lowlevel.current_clock().current_time
         async with trio.open_nursery() as nursery:
             for actor in self._actors:
                 nursery.start_soon(self._supervise, actor, name=f"trio_bus.actor-{actor.index}")
@@ -163,16 +164,21 @@ class ActorPool:
                         if handled_in_a_row >= _BATCH_BEFORE_CHECKPOINT:
                             handled_in_a_row = 0
                             await trio.lowlevel.checkpoint()
-                        try:
-                            actor.current = actor.take_nowait()
-                        except trio.WouldBlock:
+                        work = None
+                        if actor.queued:  # else empty: no WouldBlock to raise
+                            try:
+                                work = actor.take_nowait()
+                            except trio.WouldBlock:
+                                pass
+                        if work is None:
                             handled_in_a_row = 0
                             # The last call's deadline stays set (moving it
                             # here and back costs two moves per message when
                             # actors idle between messages); if it fires
                             # while idle, receive is cancel-atomic and the
                             # loop below just opens a fresh scope.
-                            actor.current = await actor.take()
+                            work = await actor.take()
+                        actor.current = work
                         actor.attempt = 1
                     if self.fault_hook is not None:
                         self.fault_hook(actor.index)

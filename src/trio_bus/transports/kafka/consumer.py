@@ -96,10 +96,11 @@ class KafkaConsumer(Consumer):
 
     def ack(self, record: Record) -> None:
         """Mark *record* finished; its partition's commit point may pass it."""
-        held = self._held
-        if record in held:
-            held.remove(record)
-            self._settles.put(record)
+        try:
+            self._held.remove(record)
+        except KeyError:
+            return  # released at close already
+        self._settles.put(record)
 
     def release(self, record: Record) -> None:
         """Mark *record* not handled: never committed past; redelivered."""
