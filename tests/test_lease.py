@@ -11,7 +11,7 @@ import trio.testing
 
 from trio_bus._config import RetryPolicy
 from trio_bus._lease import Lease
-from trio_bus._message import Message, Record
+from trio_bus._message import Message, Record, new_record
 from trio_bus._pool import ActorPool
 from trio_bus._work import Route
 from trio_bus.transports._base import LaneState
@@ -44,7 +44,7 @@ class FakeConsumer:
 
 
 def record(offset: int, lease: Lease | None) -> Record:
-    return Record(
+    return new_record(
         topic="t",
         subject="t",
         value=b"",

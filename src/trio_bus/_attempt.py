@@ -23,7 +23,8 @@ import trio
 
 from ._batch import after_batch, batch_messages, bisect
 from ._dead_letter import PublishOne, is_non_retryable, park
-from ._work import Actor, Route, Work, _current_message, settle
+from ._message import Record
+from ._work import Actor, Route, _current_message, settle
 from .errors import HandlerTimeout
 
 __all__ = ["MAX_TIMEOUT_SLACK", "TIMEOUT_SLACK", "Handling", "finish"]
@@ -77,7 +78,7 @@ class Handling:
             finish(actor, release=True)
             return True
         now = self.now()
-        if work.record.lease is not None and self._fenced(actor, now):
+        if work.lease is not None and self._fenced(actor, now):
             return True
         if work.rejection is not None:
             scope.deadline = math.inf
@@ -90,13 +91,13 @@ class Handling:
                 finish(actor, release=True)
                 return True
             return await self._call(actor, scope, route.batch.invoke, messages, len(messages))
-        message: Work = work  # what the handler gets (see Work.message)
+        message: Record = work  # what the handler gets (see Record.message)
         if actor.attempt > 1:
             message = attrs.evolve(message, attempt=actor.attempt)
         else:
             actor.busy_since = now
-            if work.record.timestamp is not None:
-                route.stats.end_to_end.observe(time.time() - work.record.timestamp)
+            if work.timestamp is not None:
+                route.stats.end_to_end.observe(time.time() - work.timestamp)
         token = _current_message.set(message)
         try:
             return await self._call(actor, scope, route.invoke, message, 1, now)
@@ -142,7 +143,7 @@ class Handling:
             if not earliest <= own <= earliest + slack:
                 own = earliest + slack
         actor.deadline = own
-        lease = work.record.lease
+        lease = work.lease
         if lease is not None:
             lease.enter(scope, own)
         elif scope.deadline != own:
@@ -208,8 +209,8 @@ class Handling:
             return
         logger.debug(
             "handler failed on %s offset %s (attempt %d): %r",
-            work.record.topic,
-            work.record.offset,
+            work.topic,
+            work.offset,
             actor.attempt,
             exc,
         )
@@ -224,7 +225,7 @@ class Handling:
         the current Trio time, when the caller read it already."""
         work = actor.current
         assert work is not None
-        lease = work.record.lease
+        lease = work.lease
         if lease is None:
             return False
         if now is None:
@@ -235,23 +236,23 @@ class Handling:
         logger.debug(
             "lease %r lapsed: handing back %s offset %s",
             lease,
-            work.record.topic,
-            work.record.offset,
+            work.topic,
+            work.offset,
         )
         actor.pending_failure = None
         finish(actor, release=True)
         return True
 
     async def _dead_letter(
-        self, work: Work, exc: Exception, *, attempts: int, rejected: bool = False
+        self, work: Record, exc: Exception, *, attempts: int, rejected: bool = False
     ) -> None:
         route = work.route
         await park(
             self._publish,
-            work.record,
+            work,
             exc,
             topic=route.dead_letter_topic,
-            aggregate_id=work.message.aggregate_id,
+            aggregate_id=work.aggregate_id,
             attempts=attempts,
             retry=route.retry,
             rejected=rejected,

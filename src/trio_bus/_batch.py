@@ -132,9 +132,7 @@ async def batch_messages(
         stats = first.route.stats.end_to_end
         now = time.time()
         for work in actor.batch:
-            if work.record.timestamp is not None:
-                stats.observe(now - work.record.timestamp)
+            if work.timestamp is not None:
+                stats.observe(now - work.timestamp)
     attempt = actor.attempt
-    return [
-        w.message if attempt == 1 else attrs.evolve(w.message, attempt=attempt) for w in actor.batch
-    ]
+    return [w if attempt == 1 else attrs.evolve(w, attempt=attempt) for w in actor.batch]

@@ -15,10 +15,10 @@ from collections.abc import Sequence
 
 import trio
 
-from ._message import Record
+from ._message import Record, bind
 from ._names import stable_hash
 from ._routing import classify
-from ._work import Actor, Route, Work, new_work, settle
+from ._work import Actor, Route, settle
 
 __all__ = ["ROUTE_CACHE_ENTRIES", "Dispatcher"]
 
@@ -47,7 +47,7 @@ class Dispatcher:
         route.stats.consumed += len(records)
         wants_envelope = route.wants_envelope
         cache = self._route_cache
-        chunks: dict[int, list[Work]] = {}
+        chunks: dict[int, list[Record]] = {}
         for record in records:
             aggregate, envelope, rejection = classify(record, wants_envelope=wants_envelope)
             if aggregate is not None:
@@ -56,7 +56,8 @@ class Dispatcher:
                     index = self._cache_route(aggregate)
             else:
                 index = self._round_robin = (self._round_robin + 1) % size
-            work = new_work(record, route, aggregate, envelope, rejection)
+            bind(record, route, aggregate, envelope, rejection)
+            work = record
             chunk = chunks.get(index)
             if chunk is None:
                 chunks[index] = [work]
@@ -75,7 +76,7 @@ class Dispatcher:
                 await self._send_waiting(route, actor, chunk)
         await trio.lowlevel.checkpoint()
 
-    async def _send_waiting(self, route: Route, actor: Actor, chunk: list[Work]) -> None:
+    async def _send_waiting(self, route: Route, actor: Actor, chunk: list[Record]) -> None:
         # The inbox is full: one message at a time, each once there is room
         # (in flight from here: the dispatcher holds it).
         limit = self._inbox_size
@@ -86,7 +87,7 @@ class Dispatcher:
             except BaseException:
                 settle(work, release=True)
                 for left in chunk[sent + 1 :]:
-                    route.consumer.release(left.record)
+                    route.consumer.release(left)
                 raise
             actor.send.send_nowait([work])
             actor.queued += 1

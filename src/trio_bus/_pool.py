@@ -33,7 +33,7 @@ from ._dead_letter import PublishOne
 from ._dispatch import Dispatcher
 from ._message import Record
 from ._stats import RunningHandler
-from ._work import Actor, EnvelopeHandler, Handler, Route, Work, current_message, settle
+from ._work import Actor, EnvelopeHandler, Handler, Route, current_message, settle
 from .errors import ActorCrashedError
 
 __all__ = ["ActorPool", "EnvelopeHandler", "Handler", "Route", "current_message"]
@@ -64,7 +64,7 @@ class ActorPool:
         self.restarts = 0
         self._actors: list[Actor] = []
         for index in range(size):
-            send, receive = trio.open_memory_channel[list[Work]](inbox_size)
+            send, receive = trio.open_memory_channel[list[Record]](inbox_size)
             self._actors.append(Actor(index, send, receive))
         self._dispatcher = Dispatcher(self._actors, inbox_size)
         self._alive = 0
@@ -90,9 +90,9 @@ class ActorPool:
                 out.append(
                     RunningHandler(
                         actor=a.index,
-                        topic=work.record.topic,
-                        offset=work.record.offset,
-                        aggregate_id=work.message.aggregate_id,
+                        topic=work.topic,
+                        offset=work.offset,
+                        aggregate_id=work.aggregate_id,
                         since=since,
                     )
                 )

@@ -1,5 +1,6 @@
-"""What the actor pool works on: routes (one per subscription), work
-items (one per delivery) and the per-actor state that survives a restart."""
+"""What the actor pool works on: routes (one per subscription), the
+actors' inboxes of deliveries (:class:`~._message.Record`, one object per
+delivery) and the per-actor state that survives a restart."""
 
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ from .transports._base import Consumer
 if TYPE_CHECKING:
     from ._batch import Batching
 
-__all__ = ["EnvelopeHandler", "Handler", "Route", "current_message", "new_work", "settle"]
+__all__ = ["EnvelopeHandler", "Handler", "Route", "current_message", "settle"]
 
 Handler = Callable[[Message], Awaitable[None]]
 EnvelopeHandler = Callable[[Envelope], Awaitable[None]]
@@ -96,103 +97,14 @@ class Route:
         await self._idle.wait()
 
 
-@attrs.frozen(slots=True, eq=False)
-class Work(Message):
-    """One delivery in the pool: the :class:`Message` its handler gets,
-    with the route and transport record behind it (one object per delivery
-    instead of two: every long-lived object per message costs the cyclic
-    garbage collector a share of a collection). The extra fields stay out
-    of ``repr`` and are not part of the public :class:`Message`."""
-
-    route: Route = attrs.field(kw_only=True, repr=False)
-    record: Record = attrs.field(kw_only=True, repr=False)
-    #: Why the message is malformed (dead-lettered at once), or None.
-    rejection: Exception | None = attrs.field(default=None, kw_only=True, repr=False)
-
-    @property
-    def message(self) -> Message:
-        """What the handler gets: this very object."""
-        return self
-
-
-# Work's slots, set directly by new_work: a frozen class's generated
-# __init__ goes through object.__setattr__ for each of its 15 fields (about
-# 1.5 us a delivery; the slots' own setters take 0.9).
-_SLOTS = [
-    getattr(Work, name).__set__
-    for name in (
-        "topic",
-        "subject",
-        "value",
-        "key",
-        "headers",
-        "partition",
-        "offset",
-        "delivery_count",
-        "timestamp",
-        "aggregate_id",
-        "attempt",
-        "_envelope",
-        "route",
-        "record",
-        "rejection",
-    )
-]
-
-
-def new_work(
-    record: Record,
-    route: Route,
-    aggregate: str | None,
-    envelope: Envelope | None,
-    rejection: Exception | None,
-) -> Work:
-    """The pool's object for one delivery of *route* (the hot path's
-    constructor: the same fields as ``Work(...)``, taken from *record*)."""
-    (
-        topic,
-        subject,
-        value,
-        key,
-        headers,
-        partition,
-        offset,
-        delivery_count,
-        timestamp,
-        aggregate_id,
-        attempt,
-        envelope_,
-        route_,
-        record_,
-        rejection_,
-    ) = _SLOTS
-    work: Work = object.__new__(Work)
-    topic(work, record.topic)
-    subject(work, record.subject)
-    value(work, record.value)
-    key(work, record.key)
-    headers(work, record.headers)
-    partition(work, record.partition)
-    offset(work, record.offset)
-    delivery_count(work, record.delivery_count)
-    timestamp(work, record.timestamp)
-    aggregate_id(work, aggregate)
-    attempt(work, 1)
-    envelope_(work, envelope)
-    route_(work, route)
-    record_(work, record)
-    rejection_(work, rejection)
-    return work
-
-
-def settle(work: Work, *, release: bool = False) -> None:
+def settle(work: Record, *, release: bool = False) -> None:
     """Ack (or, with *release*, hand back) one delivery and count it
     settled on its route."""
     route = work.route
     if release:
-        route.consumer.release(work.record)
+        route.consumer.release(work)
     else:
-        route.consumer.ack(work.record)
+        route.consumer.ack(work)
     route.in_flight -= 1
     if not route.in_flight:
         route._idle.set()
@@ -211,24 +123,24 @@ class Actor:
     """
 
     index: int
-    send: trio.MemorySendChannel[list[Work]]
-    receive: trio.MemoryReceiveChannel[list[Work]]
+    send: trio.MemorySendChannel[list[Record]]
+    receive: trio.MemoryReceiveChannel[list[Record]]
     #: Messages of chunks taken from the channel, not started yet.
-    pending: deque[Work] = attrs.Factory(deque)
+    pending: deque[Record] = attrs.Factory(deque)
     queued: int = 0
     #: A dispatcher waiting for room (see wait_for_room), and how many.
     room: trio.lowlevel.ParkingLot = attrs.Factory(trio.lowlevel.ParkingLot)
     waiting: int = 0
     scope: trio.CancelScope | None = None
-    current: Work | None = None
+    current: Record | None = None
     #: The running batch (``current`` first) of a batch route, else empty.
-    batch: list[Work] = attrs.Factory(list)
+    batch: list[Record] = attrs.Factory(list)
     #: Taken from the inbox while collecting a batch but not part of it:
     #: it is handled right after the batch.
-    stash: Work | None = None
+    stash: Record | None = None
     #: Second halves of bisected batches, to run after ``batch`` (a stack:
     #: the earliest half is last).
-    halves: list[list[Work]] = attrs.Factory(list)
+    halves: list[list[Record]] = attrs.Factory(list)
     attempt: int = 1
     #: The current handler call is being cancelled because its route closed.
     abandoned: bool = False
@@ -240,7 +152,7 @@ class Actor:
     #: may be capped lower by a lease).
     deadline: float = math.inf
 
-    def take_nowait(self) -> Work:
+    def take_nowait(self) -> Record:
         """The next message of the inbox; raises trio.WouldBlock if none."""
         pending = self.pending
         if not pending:
@@ -250,7 +162,7 @@ class Actor:
             self.room.unpark()
         return pending.popleft()
 
-    async def take(self) -> Work:
+    async def take(self) -> Record:
         """The next message, waiting for one (cancel-atomic: the channel's
         receive is, and nothing is taken before it returns)."""
         pending = self.pending

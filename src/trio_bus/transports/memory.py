@@ -42,7 +42,7 @@ import attrs
 import trio
 
 from .._config import at_least, positive
-from .._message import OutgoingMessage, Record
+from .._message import OutgoingMessage, Record, new_record
 from .._topics import Persistence, PersistencePolicy, StoredAs, TopicDescription, TopicRequest
 from ..errors import BusClosedError, ConfigError, TopicConfigError
 from ._base import Consumer, ConsumerSpec, LaneState, Transport, TransportSettings
@@ -356,7 +356,7 @@ class _MemoryConsumer(Consumer):
         count = self._group.delivery_counts.get(index, 0) + 1
         self._group.delivery_counts[index] = count
         self._held.add(index)
-        return Record(
+        return new_record(
             topic=self._topic_name,
             subject=self._topic_name,
             value=entry.value,

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 import aiokafka.errors as kafka_errors
 from aiokafka import TopicPartition
 
-from ..._message import Record
+from ..._message import Record, new_record
 from ...errors import TransportError
 from .._base import LaneState
 from .._bridge import Mailbox
@@ -137,7 +137,7 @@ class Flow:
                 key, value, timestamp = msg.key, msg.value, msg.timestamp
                 # Positional, in Record's field order (the hot path).
                 out.append(
-                    Record(
+                    new_record(
                         topic,
                         topic,
                         value if value is not None else b"",

@@ -24,7 +24,7 @@ import nats.errors
 import nats.js.errors
 import trio
 
-from ..._message import OutgoingMessage, Record
+from ..._message import OutgoingMessage, Record, new_record
 from ..._names import AGGREGATE_ID_HEADER
 from ..._topics import PersistencePolicy, StoredAs
 from ...errors import BusClosedError, PublishError, TransportError
@@ -144,7 +144,7 @@ class CoreSubscription:
             return
         self._offset += 1
         self.handoff.put(
-            Record(
+            new_record(
                 topic=self.spec.topic,
                 subject=msg.subject,
                 value=msg.data,

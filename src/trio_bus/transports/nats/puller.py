@@ -29,7 +29,7 @@ from typing import Any
 
 from nats.aio.msg import Msg
 
-from ..._message import Record
+from ..._message import Record, new_record
 from ...errors import (
     BusClosedError,
     TopicConfigError,
@@ -331,20 +331,20 @@ class Puller:
         if self.gaps.seen(dseq, now):
             logger.info("%s: deliveries before %d went missing; resyncing", self.durable, dseq)
             self.pause(now)
-        record = Record(
+        slot = self.slot
+        record = new_record(
             topic=self.spec.topic,
             subject=msg.subject,
             value=msg.data,
             key=None,
             headers=headers or {},
-            partition=None,
+            partition=slot.partition if slot is not None else None,
             offset=seq,
             delivery_count=count,
             token=delivery,
             timestamp=stamp,
+            lease=slot.lease if slot is not None else None,
         )
-        if self.slot is not None:
-            record.partition, record.lease = self.slot.partition, self.slot.lease
         if self.barrier.holding:
             self.hand_over(self.barrier.admit(record, seq=seq, dseq=dseq, count=count, now=now))
         else:
