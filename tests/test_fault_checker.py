@@ -95,6 +95,14 @@ def test_u_unexpected_message_handled() -> None:
     assert clean().call("zzz", 1).check() == ["U"]
 
 
+def test_u_a_tried_publish_without_outcome_is_expected() -> None:
+    # The publisher was stopped mid-send and the broker's copy is gone (not
+    # held): the message was still published by someone.
+    run = clean().ev("try", "p", agg="b", seq=0).call("b", 0)
+    assert run.check() == []
+    assert clean().ev("try", "p", agg="b", seq=0).call("b", 1).check() == ["U"]
+
+
 def test_a_ack_floor_ahead_of_a_finished_handler() -> None:
     run = Run().publish("a", 0).publish("a", 1)
     run.ev("start", agg="a", seq=0, attempt=1, partition=0, offset=0)

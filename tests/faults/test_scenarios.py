@@ -203,17 +203,7 @@ def _record(harness: Harness, scenario: str, fields: dict[str, int]) -> None:
             f.write(json.dumps(line) + "\n")
 
 
-#: Why the Kafka broker restart is a non-strict xfail (docs/reliability.md).
-KAFKA_RESTART_FLAKY = (
-    "flaky on an empty Tansu: passed in at least 8 of 10 runs on 2026-12-03; one clean-clone "
-    "CI run failed because the probe's sampler stalled 40 s after the restart (now bounded), "
-    "and one local failure (of this or the NATS case) was not captured"
-)
-
-
-async def test_broker_sigkill_and_restart(
-    broker: BrokerEnv, harness: Harness, request: pytest.FixtureRequest
-) -> None:
+async def test_broker_sigkill_and_restart(broker: BrokerEnv, harness: Harness) -> None:
     """SIGKILL the broker mid-stream and start it again on the same port.
 
     NATS keeps its store in its directory: every property is enforced.
@@ -223,8 +213,6 @@ async def test_broker_sigkill_and_restart(
     fails: commits start again from 0); U, O and T are enforced there, the
     rest is measured, and the consumer must go on handling what is
     published after the restart."""
-    if broker.transport == "kafka":
-        request.applymarker(pytest.mark.xfail(strict=False, reason=KAFKA_RESTART_FLAKY))
     await harness.sampler()
     await harness.consumer("c1", "--work-ms", "2", "--trap-sigterm")
     publisher = await harness.publisher("p1", 10**6, "--aggregates", "20", "--interval-ms", "20")

@@ -172,6 +172,9 @@ async def publish(args: argparse.Namespace, log: EventLog) -> None:
         async def one_aggregate(agg: str) -> None:
             for seq in range(args.count // args.aggregates):
                 body = json.dumps({"agg": agg, "seq": seq}).encode()
+                # Before the send: a publish cut off by a signal has no
+                # outcome, yet the broker may have stored it (U allows it).
+                log.write("try", agg=agg, seq=seq)
                 try:
                     await bus.publish(args.topic, body, key=agg)
                 except trio_bus.errors.BusError as exc:
