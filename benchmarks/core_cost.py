@@ -23,22 +23,12 @@ import trio
 
 import trio_bus
 
-AGGREGATES = 100
-POOL = 256
-PAYLOAD = b"x" * 1024
+from .memory_e2e import AGGREGATES, PAYLOAD, POOL, counting_handler
 
 
 async def consume_cost(n: int) -> tuple[float, int]:
     """One run: (CPU µs per consumed message, gen-0 collections)."""
-    done = trio.Event()
-    seen = 0
-
-    async def handler(message: trio_bus.Message) -> None:
-        nonlocal seen
-        seen += 1
-        if seen == n:
-            done.set()
-
+    handler, done = counting_handler(n)
     async with trio_bus.open_bus(f"memory://core-{uuid.uuid4().hex}", pool_size=POOL) as bus:
         await bus.publish_many(
             [

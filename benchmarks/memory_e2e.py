@@ -23,6 +23,7 @@ import statistics
 import time
 import uuid
 import zlib
+from collections.abc import Awaitable, Callable
 
 import trio
 
@@ -33,7 +34,10 @@ POOL = 256
 PAYLOAD = b"x" * 1024
 
 
-async def run_trio_bus(n: int, handler_timeout: float | None) -> float:
+def counting_handler(
+    n: int,
+) -> tuple[Callable[[trio_bus.Message], Awaitable[None]], trio.Event]:
+    """A no-op handler and the event it sets at its *n*-th call."""
     done = trio.Event()
     seen = 0
 
@@ -43,6 +47,11 @@ async def run_trio_bus(n: int, handler_timeout: float | None) -> float:
         if seen == n:
             done.set()
 
+    return handler, done
+
+
+async def run_trio_bus(n: int, handler_timeout: float | None) -> float:
+    handler, done = counting_handler(n)
     url = f"memory://bench-{uuid.uuid4().hex}"
     async with trio_bus.open_bus(url, pool_size=POOL, handler_timeout=handler_timeout) as bus:
         await bus.subscribe("bench", handler)
