@@ -199,9 +199,9 @@ class Harness:
         with trio.fail_after(WAIT):
             await worker.exited.wait()
 
-    async def settle_published(self, timeout: float = WAIT) -> int:
-        """Wait until every acked publish finished at least once; return how
-        many that is."""
+    async def settle_published(self, timeout: float = WAIT, *, since: int = 0) -> int:
+        """Wait until every publish acked after *since* (the shared clock,
+        ns; default: all) finished at least once; return how many that is."""
         acked: set[tuple[str, int]] = set()
 
         def done(events: list[Event]) -> bool:
@@ -209,7 +209,7 @@ class Harness:
             acked.update(
                 (e["agg"], e["seq"])
                 for e in events
-                if e["ev"] == "pub" and e["ok"] and e.get("valid", True)
+                if e["ev"] == "pub" and e["ok"] and e.get("valid", True) and e["t"] > since
             )
             ended = {(e["agg"], e["seq"]) for e in events if e["ev"] == "end"}
             return acked <= ended
