@@ -8,9 +8,7 @@ clients (re)open goes through the proxy.
 
 from __future__ import annotations
 
-import gc
 import uuid
-import warnings
 from collections import defaultdict
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
@@ -35,7 +33,7 @@ from trio_bus.transports._bridge import UNWIND_TIMEOUT
 from trio_bus.transports.kafka import KafkaOptions, TopicConfig, open_transport
 
 from ._kafka_broker import KAFKA_TEST_PARAMS, KafkaBroker, free_port, run_tansu
-from .helpers import WAIT, Recorder
+from .helpers import WAIT, Recorder, collect_unclosed
 
 
 def _name(prefix: str) -> str:
@@ -215,9 +213,7 @@ def collect_outage_leaks() -> Iterator[None]:
     not known. The test is about order and never faking success, so that
     leak is collected here, as the NATS fault tests do for nats-py's."""
     yield
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", ResourceWarning)
-        gc.collect()
+    collect_unclosed()
 
 
 @pytest.mark.usefixtures("collect_outage_leaks")

@@ -16,11 +16,9 @@ and healed. Properties checked:
 
 from __future__ import annotations
 
-import gc
 import logging
 import subprocess
 import uuid
-import warnings
 from collections import defaultdict
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
@@ -54,6 +52,7 @@ from trio_bus.transports.nats.puller import Puller
 from trio_bus.transports.nats.transport import CLOSE_TIMEOUT
 
 from ._nats_server import NatsServer
+from .helpers import collect_unclosed
 
 WAIT = 60.0
 
@@ -70,9 +69,7 @@ def collect_leaked_sockets() -> Iterator[None]:
     """... and collect them before the test ends, so that their warning is
     not blamed on a later test."""
     yield
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", ResourceWarning)
-        gc.collect()
+    collect_unclosed()
 
 
 #: ack_wait is long on purpose: a lost delivery that waited for it would run

@@ -91,7 +91,7 @@ class Handling:
                 finish(actor, release=True)
                 return True
             return await self._call(actor, scope, route.batch.invoke, messages, len(messages))
-        message: Record = work  # what the handler gets (see Record.message)
+        message: Record = work  # the very object the handler gets
         if actor.attempt > 1:
             message = attrs.evolve(message, attempt=actor.attempt)
         else:

@@ -57,12 +57,11 @@ class Dispatcher:
             else:
                 index = self._round_robin = (self._round_robin + 1) % size
             bind(record, route, aggregate, envelope, rejection)
-            work = record
             chunk = chunks.get(index)
             if chunk is None:
-                chunks[index] = [work]
+                chunks[index] = [record]
             else:
-                chunk.append(work)
+                chunk.append(record)
         limit = self._inbox_size
         for index, chunk in chunks.items():
             actor = actors[index]

@@ -110,6 +110,9 @@ _SLOTS = tuple(
     )
 )
 
+#: The dispatcher's four (see bind), unpacked once.
+_set_aggregate, _set_envelope, _set_route, _set_rejection = _SLOTS[11], *_SLOTS[13:]
+
 
 def new_record(
     topic: str,
@@ -189,11 +192,10 @@ def bind(
 ) -> None:
     """The dispatcher's part of *record*: its route, aggregate, envelope
     and rejection."""
-    set_aggregate, set_envelope, set_route, set_rejection = _SLOTS[11], *_SLOTS[13:]
-    set_aggregate(record, aggregate)
-    set_envelope(record, envelope)
-    set_route(record, route)
-    set_rejection(record, rejection)
+    _set_aggregate(record, aggregate)
+    _set_envelope(record, envelope)
+    _set_route(record, route)
+    _set_rejection(record, rejection)
 
 
 @attrs.frozen(slots=True)
