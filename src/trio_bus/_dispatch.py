@@ -1,12 +1,17 @@
 """Dispatch: fetched batches into the actors' inboxes, in order.
 
-A message goes to ``actors[stable_hash(aggregate_id) % pool_size]``, so one
-aggregate always lands on one actor; messages without an aggregate ID are
-spread round-robin. Each actor gets one chunk (a list, in delivery order)
-per fetched batch through its bounded memory-channel inbox with
-``send_nowait``; only when the inbox's messages would exceed its size do
-they go one at a time, each waiting for room, which is where backpressure
-lives. The actors' side is ``_pool.py``.
+An aggregate with a message queued or running on an actor holds a
+:class:`~._work.Claim` on it, and its next messages go to that actor, so
+they run one at a time, in order. An aggregate without one (all its
+messages settled) goes to an idle actor: the first without work among the
+next few in turn, else the least loaded of them, so aggregates do not pile
+up behind each other on one actor as they would by hash (100 aggregates
+hashed onto 256 actors put 2 or 3 on some of them and leave most idle).
+Messages without an aggregate ID are spread round-robin. Each actor gets
+one chunk (a list, in delivery order) per fetched batch through its
+bounded memory-channel inbox with ``send_nowait``; only when the inbox's
+messages would exceed its size do they go one at a time, each waiting for
+room, which is where backpressure lives. The actors' side is ``_pool.py``.
 """
 
 from __future__ import annotations
@@ -16,15 +21,13 @@ from collections.abc import Sequence
 import trio
 
 from ._message import Record, bind
-from ._names import stable_hash
 from ._routing import classify
-from ._work import Actor, Route, settle
+from ._work import Actor, Claim, Route, settle, unclaim
 
-__all__ = ["ROUTE_CACHE_ENTRIES", "Dispatcher"]
+__all__ = ["PICK_AMONG", "Dispatcher"]
 
-#: Aggregate IDs whose actor index is remembered at most (IDs are at most
-#: 256 bytes, so the cache stays within a few MiB).
-ROUTE_CACHE_ENTRIES = 16384
+#: Actors looked at, in turn, for an aggregate without a claim.
+PICK_AMONG = 8
 
 
 class Dispatcher:
@@ -33,9 +36,10 @@ class Dispatcher:
     def __init__(self, actors: list[Actor], inbox_size: int) -> None:
         self._actors = actors
         self._inbox_size = inbox_size
-        #: aggregate ID -> actor index (see _cache_route).
-        self._route_cache: dict[str, int] = {}
+        #: Aggregates with messages in flight -> their claim.
+        self.claims: dict[str, Claim] = {}
         self._round_robin = 0
+        self._next_pick = 0
 
     async def dispatch(self, route: Route, records: Sequence[Record]) -> None:
         """Route a fetched batch into the actors' inboxes, in order.
@@ -46,17 +50,20 @@ class Dispatcher:
         actors, size = self._actors, len(self._actors)
         route.stats.consumed += len(records)
         wants_envelope = route.wants_envelope
-        cache = self._route_cache
+        claims = self.claims
         chunks: dict[int, list[Record]] = {}
         for record in records:
             aggregate, envelope, rejection = classify(record, wants_envelope=wants_envelope)
+            claim = None
             if aggregate is not None:
-                index = cache.get(aggregate)
-                if index is None:
-                    index = self._cache_route(aggregate)
+                claim = claims.get(aggregate)
+                if claim is None:
+                    claim = claims[aggregate] = Claim(claims, aggregate, self._pick(chunks))
+                claim.count += 1
+                index = claim.index
             else:
                 index = self._round_robin = (self._round_robin + 1) % size
-            bind(record, route, aggregate, envelope, rejection)
+            bind(record, route, aggregate, envelope, rejection, claim)
             chunk = chunks.get(index)
             if chunk is None:
                 chunks[index] = [record]
@@ -86,16 +93,28 @@ class Dispatcher:
             except BaseException:
                 settle(work, release=True)
                 for left in chunk[sent + 1 :]:
+                    unclaim(left)
                     route.consumer.release(left)
                 raise
             actor.send.send_nowait([work])
             actor.queued += 1
 
-    def _cache_route(self, aggregate: str) -> int:
-        """The actor index of *aggregate*, remembered (bounded: emptied
-        when full, so wire input cannot grow it without limit)."""
-        cache = self._route_cache
-        if len(cache) >= ROUTE_CACHE_ENTRIES:
-            cache.clear()
-        index = cache[aggregate] = stable_hash(aggregate) % len(self._actors)
-        return index
+    def _pick(self, chunks: dict[int, list[Record]]) -> int:
+        """An actor for an aggregate without a claim: the first idle one of
+        the next :data:`PICK_AMONG` in turn, else the least loaded of them
+        (*chunks*: what this batch gives each actor so far)."""
+        actors, size = self._actors, len(self._actors)
+        start = self._next_pick
+        best, best_load = start, -1
+        for step in range(min(PICK_AMONG, size)):
+            index = (start + step) % size
+            actor = actors[index]
+            chunk = chunks.get(index)
+            load = actor.queued + (actor.current is not None) + (len(chunk) if chunk else 0)
+            if not load:
+                best = index
+                break
+            if best_load < 0 or load < best_load:
+                best, best_load = index, load
+        self._next_pick = (best + 1) % size
+        return best

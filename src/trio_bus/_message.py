@@ -10,7 +10,7 @@ import attrs
 if TYPE_CHECKING:
     from ._envelope import Envelope
     from ._lease import Lease
-    from ._work import Route
+    from ._work import Claim, Route
 
 __all__ = ["Message", "OutgoingMessage", "Record", "bind", "new_record"]
 
@@ -77,12 +77,16 @@ class Record(Message):
             (None before).
         rejection: Why the message is malformed (dead-lettered at once), or
             None; set by the dispatcher.
+        claim: Its aggregate's hold on the actor it was dispatched to
+            (see :class:`~._work.Claim`), or None without an aggregate; set
+            by the dispatcher.
     """
 
     token: object = attrs.field(default=None, kw_only=True, repr=False)
     lease: Lease | None = attrs.field(default=None, kw_only=True, repr=False)
     route: Route = attrs.field(kw_only=True, repr=False)
     rejection: Exception | None = attrs.field(default=None, kw_only=True, repr=False)
+    claim: Claim | None = attrs.field(default=None, kw_only=True, repr=False)
 
 
 # Record's slots in new_record's order. A frozen class's generated __init__
@@ -107,11 +111,12 @@ _SLOTS = tuple(
         "_envelope",
         "route",
         "rejection",
+        "claim",
     )
 )
 
-#: The dispatcher's four (see bind), unpacked once.
-_set_aggregate, _set_envelope, _set_route, _set_rejection = _SLOTS[11], *_SLOTS[13:]
+#: The dispatcher's five (see bind), unpacked once.
+_set_aggregate, _set_envelope, _set_route, _set_rejection, _set_claim = _SLOTS[11], *_SLOTS[13:]
 
 
 def new_record(
@@ -163,6 +168,7 @@ def new_record(
         set_envelope,
         set_route,
         set_rejection,
+        set_claim,
     ) = _SLOTS
     set_topic(record, topic)
     set_subject(record, subject)
@@ -180,6 +186,7 @@ def new_record(
     set_envelope(record, None)
     set_route(record, None)
     set_rejection(record, None)
+    set_claim(record, None)
     return record
 
 
@@ -189,13 +196,15 @@ def bind(
     aggregate: str | None,
     envelope: Envelope | None,
     rejection: Exception | None,
+    claim: Claim | None,
 ) -> None:
-    """The dispatcher's part of *record*: its route, aggregate, envelope
-    and rejection."""
+    """The dispatcher's part of *record*: its route, aggregate, envelope,
+    rejection and claim."""
     _set_aggregate(record, aggregate)
     _set_envelope(record, envelope)
     _set_route(record, route)
     _set_rejection(record, rejection)
+    _set_claim(record, claim)
 
 
 @attrs.frozen(slots=True)

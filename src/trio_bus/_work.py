@@ -22,7 +22,7 @@ from .transports._base import Consumer
 if TYPE_CHECKING:
     from ._batch import Batching
 
-__all__ = ["EnvelopeHandler", "Handler", "Route", "current_message", "settle"]
+__all__ = ["Claim", "EnvelopeHandler", "Handler", "Route", "current_message", "settle", "unclaim"]
 
 Handler = Callable[[Message], Awaitable[None]]
 EnvelopeHandler = Callable[[Envelope], Awaitable[None]]
@@ -97,9 +97,39 @@ class Route:
         await self._idle.wait()
 
 
+class Claim:
+    """An aggregate's hold on the actor its messages go to, from the
+    dispatch of one of its messages until none of them is queued or running
+    there any more: while it is held, every message of the aggregate goes
+    to that actor (the order guarantee); once it is gone, the next one may
+    go to any actor. The dispatcher's map of claims holds only aggregates
+    with messages in flight, so it is bounded by the inboxes, not by how
+    many aggregates a sender invents."""
+
+    __slots__ = ("aggregate", "count", "index", "owners")
+
+    def __init__(self, owners: dict[str, Claim], aggregate: str, index: int) -> None:
+        self.owners = owners
+        self.aggregate = aggregate
+        self.index = index
+        #: Messages of the aggregate dispatched and not settled.
+        self.count = 0
+
+
+def unclaim(work: Record) -> None:
+    """*work* is settled (or was never sent to its actor): drop its share
+    of its aggregate's claim."""
+    claim = work.claim
+    if claim is not None:
+        claim.count -= 1
+        if not claim.count:
+            del claim.owners[claim.aggregate]
+
+
 def settle(work: Record, *, release: bool = False) -> None:
     """Ack (or, with *release*, hand back) one delivery and count it
     settled on its route."""
+    unclaim(work)
     route = work.route
     if release:
         route.consumer.release(work)
