@@ -1,9 +1,9 @@
 """The global actor pool: per-aggregate order and supervision.
 
 One fixed set of actors serves every subscription of a bus. Dispatch
-(``_dispatch.py``) sends one aggregate's messages always to one actor,
-which handles its inbox one message at a time: that is the whole ordering
-mechanism. What one attempt does (timeout, retry, dead-letter, lease
+(``_dispatch.py``) sends an aggregate's messages to one actor for as long
+as any of them is queued or running there, and an actor handles its inbox
+one message at a time: that is the whole ordering mechanism. What one attempt does (timeout, retry, dead-letter, lease
 fence) is ``_attempt.py``.
 
 Hot-path choices (measured, see docs/architecture.md):
@@ -17,7 +17,7 @@ Hot-path choices (measured, see docs/architecture.md):
   deadline (see ``_attempt.py``).
 
 Batch subscriptions (``_batch.py``) run on the same actors: an actor
-collects a batch from its own inbox, so an aggregate never leaves its actor.
+collects a batch from its own inbox, where its aggregates' claims keep them.
 """
 
 from __future__ import annotations

@@ -2,8 +2,8 @@
 
 A partitioned topic (stream metadata ``trio_bus.partitions`` = N > 1) keeps
 an aggregate's messages on one subject, ``<topic>.~.<p>`` with
-``p = stable_hash(aggregate_id) % N`` -- the crc32 the actor pool routes by
-(:func:`trio_bus._names.stable_hash`), so one aggregate maps to one
+``p = stable_hash(aggregate_id) % N`` -- a crc32 that is the same in every
+process (:func:`trio_bus._names.stable_hash`), so one aggregate maps to one
 partition in every process. Each (group, topic, partition) is one durable
 pull consumer, ``<durable>_p<p>``, and one member of the group at a time
 holds it (a lease in a KV bucket, see :mod:`.leases`).
