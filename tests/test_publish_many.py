@@ -178,6 +178,48 @@ async def test_invalid_item_sends_nothing() -> None:
     assert transport.calls == []
 
 
+def test_checked_messages_are_reused_only_when_nothing_of_them_can_change() -> None:
+    """A message without headers is sent as it is (nothing of it is
+    mutable); one with headers, or one that checking changes, is rebuilt,
+    so changing the caller's headers afterwards changes nothing sent."""
+    publisher = publisher_on(GatedTransport())
+    plain = OutgoingMessage(topic="t", value=b"x", key="k1")
+    headers = {"h": "1"}
+    with_headers = OutgoingMessage(topic="t", value=b"x", key="k1", headers=headers)
+    padded = OutgoingMessage(topic="t", value=b"x", key=" k1 ")
+    buffer = OutgoingMessage(topic="t", value=bytearray(b"x"), key="k1")  # type: ignore[arg-type]
+    checked = publisher.records([plain, with_headers, padded, buffer])
+    assert checked[0] is plain
+    assert all(a is not b for a, b in zip(checked[1:], [with_headers, padded, buffer], strict=True))
+    headers["h"] = "2\r\nInjected: yes"
+    assert dict(checked[1].headers) == {"h": "1"}
+    assert (checked[2].key, checked[3].value) == ("k1", b"x")
+    assert type(checked[3].value) is bytes
+    with pytest.raises(TypeError):
+        plain.headers["h"] = "1"  # type: ignore[index]
+
+
+async def test_batch_statistics_count_each_message() -> None:
+    """Publish statistics are kept per batch; they still count every
+    message, its latency and its failure."""
+    transport = GatedTransport()
+    stats: dict[str, TopicStats] = defaultdict(TopicStats)
+    publisher = Publisher(
+        transport, max_message_bytes=1 << 20, tracer=None, topic_stats=stats.__getitem__
+    )
+    batch = [*records(3, 3, topic="a"), *records(2, 2, topic="b")]
+    batch[4] = OutgoingMessage(topic="b", value=b"bad", key="k1")
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(open_gates_last_first, transport, 2)
+        await publisher.send(records(4, 2, topic="a"))
+        await publisher.send(batch)
+    assert (stats["a"].published, stats["a"].publish_failed) == (7, 0)
+    assert (stats["b"].published, stats["b"].publish_failed) == (1, 1)
+    assert stats["a"].publish_latency.count == 7
+    assert stats["b"].publish_latency.count == 1
+    assert publisher.published == 8
+
+
 # ------------------------------------------------- order on every transport
 
 

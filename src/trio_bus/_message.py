@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from types import MappingProxyType
 from typing import TYPE_CHECKING
 
 import attrs
@@ -12,7 +13,11 @@ if TYPE_CHECKING:
     from ._lease import Lease
     from ._work import Claim, Route
 
-__all__ = ["Message", "OutgoingMessage", "Record", "bind", "new_record"]
+__all__ = ["NO_HEADERS", "Message", "OutgoingMessage", "Record", "bind", "new_record"]
+
+#: The headers of a message without any: one shared, immutable mapping (a
+#: message built without headers needs no copy of them to be safe to send).
+NO_HEADERS: Mapping[str, str] = MappingProxyType({})
 
 
 @attrs.frozen(slots=True, eq=False)
@@ -216,7 +221,7 @@ class OutgoingMessage:
         value: The body.
         key: The aggregate ID (Kafka: the record key, so one aggregate stays
             in one partition; NATS: sent as the ``X-Aggregate-ID`` header).
-        headers: Extra headers.
+        headers: Extra headers (default: none, :data:`NO_HEADERS`).
         message_id: A deduplication id (NATS ``Nats-Msg-Id``); the
             envelope's ``event_id`` for envelopes.
     """
@@ -224,5 +229,5 @@ class OutgoingMessage:
     topic: str
     value: bytes
     key: str | None = None
-    headers: Mapping[str, str] = attrs.field(factory=dict)
+    headers: Mapping[str, str] = attrs.field(default=NO_HEADERS, repr=lambda h: repr(dict(h)))
     message_id: str | None = None

@@ -3,8 +3,8 @@
 One fixed set of actors serves every subscription of a bus. Dispatch
 (``_dispatch.py``) sends an aggregate's messages to one actor for as long
 as any of them is queued or running there, and an actor handles its inbox
-one message at a time: that is the whole ordering mechanism. What one attempt does (timeout, retry, dead-letter, lease
-fence) is ``_attempt.py``.
+one message at a time: that is the whole ordering mechanism. What one
+attempt does (timeout, retry, dead-letter, lease fence) is ``_attempt.py``.
 
 Hot-path choices (measured, see docs/architecture.md):
 

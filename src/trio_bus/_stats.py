@@ -48,10 +48,11 @@ class Histogram:
         other.sum, other.count = self.sum, self.count
         return other
 
-    def observe(self, value: float) -> None:
-        self.counts[bisect.bisect_left(self.bounds, value)] += 1
-        self.sum += value
-        self.count += 1
+    def observe(self, value: float, times: int = 1) -> None:
+        """Count *value* (*times* over: a batch that took it for each)."""
+        self.counts[bisect.bisect_left(self.bounds, value)] += times
+        self.sum += value * times
+        self.count += times
 
     def cumulative(self) -> list[tuple[str, int]]:
         """Prometheus buckets: ``[(le, cumulative count), ...]`` ending in +Inf."""

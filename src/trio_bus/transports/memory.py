@@ -35,14 +35,14 @@ from __future__ import annotations
 import heapq
 import logging
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 
 import attrs
 import trio
 
 from .._config import at_least, positive
-from .._message import OutgoingMessage, Record, new_record
+from .._message import NO_HEADERS, OutgoingMessage, Record, new_record
 from .._topics import Persistence, PersistencePolicy, StoredAs, TopicDescription, TopicRequest
 from ..errors import BusClosedError, ConfigError, TopicConfigError
 from ._base import Consumer, ConsumerSpec, LaneState, Transport, TransportSettings
@@ -81,7 +81,7 @@ class MemoryRetention:
 class _Entry:
     key: str | None
     value: bytes
-    headers: dict[str, str]
+    headers: Mapping[str, str]
     timestamp: float
     #: Bytes of key, value and headers, for byte retention.
     size: int
@@ -195,10 +195,13 @@ class MemoryBroker:
         touched: set[str] = set()
         now = time.time()
         for rec in records:
-            headers = dict(rec.headers)
-            size = (
-                len(rec.value) + len(rec.key or "") + sum(map(len, [*headers, *headers.values()]))
-            )
+            headers = rec.headers
+            if headers:  # a copy: the sender's mapping may change later
+                headers = dict(headers)
+                size = sum(map(len, [*headers, *headers.values()]))
+            else:
+                headers, size = NO_HEADERS, 0
+            size += len(rec.value) + len(rec.key or "")
             topic = self._topic(rec.topic)
             if topic.ephemeral and not topic.groups:
                 continue  # nobody to deliver to, and nothing is kept
