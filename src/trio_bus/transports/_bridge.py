@@ -70,6 +70,7 @@ class Bridge:
         self.name = name
         self._stopped = False
         self._waiters: set[trio.Event] = set()
+        self._teardowns: list[Callable[[], Awaitable[object]]] = []
 
     @property
     def loop(self) -> asyncio.AbstractEventLoop:
@@ -122,6 +123,13 @@ class Bridge:
         except asyncio.CancelledError:
             raise self._loop_gone() from None
 
+    def at_teardown(self, fn: Callable[[], Awaitable[object]]) -> None:
+        """Await *fn()* on the asyncio side when the bridge closes, once
+        every other asyncio task has ended, within :data:`UNWIND_TIMEOUT`:
+        for what a stop cut short at its bound left open (a client's
+        connections), which no task of that client can reopen by then."""
+        self._teardowns.append(fn)
+
     async def wait_stopped(self) -> None:
         """Wait until the asyncio loop has stopped (normally: at close)."""
         loop: Any = self._loop
@@ -147,7 +155,8 @@ async def open_bridge(name: str) -> AsyncIterator[Bridge]:
 
     Leaving the block stops the loop after every asyncio task on it has
     been cancelled and has finished, within :data:`TEARDOWN_TIMEOUT` (a
-    task that would not end is abandoned and named in an ERROR log).
+    task that would not end is abandoned and named in an ERROR log), then
+    awaits what was given to :meth:`Bridge.at_teardown`.
     """
     loop: Any
     async with trio_asyncio.open_loop() as loop:
@@ -162,6 +171,7 @@ async def open_bridge(name: str) -> AsyncIterator[Bridge]:
         finally:
             with trio.CancelScope(shield=True):
                 await _end_tasks(loop, name)
+                await _run_teardowns(bridge)
 
 
 async def _end_tasks(loop: asyncio.AbstractEventLoop, name: str) -> None:
@@ -201,6 +211,29 @@ async def _end_tasks(loop: asyncio.AbstractEventLoop, name: str) -> None:
         # Private, but the only way to keep trio-asyncio from waiting for
         # it (asyncio.all_tasks reads this registry).
         asyncio.tasks._unregister_task(task)
+
+
+async def _run_teardowns(bridge: Bridge) -> None:
+    """Await the functions given to :meth:`Bridge.at_teardown`, together,
+    within :data:`UNWIND_TIMEOUT`; failures are logged, not raised."""
+    fns, bridge._teardowns = bridge._teardowns, []
+    if not fns or not bridge.running:
+        return
+    outcomes: list[object] = []
+    with trio.move_on_after(UNWIND_TIMEOUT):
+        try:
+            outcomes = await bridge.call(_gather, fns)
+        except TransportUnavailableError:
+            return
+    if len(outcomes) < len(fns):
+        logger.warning("the teardown of the %s transport did not end in time", bridge.name)
+    for outcome in outcomes:
+        if isinstance(outcome, BaseException):
+            logger.warning("a teardown of the %s transport failed: %r", bridge.name, outcome)
+
+
+async def _gather(fns: list[Callable[[], Awaitable[object]]]) -> list[object]:
+    return await asyncio.gather(*(fn() for fn in fns), return_exceptions=True)
 
 
 def _where(task: asyncio.Task[Any]) -> str:

@@ -239,16 +239,26 @@ class KafkaTransport(Transport):
             return
         task.stopped = True
         group = task.group
-        with trio.move_on_after(self.options.close_timeout) as bound:
-            bound.shield = True
-            for scope in task.scopes:
-                scope.cancel()
-            if task.running:
-                await task.ended.wait()
-            try:
-                await self.bridge.call(group.stop)
-            except TransportError as exc:  # the loop is gone: nothing to leave
-                logger.warning("stopping consumer group %r: %s", group.name, exc)
+        stopped = False
+        try:
+            with trio.move_on_after(self.options.close_timeout) as bound:
+                bound.shield = True
+                for scope in task.scopes:
+                    scope.cancel()
+                if task.running:
+                    await task.ended.wait()
+                try:
+                    await self.bridge.call(group.stop)
+                    stopped = True
+                except TransportError as exc:  # the loop is gone: nothing to leave
+                    logger.warning("stopping consumer group %r: %s", group.name, exc)
+        finally:
+            if not stopped and group.consumer is not None:
+                # Cut short (close_timeout: leaving waits for a join under
+                # way), aiokafka's stop never reached closing the consumer's
+                # connections, and its tasks may reopen them until the loop
+                # ends: close them then.
+                self.bridge.at_teardown(group.consumer._client.close)
         if bound.cancelled_caught:
             logger.warning("stopping consumer group %r timed out", group.name)
         if self._group_tasks.get(group.name) is task:
@@ -439,6 +449,15 @@ async def open_transport(settings: TransportSettings) -> AsyncIterator[KafkaTran
                             raise
                         raise mapped from exc
                     started = True
+                    # aiokafka closes a client's connections only at the end
+                    # of its producer's (admin client's) stop: one cut short
+                    # at close_timeout, or a connection reopened meanwhile by
+                    # a task that outlived its cancellation, would be left
+                    # open. Closed once every asyncio task has ended.
+                    producer = transport._producer
+                    assert producer is not None
+                    for client in (producer.client.client, transport._admin._client):
+                        bridge.at_teardown(client.close)
                     nursery.start_soon(
                         transport._own, transport._watch_connection, "kafka connection watch"
                     )
