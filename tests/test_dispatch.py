@@ -132,3 +132,28 @@ async def test_claims_are_dropped_when_the_bus_closes_under_backpressure() -> No
         with trio.fail_after(5):
             await started.wait()
     assert _claims(bus) == {}
+
+
+async def test_a_cancelled_dispatch_hands_back_what_it_still_held() -> None:
+    """Closing a subscription while its dispatcher waits for room on one
+    actor releases that chunk's rest and the chunks it had not sent to
+    other actors yet: their claims go, and the bus goes on."""
+    blocked = trio.Event()
+
+    async def handler(message: Message) -> None:
+        if message.aggregate_id == "a":
+            blocked.set()
+            await trio.sleep_forever()
+
+    async with trio_bus.open_bus(_url(), pool_size=2, inbox_size=2, shutdown_grace=0.2) as bus:
+        subscription = await bus.subscribe("t", handler)
+        # One fetched batch: "a" (whose first call never returns) fills its
+        # actor's inbox, so "b"'s chunk waits behind it, unsent.
+        await bus.publish_many(
+            [OutgoingMessage(topic="t", value=b"x", key=key) for key in ["a"] * 10 + ["b"] * 10]
+        )
+        with trio.fail_after(5):
+            await blocked.wait()
+            assert set(_claims(bus)) == {"a", "b"}
+            await subscription.close()
+        assert _claims(bus) == {}

@@ -70,7 +70,8 @@ class Dispatcher:
             else:
                 chunk.append(record)
         limit = self._inbox_size
-        for index, chunk in chunks.items():
+        ordered = list(chunks.items())
+        for position, (index, chunk) in enumerate(ordered):
             actor = actors[index]
             count = len(chunk)
             if actor.queued + count <= limit:
@@ -78,8 +79,13 @@ class Dispatcher:
                 # Never full: it holds at most `queued` chunks.
                 actor.send.send_nowait(chunk)
                 actor.queued += count
-            else:
+                continue
+            try:
                 await self._send_waiting(route, actor, chunk)
+            except BaseException:
+                for _, left in ordered[position + 1 :]:  # held here: hand them back
+                    _hand_back(route, left)
+                raise
         await trio.lowlevel.checkpoint()
 
     async def _send_waiting(self, route: Route, actor: Actor, chunk: list[Record]) -> None:
@@ -92,9 +98,7 @@ class Dispatcher:
                 await actor.wait_for_room(limit)
             except BaseException:
                 settle(work, release=True)
-                for left in chunk[sent + 1 :]:
-                    unclaim(left)
-                    route.consumer.release(left)
+                _hand_back(route, chunk[sent + 1 :])
                 raise
             actor.send.send_nowait([work])
             actor.queued += 1
@@ -118,3 +122,11 @@ class Dispatcher:
                 best, best_load = index, load
         self._next_pick = (best + 1) % size
         return best
+
+
+def _hand_back(route: Route, records: list[Record]) -> None:
+    """Release records never sent to an actor (they were claimed, not
+    counted in flight on the route)."""
+    for record in records:
+        unclaim(record)
+        route.consumer.release(record)

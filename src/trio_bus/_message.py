@@ -13,7 +13,7 @@ if TYPE_CHECKING:
     from ._lease import Lease
     from ._work import Claim, Route
 
-__all__ = ["NO_HEADERS", "Message", "OutgoingMessage", "Record", "bind", "new_record"]
+__all__ = ["NO_HEADERS", "Message", "OutgoingMessage", "Record", "bind", "drop_claim", "new_record"]
 
 #: The headers of a message without any: one shared, immutable mapping (a
 #: message built without headers needs no copy of them to be safe to send).
@@ -210,6 +210,11 @@ def bind(
     _set_route(record, route)
     _set_rejection(record, rejection)
     _set_claim(record, claim)
+
+
+def drop_claim(record: Record) -> None:
+    """Clear *record*'s claim (it was let go)."""
+    _set_claim(record, None)
 
 
 @attrs.frozen(slots=True)

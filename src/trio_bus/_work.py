@@ -15,7 +15,7 @@ import trio
 
 from ._config import RetryPolicy
 from ._envelope import Envelope
-from ._message import Message, Record
+from ._message import Message, Record, drop_claim
 from ._stats import TopicStats
 from .transports._base import Consumer
 
@@ -118,9 +118,11 @@ class Claim:
 
 def unclaim(work: Record) -> None:
     """*work* is settled (or was never sent to its actor): drop its share
-    of its aggregate's claim."""
+    of its aggregate's claim (once: a claim let go too early would let the
+    aggregate's next message start on another actor)."""
     claim = work.claim
     if claim is not None:
+        drop_claim(work)
         claim.count -= 1
         if not claim.count:
             del claim.owners[claim.aggregate]
