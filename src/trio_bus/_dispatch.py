@@ -107,21 +107,28 @@ class Dispatcher:
         """An actor for an aggregate without a claim: the first idle one of
         the next :data:`PICK_AMONG` in turn, else the least loaded of them
         (*chunks*: what this batch gives each actor so far)."""
-        actors, size = self._actors, len(self._actors)
+        actors = self._actors
         start = self._next_pick
-        best, best_load = start, -1
-        for step in range(min(PICK_AMONG, size)):
-            index = (start + step) % size
-            actor = actors[index]
-            chunk = chunks.get(index)
-            load = actor.queued + (actor.current is not None) + (len(chunk) if chunk else 0)
+        window = actors[start : start + PICK_AMONG]
+        if len(window) < PICK_AMONG:  # wrap around (at most the whole pool)
+            window += actors[: min(PICK_AMONG - len(window), start)]
+        best, best_load = window[0], -1
+        for actor in window:
+            load = actor.queued
+            if actor.current is not None:
+                load += 1
+            if chunks:
+                chunk = chunks.get(actor.index)
+                if chunk is not None:
+                    load += len(chunk)
             if not load:
-                best = index
+                best = actor
                 break
             if best_load < 0 or load < best_load:
-                best, best_load = index, load
-        self._next_pick = (best + 1) % size
-        return best
+                best, best_load = actor, load
+        index = best.index
+        self._next_pick = index + 1 if index + 1 < len(actors) else 0
+        return index
 
 
 def _hand_back(route: Route, records: list[Record]) -> None:
