@@ -3,14 +3,24 @@ and go to an idle one otherwise (see ``trio_bus._dispatch``)."""
 
 from __future__ import annotations
 
+import math
 import uuid
 from collections import defaultdict
+from collections.abc import Awaitable, Callable, Sequence
 
+import pytest
 import trio
+import trio.lowlevel
 
 import trio_bus
 from trio_bus import Bus, Message, OutgoingMessage
+from trio_bus._config import RetryPolicy
+from trio_bus._dispatch import PACK_BUDGET, PACK_MAX
+from trio_bus._message import Record, new_record
 from trio_bus._names import stable_hash
+from trio_bus._pool import ActorPool
+from trio_bus._stats import Histogram
+from trio_bus._work import Pace, Route
 
 
 def _url() -> str:
@@ -157,3 +167,110 @@ async def test_a_cancelled_dispatch_hands_back_what_it_still_held() -> None:
             assert set(_claims(bus)) == {"a", "b"}
             await subscription.close()
         assert _claims(bus) == {}
+
+
+# ----------------------------------------------- packing quick handlers
+
+
+class _Consumer:
+    """Counts settles; never fetches (records are dispatched by hand)."""
+
+    def __init__(self) -> None:
+        self.acked = 0
+        self.released = 0
+
+    def ack(self, record: Record) -> None:
+        self.acked += 1
+
+    def release(self, record: Record) -> None:
+        self.released += 1
+
+
+async def _never(*args: object, **kwargs: object) -> None:
+    raise AssertionError("nothing is dead-lettered here")
+
+
+def _pool_and_route(
+    size: int, inbox_size: int = 1000, invoke: Callable[[Message], Awaitable[None]] | None = None
+) -> tuple[ActorPool, Route, _Consumer]:
+    async def noop(message: Message) -> None:
+        pass
+
+    consumer = _Consumer()
+    pool = ActorPool(
+        size=size, inbox_size=inbox_size, max_restarts=3, restart_window=10.0, publish=_never
+    )
+    route = Route(
+        topic="t",
+        group="g",
+        consumer=consumer,  # type: ignore[arg-type]
+        invoke=invoke or noop,
+        handler_timeout=None,
+        dead_letter_topic="t.dlq",
+        wants_envelope=False,
+        retry=RetryPolicy(),
+    )
+    return pool, route, consumer
+
+
+def _records(keys: Sequence[str]) -> list[Record]:
+    return [new_record("t", "t", b"", key, {}, None, offset) for offset, key in enumerate(keys)]
+
+
+@pytest.mark.parametrize(
+    ("pace", "actors_used"),
+    [
+        (None, 100),  # nothing known yet: an actor each
+        (0.010, 100),  # handlers that wait: an actor each
+        (1e-6, math.ceil(100 / PACK_MAX)),  # quick handlers: packed
+        (PACK_BUDGET / 10, 10),  # ten calls fill the budget
+    ],
+)
+async def test_aggregates_without_a_claim_are_packed_only_for_quick_handlers(
+    pace: float | None, actors_used: int
+) -> None:
+    pool, route, _ = _pool_and_route(size=128)
+    if pace is not None:
+        route.stats.handler_duration.observe(pace, 50)
+    await pool.dispatch(route, _records([f"agg-{i}" for i in range(100)]))
+    depths = pool.inbox_depths()
+    assert sum(depths) == 100
+    assert sum(1 for d in depths if d) == actors_used
+
+
+def test_pace_follows_a_handler_that_slows_down() -> None:
+    pace, histogram = Pace(), Histogram()
+    assert pace.update(histogram) is None
+    histogram.observe(0.001, 10)
+    assert pace.update(histogram) == pytest.approx(0.001)
+    assert pace.update(histogram) == pytest.approx(0.001)  # nothing new: unchanged
+    histogram.observe(0.003, 10)
+    assert pace.update(histogram) == pytest.approx(0.002)
+    histogram.observe(0.003, 10)
+    assert pace.update(histogram) == pytest.approx(0.0025)
+
+
+async def test_a_full_inbox_takes_the_rest_in_pieces_and_never_overflows() -> None:
+    """A chunk larger than the room left goes in pieces of at most half an
+    inbox, each once it fits: the inbox never holds more than its size and
+    the aggregate's order holds."""
+    seen: list[int] = []
+    most = 0
+
+    async def handler(message: Message) -> None:
+        nonlocal most
+        most = max(most, pool.inbox_depths()[0])
+        seen.append(message.offset)
+        await trio.lowlevel.checkpoint()
+
+    pool, route, consumer = _pool_and_route(size=1, inbox_size=4, invoke=handler)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(pool.run)
+        with trio.fail_after(5):
+            await pool.dispatch(route, _records(["one"] * 30))
+            await route.wait_idle()
+        nursery.cancel_scope.cancel()
+    assert seen == list(range(30))
+    assert most <= 4
+    assert consumer.acked == 30
+    assert pool._dispatcher.claims == {}

@@ -24,10 +24,15 @@ from ._message import Record, bind
 from ._routing import classify
 from ._work import Actor, Claim, Route, settle, unclaim
 
-__all__ = ["PICK_AMONG", "Dispatcher"]
+__all__ = ["PACK_BUDGET", "PACK_MAX", "PICK_AMONG", "Dispatcher"]
 
 #: Actors looked at, in turn, for an aggregate without a claim.
 PICK_AMONG = 8
+#: Seconds of expected handler time one actor may be given, in one batch,
+#: of aggregates without a claim (see _pack_limit).
+PACK_BUDGET = 0.0005
+#: Most messages one actor is given that way in one batch.
+PACK_MAX = 64
 
 
 class Dispatcher:
@@ -52,13 +57,17 @@ class Dispatcher:
         wants_envelope = route.wants_envelope
         claims = self.claims
         chunks: dict[int, list[Record]] = {}
+        pack = _pack_limit(route)
+        packing = -1  # the actor this batch packs unclaimed aggregates onto
         for record in records:
             aggregate, envelope, rejection = classify(record, wants_envelope=wants_envelope)
             claim = None
             if aggregate is not None:
                 claim = claims.get(aggregate)
                 if claim is None:
-                    claim = claims[aggregate] = Claim(claims, aggregate, self._pick(chunks))
+                    if packing < 0 or len(chunks[packing]) + actors[packing].queued >= pack:
+                        packing = self._pick(chunks)
+                    claim = claims[aggregate] = Claim(claims, aggregate, packing)
                 claim.count += 1
                 index = claim.index
             else:
@@ -89,19 +98,24 @@ class Dispatcher:
         await trio.lowlevel.checkpoint()
 
     async def _send_waiting(self, route: Route, actor: Actor, chunk: list[Record]) -> None:
-        # The inbox is full: one message at a time, each once there is room
-        # (in flight from here: the dispatcher holds it).
+        # The inbox is full: send the chunk in pieces of at most half an
+        # inbox, each once the inbox has room for all of it (a wake-up per
+        # piece, not per message). A piece is in flight from here: the
+        # dispatcher holds it.
         limit = self._inbox_size
-        for sent, work in enumerate(chunk):
-            route._dispatched()
+        step = max(1, limit // 2)
+        for start in range(0, len(chunk), step):
+            piece = chunk[start : start + step]
+            route._dispatched(len(piece))
             try:
-                await actor.wait_for_room(limit)
+                await actor.wait_for_room(limit - len(piece))
             except BaseException:
-                settle(work, release=True)
-                _hand_back(route, chunk[sent + 1 :])
+                for work in piece:
+                    settle(work, release=True)
+                _hand_back(route, chunk[start + step :])
                 raise
-            actor.send.send_nowait([work])
-            actor.queued += 1
+            actor.send.send_nowait(piece)
+            actor.queued += len(piece)
 
     def _pick(self, chunks: dict[int, list[Record]]) -> int:
         """An actor for an aggregate without a claim: the first idle one of
@@ -129,6 +143,23 @@ class Dispatcher:
         index = best.index
         self._next_pick = index + 1 if index + 1 < len(actors) else 0
         return index
+
+
+def _pack_limit(route: Route) -> int:
+    """How many messages of aggregates without a claim one actor may get in
+    a batch of *route*: as many as its handler, by its recent pace, runs in
+    :data:`PACK_BUDGET` (at most :data:`PACK_MAX`), else 1 (each to an
+    actor of its own). Quick handlers gain nothing from running on many
+    actors (one thread runs them all) and every actor woken for a message
+    or two costs a Trio task switch (~4 us, a third of a message's cost);
+    handlers that wait (I/O, sleeps) get an actor each, and one of them
+    holds up at most a budget's worth of others."""
+    mean = route.pace.update(route.stats.handler_duration)
+    if mean is None:
+        return 1
+    if mean <= PACK_BUDGET / PACK_MAX:
+        return PACK_MAX
+    return max(1, int(PACK_BUDGET / mean))
 
 
 def _hand_back(route: Route, records: list[Record]) -> None:

@@ -16,13 +16,22 @@ import trio
 from ._config import RetryPolicy
 from ._envelope import Envelope
 from ._message import Message, Record, drop_claim
-from ._stats import TopicStats
+from ._stats import Histogram, TopicStats
 from .transports._base import Consumer
 
 if TYPE_CHECKING:
     from ._batch import Batching
 
-__all__ = ["Claim", "EnvelopeHandler", "Handler", "Route", "current_message", "settle", "unclaim"]
+__all__ = [
+    "Claim",
+    "EnvelopeHandler",
+    "Handler",
+    "Pace",
+    "Route",
+    "current_message",
+    "settle",
+    "unclaim",
+]
 
 Handler = Callable[[Message], Awaitable[None]]
 EnvelopeHandler = Callable[[Envelope], Awaitable[None]]
@@ -44,6 +53,30 @@ def current_message() -> Message:
     return _current_message.get()
 
 
+class Pace:
+    """A recent mean of one route's handler durations: the growth of its
+    ``handler_duration`` histogram since the last look, averaged with the
+    mean before (so it follows a handler that slows down within a few
+    batches)."""
+
+    __slots__ = ("count", "mean", "sum")
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.sum = 0.0
+        #: Seconds per successful call, or None before the first one.
+        self.mean: float | None = None
+
+    def update(self, histogram: Histogram) -> float | None:
+        """Fold in the calls *histogram* counted since the last update."""
+        calls = histogram.count - self.count
+        if calls > 0:
+            recent = (histogram.sum - self.sum) / calls
+            self.count, self.sum = histogram.count, histogram.sum
+            self.mean = recent if self.mean is None else (self.mean + recent) / 2
+        return self.mean
+
+
 @attrs.define(eq=False)
 class Route:
     """The core side of one subscription: where its messages go and how
@@ -63,6 +96,8 @@ class Route:
     #: The handler as the user gave it (``Bus.asyncapi`` reads routers from it).
     source: object = None
     stats: TopicStats = attrs.field(factory=TopicStats)
+    #: How long its handler calls take lately (see the dispatcher's packing).
+    pace: Pace = attrs.field(factory=Pace)
     #: A handler that swallowed a cancellation has been logged once.
     warned_swallow: bool = False
     _closing: bool = attrs.field(default=False, alias="closing")
@@ -160,9 +195,11 @@ class Actor:
     #: Messages of chunks taken from the channel, not started yet.
     pending: deque[Record] = attrs.Factory(deque)
     queued: int = 0
-    #: A dispatcher waiting for room (see wait_for_room), and how many.
+    #: Dispatchers waiting for room (see wait_for_room), how many, and the
+    #: highest ``queued`` one of them waits for.
     room: trio.lowlevel.ParkingLot = attrs.Factory(trio.lowlevel.ParkingLot)
     waiting: int = 0
+    wake_at: int = -1
     scope: trio.CancelScope | None = None
     current: Record | None = None
     #: The running batch (``current`` first) of a batch route, else empty.
@@ -190,8 +227,8 @@ class Actor:
         if not pending:
             pending.extend(self.receive.receive_nowait())
         self.queued -= 1
-        if self.waiting:
-            self.room.unpark()
+        if self.waiting and self.queued <= self.wake_at:
+            self.room.unpark_all()
         return pending.popleft()
 
     async def take(self) -> Record:
@@ -201,16 +238,20 @@ class Actor:
         if not pending:
             pending.extend(await self.receive.receive())
         self.queued -= 1
-        if self.waiting:
-            self.room.unpark()
+        if self.waiting and self.queued <= self.wake_at:
+            self.room.unpark_all()
         return pending.popleft()
 
-    async def wait_for_room(self, limit: int) -> None:
-        """Wait until fewer than *limit* messages are queued (dispatcher)."""
+    async def wait_for_room(self, level: int) -> None:
+        """Wait until at most *level* messages are queued (dispatcher; the
+        actor wakes it only then, not at every message it takes)."""
         await trio.lowlevel.checkpoint_if_cancelled()
-        while self.queued >= limit:
+        while self.queued > level:
+            self.wake_at = max(self.wake_at, level)
             self.waiting += 1
             try:
                 await self.room.park()
             finally:
                 self.waiting -= 1
+                if not self.waiting:
+                    self.wake_at = -1
