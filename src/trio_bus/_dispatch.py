@@ -7,10 +7,13 @@ messages settled) goes to an idle actor: the first without work among the
 next few in turn, else the least loaded of them, so aggregates do not pile
 up behind each other on one actor as they would by hash (100 aggregates
 hashed onto 256 actors put 2 or 3 on some of them and leave most idle).
+Quick handlers are packed instead: one actor gets, per batch, as many
+unclaimed aggregates' messages as the route's recent handler pace fits in
+:data:`PACK_BUDGET` (see :func:`_pack_limit`).
 Messages without an aggregate ID are spread round-robin. Each actor gets
 one chunk (a list, in delivery order) per fetched batch through its
 bounded memory-channel inbox with ``send_nowait``; only when the inbox's
-messages would exceed its size do they go one at a time, each waiting for
+messages would exceed its size does the rest go in pieces, each waiting for
 room, which is where backpressure lives. The actors' side is ``_pool.py``.
 """
 
