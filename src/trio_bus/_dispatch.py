@@ -7,9 +7,6 @@ messages settled) goes to an idle actor: the first without work among the
 next few in turn, else the least loaded of them, so aggregates do not pile
 up behind each other on one actor as they would by hash (100 aggregates
 hashed onto 256 actors put 2 or 3 on some of them and leave most idle).
-Quick handlers are packed instead: one actor gets, per batch, as many
-unclaimed aggregates' messages as the route's recent handler pace fits in
-:data:`PACK_BUDGET` (see :func:`_pack_limit`).
 Messages without an aggregate ID are spread round-robin. Each actor gets
 one chunk (a list, in delivery order) per fetched batch through its
 bounded memory-channel inbox with ``send_nowait``; only when the inbox's
@@ -27,15 +24,10 @@ from ._message import Record, bind
 from ._routing import classify
 from ._work import Actor, Claim, Route, settle, unclaim
 
-__all__ = ["PACK_BUDGET", "PACK_MAX", "PICK_AMONG", "Dispatcher"]
+__all__ = ["PICK_AMONG", "Dispatcher"]
 
 #: Actors looked at, in turn, for an aggregate without a claim.
 PICK_AMONG = 8
-#: Seconds of expected handler time one actor may be given, in one batch,
-#: of aggregates without a claim (see _pack_limit).
-PACK_BUDGET = 0.0005
-#: Most messages one actor is given that way in one batch.
-PACK_MAX = 64
 
 
 class Dispatcher:
@@ -60,17 +52,13 @@ class Dispatcher:
         wants_envelope = route.wants_envelope
         claims = self.claims
         chunks: dict[int, list[Record]] = {}
-        pack = _pack_limit(route)
-        packing = -1  # the actor this batch packs unclaimed aggregates onto
         for record in records:
             aggregate, envelope, rejection = classify(record, wants_envelope=wants_envelope)
             claim = None
             if aggregate is not None:
                 claim = claims.get(aggregate)
                 if claim is None:
-                    if packing < 0 or len(chunks[packing]) + actors[packing].queued >= pack:
-                        packing = self._pick(chunks)
-                    claim = claims[aggregate] = Claim(claims, aggregate, packing)
+                    claim = claims[aggregate] = Claim(claims, aggregate, self._pick(chunks))
                 claim.count += 1
                 index = claim.index
             else:
@@ -146,23 +134,6 @@ class Dispatcher:
         index = best.index
         self._next_pick = index + 1 if index + 1 < len(actors) else 0
         return index
-
-
-def _pack_limit(route: Route) -> int:
-    """How many messages of aggregates without a claim one actor may get in
-    a batch of *route*: as many as its handler, by its recent pace, runs in
-    :data:`PACK_BUDGET` (at most :data:`PACK_MAX`), else 1 (each to an
-    actor of its own). Quick handlers gain nothing from running on many
-    actors (one thread runs them all) and every actor woken for a message
-    or two costs a Trio task switch (~4 us, a third of a message's cost);
-    handlers that wait (I/O, sleeps) get an actor each, and one of them
-    holds up at most a budget's worth of others."""
-    mean = route.pace.update(route.stats.handler_duration)
-    if mean is None:
-        return 1
-    if mean <= PACK_BUDGET / PACK_MAX:
-        return PACK_MAX
-    return max(1, int(PACK_BUDGET / mean))
 
 
 def _hand_back(route: Route, records: list[Record]) -> None:

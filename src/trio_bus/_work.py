@@ -16,7 +16,7 @@ import trio
 from ._config import RetryPolicy
 from ._envelope import Envelope
 from ._message import Message, Record, drop_claim
-from ._stats import Histogram, TopicStats
+from ._stats import TopicStats
 from .transports._base import Consumer
 
 if TYPE_CHECKING:
@@ -26,7 +26,6 @@ __all__ = [
     "Claim",
     "EnvelopeHandler",
     "Handler",
-    "Pace",
     "Route",
     "current_message",
     "settle",
@@ -53,30 +52,6 @@ def current_message() -> Message:
     return _current_message.get()
 
 
-class Pace:
-    """A recent mean of one route's handler durations: the growth of its
-    ``handler_duration`` histogram since the last look, averaged with the
-    mean before (so it follows a handler that slows down within a few
-    batches)."""
-
-    __slots__ = ("count", "mean", "sum")
-
-    def __init__(self) -> None:
-        self.count = 0
-        self.sum = 0.0
-        #: Seconds per successful call, or None before the first one.
-        self.mean: float | None = None
-
-    def update(self, histogram: Histogram) -> float | None:
-        """Fold in the calls *histogram* counted since the last update."""
-        calls = histogram.count - self.count
-        if calls > 0:
-            recent = (histogram.sum - self.sum) / calls
-            self.count, self.sum = histogram.count, histogram.sum
-            self.mean = recent if self.mean is None else (self.mean + recent) / 2
-        return self.mean
-
-
 @attrs.define(eq=False)
 class Route:
     """The core side of one subscription: where its messages go and how
@@ -96,8 +71,6 @@ class Route:
     #: The handler as the user gave it (``Bus.asyncapi`` reads routers from it).
     source: object = None
     stats: TopicStats = attrs.field(factory=TopicStats)
-    #: How long its handler calls take lately (see the dispatcher's packing).
-    pace: Pace = attrs.field(factory=Pace)
     #: A handler that swallowed a cancellation has been logged once.
     warned_swallow: bool = False
     _closing: bool = attrs.field(default=False, alias="closing")
